@@ -1,0 +1,891 @@
+#!/usr/bin/env python3
+"""groundloop in-container agent.
+
+One stdlib-only process per sandbox, the container's main process (under
+docker's init). It speaks newline-delimited JSON over its stdin/stdout, which
+are the container's attached streams, and runs many requests at once, each
+tagged by the server-chosen request id ``rid``.
+
+Server -> agent: ``{"op": ..., "rid": ..., ...}``.
+Agent -> server (``ev``):
+
+- ``hello``   once at start: ``{"ev":"hello","agent":1,"pid":..,"languages":[..]}``
+- ``out``     output lines of a request: ``{"ev":"out","rid":..,"s":"stdout","lines":[..]}``
+- ``result``  a MIME bundle of a run: ``{"ev":"result","rid":..,"data":{..},"main":bool}``
+- ``done``    exactly one per request: ``{"ev":"done","rid":..,"ok":bool,...}``
+- ``pout``    output of a background process: ``{"ev":"pout","proc":..,"s":..,"lines":[..]}``
+- ``pexit``   a background process ended: ``{"ev":"pexit","proc":..,"exit_code":..}``
+- ``log``     a diagnostic that belongs to no request.
+
+Output is read from pipes as the children write it (no polling, no per-cell
+buffering), split into lines, decoded as UTF-8 with replacement, long lines
+split at ``line_max`` bytes, and dropped past a per-request byte cap with a
+``truncated`` mark on the ``done`` event.  When the server stops reading, the
+agent stops reading the children's pipes, so a flooding child blocks instead
+of filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+import time
+
+AGENT_VERSION = 1
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKDIR = os.environ.get("GROUNDLOOP_WORKDIR") or ("/workspace" if os.path.isdir("/workspace") else os.getcwd())
+LINE_MAX = 16 * 1024
+MAX_OUTPUT = 16 * 1024 * 1024
+MAX_FILE = 32 * 1024 * 1024
+INTERRUPT_GRACE = 1.0
+READ_CHUNK = 256 * 1024
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": os.environ.get("HOME", "/workspace"),
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "MPLBACKEND": "Agg",
+    "TERM": "dumb",
+}
+
+
+class RequestError(Exception):
+    """An error that ends one request with ``ok: false``."""
+
+    def __init__(self, name: str, message: str, **extra):
+        super().__init__(message)
+        self.name = name
+        self.message = message
+        self.extra = extra
+
+
+# --------------------------------------------------------------------------
+# Writing frames, with flow control towards the server.
+
+
+class Out(asyncio.Protocol):
+    """Write side of the agent's stdout. Pauses every output pipe when full."""
+
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+        self.transport: asyncio.WriteTransport | None = None
+        self.paused = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        # Pause above 1 MiB so a flooding child is stopped early.
+        transport.set_write_buffer_limits(high=1 << 20, low=1 << 18)
+
+    def pause_writing(self):
+        self.paused = True
+        self.agent.pause_pipes()
+
+    def resume_writing(self):
+        self.paused = False
+        self.agent.resume_pipes()
+
+    def connection_lost(self, exc):
+        self.agent.stdout_lost()
+
+    def send(self, obj: dict) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n")
+
+
+# --------------------------------------------------------------------------
+# Reading children's output.
+
+
+class Target:
+    """Where the lines of a pipe go: a request (run, exec) or a process."""
+
+    def __init__(self, agent: "Agent", rid: str | None = None, proc: str | None = None, cap: int = MAX_OUTPUT):
+        self.agent = agent
+        self.rid = rid
+        self.proc = proc
+        self.cap = cap
+        self.sent = 0
+        self.truncated = False
+        self.lines_out = 0
+
+    def emit(self, stream: str, lines: list[str]) -> None:
+        if self.truncated:
+            return
+        keep = []
+        for line in lines:
+            n = len(line.encode("utf-8", "surrogatepass"))
+            if self.sent + n > self.cap:
+                self.truncated = True
+                break
+            self.sent += n
+            keep.append(line)
+        if not keep:
+            return
+        self.lines_out += len(keep)
+        if self.rid is not None:
+            self.agent.out.send({"ev": "out", "rid": self.rid, "s": stream, "lines": keep})
+        else:
+            self.agent.out.send({"ev": "pout", "proc": self.proc, "s": stream, "lines": keep})
+
+
+class Pipe:
+    """One output pipe of a child: bytes in, decoded lines out to a target."""
+
+    def __init__(self, agent: "Agent", fd: int, stream: str, target: Target | None, line_max: int = LINE_MAX):
+        self.agent = agent
+        self.fd = fd
+        self.stream = stream
+        self.target = target
+        self.line_max = line_max
+        self.buf = bytearray()
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.eof = asyncio.get_running_loop().create_future()
+        self.reading = False
+        os.set_blocking(fd, False)
+        agent.pipes.add(self)
+        if not agent.out.paused:
+            self.start()
+
+    def start(self) -> None:
+        if not self.reading and not self.eof.done():
+            asyncio.get_running_loop().add_reader(self.fd, self.on_readable)
+            self.reading = True
+
+    def stop(self) -> None:
+        if self.reading:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self.reading = False
+
+    def on_readable(self) -> None:
+        self.read_some(READ_CHUNK)
+
+    def read_some(self, limit: int) -> bool:
+        """Read what is there (up to limit bytes). Return False at EOF/empty."""
+        try:
+            data = os.read(self.fd, limit)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return False
+        self.feed(data)
+        return True
+
+    def drain(self) -> None:
+        """Synchronously read everything already written to the pipe."""
+        while not self.eof.done() and self.read_some(READ_CHUNK):
+            pass
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        lines: list[str] = []
+        buf = self.buf
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            end = len(buf) if nl < 0 else nl + 1
+            if end - start > self.line_max:
+                end = start + self.line_max
+            elif nl < 0:
+                break
+            lines.append(self.decoder.decode(bytes(buf[start:end])))
+            start = end
+        del buf[:start]
+        if lines:
+            self.send(lines)
+
+    def flush_partial(self) -> None:
+        if self.buf:
+            text = self.decoder.decode(bytes(self.buf), final=True)
+            self.buf.clear()
+            self.decoder.reset()
+            if text:
+                self.send([text])
+
+    def send(self, lines: list[str]) -> None:
+        lines = [ln for ln in lines if ln]
+        if lines and self.target is not None:
+            self.target.emit(self.stream, lines)
+
+    def close(self) -> None:
+        self.stop()
+        self.flush_partial()
+        self.agent.pipes.discard(self)
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+
+async def spawn(agent: "Agent", argv: list[str], cwd: str, env: dict, target: Target | None,
+                extra_fds: tuple = (), line_max: int = LINE_MAX):
+    """Start a child in its own session with stdout and stderr on pipes."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            cwd=cwd, env=env, start_new_session=True, pass_fds=extra_fds, close_fds=True,
+        )
+    except BaseException:
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (out_w, err_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    pipes = (Pipe(agent, out_r, "stdout", target, line_max), Pipe(agent, err_r, "stderr", target, line_max))
+    return proc, pipes
+
+
+def kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def descendants(root: int) -> list[int]:
+    """Every process whose parent chain reaches root (from /proc)."""
+    parent: dict[int, int] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            parent[int(name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    for child in descendants(pid):
+        try:
+            os.kill(child, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    kill_group(pid, sig)
+
+
+def exit_code_of(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# --------------------------------------------------------------------------
+# Code contexts: one persistent worker process each.
+
+
+class Context:
+    """A persistent interpreter (Python or JavaScript) in a worker process."""
+
+    def __init__(self, agent: "Agent", cid: str, language: str, cwd: str, env: dict):
+        self.agent = agent
+        self.id = cid
+        self.language = language
+        self.cwd = cwd
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pipes: tuple[Pipe, Pipe] | None = None
+        self.ctrl_w: int | None = None
+        self.ctrl_reader: asyncio.StreamReader | None = None
+        self.ctrl_transport = None
+        self.lock = asyncio.Lock()
+        self.runs = 0
+        self.restarts = 0
+        self.created = time.time()
+
+    async def start(self) -> None:
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        env = dict(self.env)
+        env["GROUNDLOOP_CMD_FD"] = str(cmd_r)
+        env["GROUNDLOOP_RES_FD"] = str(res_w)
+        if self.language == "python":
+            argv = [sys.executable, "-u", os.path.join(HERE, "pyworker.py")]
+        else:
+            argv = ["node", os.path.join(HERE, "jsworker.js")]
+        try:
+            self.proc, self.pipes = await spawn(self.agent, argv, self.cwd, env, None, extra_fds=(cmd_r, res_w))
+        finally:
+            os.close(cmd_r)
+            os.close(res_w)
+        self.ctrl_w = cmd_w
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 30)
+        self.ctrl_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(res_r, "rb", buffering=0))
+        self.ctrl_reader = reader
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            kill_tree(self.proc.pid, signal.SIGKILL)
+        if self.ctrl_w is not None:
+            try:
+                os.close(self.ctrl_w)
+            except OSError:
+                pass
+            self.ctrl_w = None
+        if self.ctrl_transport is not None:
+            self.ctrl_transport.close()
+            self.ctrl_transport = None
+        for p in self.pipes or ():
+            p.close()
+        self.pipes = None
+        self.proc = None
+
+    async def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        await self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def run(self, req: dict, target: Target, timeout: float | None, cancel: asyncio.Event) -> dict:
+        """Run one cell. Returns extra fields for ``done``; raises RequestError."""
+        async with self.lock:
+            if not self.alive():
+                await self.restart()
+            self.runs += 1
+            for p in self.pipes:
+                p.target = target
+            try:
+                return await self._run(req, target, timeout, cancel)
+            finally:
+                if self.pipes:
+                    for p in self.pipes:
+                        p.drain()
+                        p.flush_partial()
+                        p.target = None
+
+    async def _run(self, req, target, timeout, cancel) -> dict:
+        msg = {"code": req.get("code", ""), "n": self.runs}
+        os.write(self.ctrl_w, json.dumps(msg).encode() + b"\n") if len(msg["code"]) < 32768 else \
+            await asyncio.get_running_loop().run_in_executor(None, _write_all, self.ctrl_w, json.dumps(msg).encode() + b"\n")
+        deadline = None if not timeout else time.monotonic() + timeout
+        reason = None
+        cancel_wait = asyncio.ensure_future(cancel.wait())
+        try:
+            while True:
+                line_task = asyncio.ensure_future(self.ctrl_reader.readline())
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait({line_task, cancel_wait}, timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if line_task not in done:
+                    reason = "Cancelled" if cancel_wait in done else "Timeout"
+                    return await self._interrupt(line_task, reason, target, timeout)
+                line = line_task.result()
+                if not line:
+                    raise await self._died(target)
+                ev = json.loads(line)
+                if ev.get("t") == "result":
+                    self._flush_output()
+                    self.agent.out.send({"ev": "result", "rid": target.rid, "data": ev["data"], "main": ev.get("main", False)})
+                    continue
+                self._flush_output()
+                if ev.get("ok"):
+                    return {}
+                err = ev.get("error") or {}
+                raise RequestError(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
+        finally:
+            cancel_wait.cancel()
+
+    def _flush_output(self) -> None:
+        # Output written before a result/done must reach the server first.
+        for p in self.pipes or ():
+            p.drain()
+
+    async def _interrupt(self, line_task, reason, target, timeout) -> dict:
+        """SIGINT the worker's process group; kill and restart it if it does not stop."""
+        kill_group(self.proc.pid, signal.SIGINT)
+        try:
+            line = await asyncio.wait_for(asyncio.shield(line_task), INTERRUPT_GRACE)
+        except asyncio.TimeoutError:
+            line = None
+        if reason == "Timeout":
+            message = f"execution exceeded the timeout of {timeout:g} s"
+        else:
+            message = "the request was cancelled"
+        # The worker may have answered the SIGINT with a result line, or with
+        # a KeyboardInterrupt error: either way its state is kept.
+        while line:
+            ev = json.loads(line)
+            if ev.get("t") != "result":
+                self._flush_output()
+                raise RequestError(reason, message + " (interrupted; the context's state is kept)", state_lost=False)
+            try:
+                line = await asyncio.wait_for(self.ctrl_reader.readline(), INTERRUPT_GRACE)
+            except asyncio.TimeoutError:
+                line = None
+        line_task.cancel()
+        self._flush_output()
+        for p in self.pipes or ():
+            p.flush_partial()
+            p.target = None
+        await self.restart()
+        raise RequestError(reason, message + "; the worker did not stop on SIGINT and was killed: "
+                           "the context was restarted and its state was lost", state_lost=True)
+
+    async def _died(self, target) -> RequestError:
+        self._flush_output()
+        rc = await self.proc.wait() if self.proc else None
+        for p in self.pipes or ():
+            p.flush_partial()
+            p.target = None
+        await self.restart()
+        how = f"exit code {exit_code_of(rc)}" if rc is not None else "unknown status"
+        if rc is not None and rc < 0:
+            how = f"signal {signal.Signals(-rc).name}" if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
+        return RequestError("WorkerDied", f"the {self.language} worker died ({how}); "
+                            "the context was restarted and its state was lost", state_lost=True)
+
+    def describe(self) -> dict:
+        return {"context_id": self.id, "language": self.language, "cwd": self.cwd,
+                "runs": self.runs, "restarts": self.restarts, "alive": self.alive()}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            time.sleep(0.001)
+            continue
+        view = view[n:]
+
+
+# --------------------------------------------------------------------------
+# Background processes.
+
+
+class Process:
+    def __init__(self, pid_id: str, command: str, proc, pipes):
+        self.id = pid_id
+        self.command = command
+        self.proc = proc
+        self.pipes = pipes
+        self.started = time.time()
+        self.exit_code: int | None = None
+
+    def describe(self) -> dict:
+        return {"process_id": self.id, "command": self.command, "pid": self.proc.pid,
+                "running": self.exit_code is None, "exit_code": self.exit_code,
+                "started_at": self.started}
+
+
+# --------------------------------------------------------------------------
+# The agent.
+
+
+class Agent:
+    def __init__(self):
+        self.out: Out = None  # type: ignore[assignment]
+        self.pipes: set[Pipe] = set()
+        self.contexts: dict[str, Context] = {}
+        self.processes: dict[str, Process] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.cancels: dict[str, asyncio.Event] = {}
+        self.counter = 0
+        self.stopping = asyncio.Event()
+
+    # flow control
+    def pause_pipes(self) -> None:
+        for p in list(self.pipes):
+            p.stop()
+
+    def resume_pipes(self) -> None:
+        for p in list(self.pipes):
+            p.start()
+
+    def stdout_lost(self) -> None:
+        self.stopping.set()
+
+    def env_for(self, extra: dict | None) -> dict:
+        env = dict(BASE_ENV)
+        for k, v in (extra or {}).items():
+            env[str(k)] = str(v)
+        return env
+
+    def path(self, p) -> str:
+        if not isinstance(p, str) or not p:
+            raise RequestError("ValueError", "path must be a non-empty string")
+        return os.path.normpath(os.path.join(WORKDIR, p))
+
+    def next_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    # main loop
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        out_fd = os.dup(1)
+        # Anything printed by accident goes to stderr, never into the frame stream.
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
+        reader = asyncio.StreamReader(limit=1 << 30)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+        langs = ["python"] + (["javascript"] if shutil.which("node") else [])
+        self.out.send({"ev": "hello", "agent": AGENT_VERSION, "pid": os.getpid(), "languages": langs,
+                       "python": sys.version.split()[0], "workdir": WORKDIR, "uid": os.getuid()})
+        while not self.stopping.is_set():
+            line = await reader.readline()
+            if not line:
+                break
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("a frame must be a JSON object")
+            except ValueError as exc:
+                self.out.send({"ev": "log", "level": "error", "message": f"bad frame: {exc}"})
+                continue
+            self.dispatch(req)
+        await self.shutdown()
+
+    def dispatch(self, req: dict) -> None:
+        rid = req.get("rid")
+        op = req.get("op")
+        if op == "cancel":
+            ev = self.cancels.get(req.get("target"))
+            if ev is not None:
+                ev.set()
+            if rid is not None:
+                self.out.send({"ev": "done", "rid": rid, "ok": True, "found": ev is not None})
+            return
+        if not isinstance(rid, str):
+            self.out.send({"ev": "log", "level": "error", "message": "request without a string rid"})
+            return
+        handler = getattr(self, "op_" + str(op), None)
+        if handler is None:
+            self.out.send({"ev": "done", "rid": rid, "ok": False,
+                           "error": {"name": "UnknownOp", "message": f"unknown op {op!r}"}})
+            return
+        self.cancels[rid] = asyncio.Event()
+        self.tasks[rid] = asyncio.ensure_future(self.handle(rid, handler, req))
+
+    async def handle(self, rid: str, handler, req: dict) -> None:
+        t0 = time.monotonic()
+        target = Target(self, rid=rid, cap=int(req.get("max_output_bytes") or MAX_OUTPUT))
+        done: dict = {"ev": "done", "rid": rid, "ok": True}
+        try:
+            extra = await handler(req, target, self.cancels[rid])
+            done.update(extra or {})
+        except RequestError as exc:
+            done["ok"] = False
+            done["error"] = {"name": exc.name, "message": exc.message}
+            tb = exc.extra.pop("traceback", None)
+            if tb:
+                done["error"]["traceback"] = tb
+            done.update(exc.extra)
+        except asyncio.CancelledError:
+            done["ok"] = False
+            done["error"] = {"name": "Cancelled", "message": "the agent is shutting down"}
+        except Exception as exc:  # an agent bug must still end the request
+            done["ok"] = False
+            done["error"] = {"name": type(exc).__name__, "message": str(exc)}
+        finally:
+            self.tasks.pop(rid, None)
+            self.cancels.pop(rid, None)
+        if target.truncated:
+            done["truncated"] = True
+        done["agent_ms"] = round((time.monotonic() - t0) * 1000, 3)
+        self.out.send(done)
+
+    async def shutdown(self) -> None:
+        for t in list(self.tasks.values()):
+            t.cancel()
+        for c in list(self.contexts.values()):
+            c.stop()
+        for p in list(self.processes.values()):
+            if p.exit_code is None:
+                kill_tree(p.proc.pid, signal.SIGKILL)
+
+    # ---- ops
+
+    async def op_ping(self, req, target, cancel):
+        return {"pong": True}
+
+    async def get_context(self, req) -> Context:
+        cid = req.get("context")
+        language = req.get("language") or "python"
+        if cid is None:
+            if language not in ("python", "javascript"):
+                raise RequestError("ValueError", f"unsupported language {language!r}")
+            cid = f"default-{language}"
+            if cid not in self.contexts:
+                await self.new_context(cid, language, None, None)
+        ctx = self.contexts.get(cid)
+        if ctx is None:
+            raise RequestError("ContextNotFound", f"no context {cid!r}")
+        if req.get("language") and req["language"] != ctx.language:
+            raise RequestError("ValueError", f"context {cid!r} runs {ctx.language}, not {req['language']}")
+        return ctx
+
+    async def new_context(self, cid, language, cwd, env) -> Context:
+        if language == "javascript" and not shutil.which("node"):
+            raise RequestError("ValueError", "javascript needs node, which this sandbox does not have")
+        ctx = Context(self, cid, language, self.path(cwd) if cwd else WORKDIR, self.env_for(env))
+        if not os.path.isdir(ctx.cwd):
+            raise RequestError("FileNotFoundError", f"no directory {ctx.cwd}")
+        self.contexts[cid] = ctx
+        try:
+            await ctx.start()
+        except BaseException:
+            self.contexts.pop(cid, None)
+            raise
+        return ctx
+
+    async def op_run_code(self, req, target, cancel):
+        if not isinstance(req.get("code"), str):
+            raise RequestError("ValueError", "code must be a string")
+        ctx = await self.get_context(req)
+        extra = await ctx.run(req, target, req.get("timeout_s"), cancel)
+        extra["context"] = ctx.id
+        return extra
+
+    async def op_create_context(self, req, target, cancel):
+        language = req.get("language") or "python"
+        if language not in ("python", "javascript"):
+            raise RequestError("ValueError", f"unsupported language {language!r}")
+        cid = req.get("context") or self.next_id("ctx-")
+        if cid in self.contexts:
+            raise RequestError("ValueError", f"context {cid!r} exists")
+        await self.new_context(cid, language, req.get("cwd"), req.get("env"))
+        return {"context_id": cid}
+
+    async def op_delete_context(self, req, target, cancel):
+        ctx = self.contexts.pop(req.get("context"), None)
+        if ctx is None:
+            raise RequestError("ContextNotFound", f"no context {req.get('context')!r}")
+        ctx.stop()
+        return {}
+
+    async def op_list_contexts(self, req, target, cancel):
+        return {"contexts": [c.describe() for c in self.contexts.values()]}
+
+    async def op_exec(self, req, target, cancel):
+        command = req.get("command")
+        if not isinstance(command, str):
+            raise RequestError("ValueError", "command must be a string")
+        cwd = self.path(req.get("cwd") or WORKDIR)
+        if not os.path.isdir(cwd):
+            raise RequestError("FileNotFoundError", f"no directory {cwd}")
+        proc, pipes = await spawn(self, ["/bin/sh", "-c", command], cwd, self.env_for(req.get("env")), target)
+        timeout = req.get("timeout_s")
+        waiter = asyncio.ensure_future(proc.wait())
+        stopper = asyncio.ensure_future(cancel.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, stopper}, timeout=timeout or None,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            reason = None
+            if waiter not in done:
+                reason = "Cancelled" if stopper in done else "Timeout"
+                kill_tree(proc.pid, signal.SIGINT)
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), INTERRUPT_GRACE)
+                except asyncio.TimeoutError:
+                    kill_tree(proc.pid, signal.SIGKILL)
+                    await waiter
+            # The shell is gone; its pipes end when the last writer closes.
+            # A child left in the background must not hold the request open.
+            await asyncio.wait([p.eof for p in pipes], timeout=0.2)
+            for p in pipes:
+                p.drain()
+                p.close()
+            code = exit_code_of(proc.returncode)
+            if reason:
+                msg = (f"the command exceeded the timeout of {timeout:g} s" if reason == "Timeout"
+                       else "the request was cancelled")
+                raise RequestError(reason, msg + " and was stopped", exit_code=code)
+            return {"exit_code": code}
+        finally:
+            stopper.cancel()
+            if proc.returncode is None:
+                kill_tree(proc.pid, signal.SIGKILL)
+
+    async def op_start_process(self, req, target, cancel):
+        command = req.get("command")
+        if not isinstance(command, str):
+            raise RequestError("ValueError", "command must be a string")
+        cwd = self.path(req.get("cwd") or WORKDIR)
+        if not os.path.isdir(cwd):
+            raise RequestError("FileNotFoundError", f"no directory {cwd}")
+        pid_id = req.get("process_id") or self.next_id("proc-")
+        ptarget = Target(self, proc=pid_id, cap=1 << 62)
+        proc, pipes = await spawn(self, ["/bin/sh", "-c", command], cwd, self.env_for(req.get("env")), ptarget)
+        p = Process(pid_id, command, proc, pipes)
+        self.processes[pid_id] = p
+        asyncio.ensure_future(self.watch_process(p))
+        return {"process_id": pid_id, "pid": proc.pid}
+
+    async def watch_process(self, p: Process) -> None:
+        rc = await p.proc.wait()
+        await asyncio.wait([pp.eof for pp in p.pipes], timeout=0.2)
+        for pp in p.pipes:
+            pp.drain()
+            pp.close()
+        p.exit_code = exit_code_of(rc)
+        self.out.send({"ev": "pexit", "proc": p.id, "exit_code": p.exit_code})
+
+    async def op_kill_process(self, req, target, cancel):
+        p = self.processes.get(req.get("process_id"))
+        if p is None:
+            raise RequestError("ProcessNotFound", f"no process {req.get('process_id')!r}")
+        if p.exit_code is None:
+            kill_tree(p.proc.pid, int(req.get("signal") or signal.SIGTERM))
+            try:
+                await asyncio.wait_for(asyncio.shield(p.proc.wait()), INTERRUPT_GRACE)
+            except asyncio.TimeoutError:
+                kill_tree(p.proc.pid, signal.SIGKILL)
+                await p.proc.wait()
+        return {"process_id": p.id}
+
+    async def op_list_processes(self, req, target, cancel):
+        return {"processes": [p.describe() for p in self.processes.values()]}
+
+    # files
+    async def op_write_file(self, req, target, cancel):
+        path = self.path(req.get("path"))
+        content = req.get("content")
+        if not isinstance(content, str):
+            raise RequestError("ValueError", "content must be a string")
+        enc = req.get("encoding") or "utf-8"
+        if enc == "base64":
+            try:
+                data = base64.b64decode(content, validate=True)
+            except ValueError as exc:
+                raise RequestError("ValueError", f"content is not valid base64: {exc}")
+        elif enc in ("utf-8", "utf8"):
+            data = content.encode("utf-8", "surrogatepass")
+        else:
+            raise RequestError("ValueError", f"unknown encoding {enc!r} (utf-8 or base64)")
+        cap = int(req.get("max_file_bytes") or MAX_FILE)
+        if len(data) > cap:
+            raise RequestError("FileTooLarge", f"{len(data)} bytes is over the file size limit of {cap} bytes")
+        try:
+            if req.get("parents", True):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise os_error(exc)
+        return {"path": path, "size": len(data)}
+
+    async def op_read_file(self, req, target, cancel):
+        path = self.path(req.get("path"))
+        cap = int(req.get("max_file_bytes") or MAX_FILE)
+        try:
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                raise RequestError("IsADirectoryError", f"{path} is a directory")
+            if st.st_size > cap:
+                raise RequestError("FileTooLarge", f"{path} is {st.st_size} bytes, over the limit of {cap} bytes")
+            with open(path, "rb") as f:
+                data = f.read(cap + 1)
+        except OSError as exc:
+            raise os_error(exc)
+        if len(data) > cap:
+            raise RequestError("FileTooLarge", f"{path} is over the limit of {cap} bytes")
+        enc = req.get("encoding")
+        if enc not in (None, "utf-8", "utf8", "base64"):
+            raise RequestError("ValueError", f"unknown encoding {enc!r} (utf-8 or base64)")
+        if enc != "base64":
+            try:
+                return {"content": data.decode("utf-8"), "encoding": "utf-8", "size": len(data)}
+            except UnicodeDecodeError:
+                if enc:  # asked for text explicitly
+                    raise RequestError("UnicodeDecodeError", f"{path} is not valid UTF-8; ask for base64")
+        return {"content": base64.b64encode(data).decode(), "encoding": "base64", "size": len(data)}
+
+    async def op_list_files(self, req, target, cancel):
+        path = self.path(req.get("path") or ".")
+        entries = []
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    kind = ("symlink" if stat.S_ISLNK(st.st_mode) else "directory" if stat.S_ISDIR(st.st_mode)
+                            else "file" if stat.S_ISREG(st.st_mode) else "other")
+                    entries.append({"name": e.name, "type": kind, "size": st.st_size, "mtime": st.st_mtime})
+        except OSError as exc:
+            raise os_error(exc)
+        entries.sort(key=lambda e: e["name"])
+        return {"path": path, "entries": entries}
+
+    async def op_delete_file(self, req, target, cancel):
+        path = self.path(req.get("path"))
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                if req.get("recursive"):
+                    shutil.rmtree(path)
+                else:
+                    os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            raise os_error(exc)
+        return {"path": path}
+
+    async def op_mkdir(self, req, target, cancel):
+        path = self.path(req.get("path"))
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc)
+        return {"path": path}
+
+
+def os_error(exc: OSError) -> RequestError:
+    name = type(exc).__name__
+    if name == "OSError" and exc.errno is not None:
+        import errno
+        name = errno.errorcode.get(exc.errno, "OSError")
+    return RequestError(name, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+def main() -> None:
+    # SIGINT is left alone: children inherit an ignored signal, and workers
+    # need SIGINT to raise KeyboardInterrupt. Workers are in their own
+    # sessions, so the SIGINTs the agent sends never reach the agent.
+    try:
+        os.chdir(WORKDIR)
+    except OSError:
+        pass
+    asyncio.run(Agent().main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+// groundloop JavaScript worker: one persistent node `vm` context, driven by
+// the agent over two pipes (same protocol as pyworker.py). console output goes
+// to this process's stdout/stderr, which are pipes: node writes pipes
+// synchronously on Linux, so every line leaves as it is written.
+"use strict";
+const fs = require("fs");
+const vm = require("vm");
+const util = require("util");
+
+const CMD_FD = Number(process.env.GROUNDLOOP_CMD_FD);
+const RES_FD = Number(process.env.GROUNDLOOP_RES_FD);
+delete process.env.GROUNDLOOP_CMD_FD;
+delete process.env.GROUNDLOOP_RES_FD;
+try { fs.writeFileSync("/proc/self/oom_score_adj", "1000"); } catch (e) { /* not Linux, or not allowed */ }
+
+// A SIGINT while idle must not end the worker; during a run, breakOnSigint
+// turns it into an exception in the user's code.
+process.on("SIGINT", () => {});
+
+const sandbox = {
+  console, process, Buffer, URL, URLSearchParams, TextEncoder, TextDecoder,
+  setTimeout, clearTimeout, setInterval, clearInterval, setImmediate, clearImmediate,
+  queueMicrotask, structuredClone, require, module: { exports: {} },
+};
+sandbox.exports = sandbox.module.exports;
+sandbox.globalThis = sandbox;
+const context = vm.createContext(sandbox);
+
+function send(obj) {
+  fs.writeSync(RES_FD, JSON.stringify(obj) + "\n");
+}
+
+function bundle(value) {
+  const data = { "text/plain": util.inspect(value, { depth: 4 }) };
+  if (value !== null && typeof value === "object" && !(value instanceof Error)) {
+    try {
+      const json = JSON.stringify(value);
+      if (json !== undefined) data["application/json"] = JSON.parse(json);
+    } catch (e) { /* not JSON-able: text only */ }
+  }
+  if (typeof value === "string") data["text/plain"] = value;
+  return data;
+}
+
+function errorOf(e) {
+  if (e instanceof Error || (e && typeof e === "object" && "stack" in e)) {
+    return { name: e.name || "Error", message: String(e.message || ""), traceback: String(e.stack || "") };
+  }
+  return { name: "Error", message: "Uncaught " + util.inspect(e), traceback: "" };
+}
+
+async function run(code, n) {
+  const filename = `<cell-${n}>`;
+  let script;
+  try {
+    script = new vm.Script(code, { filename });
+  } catch (e) {
+    if (e instanceof SyntaxError && /await/.test(String(e.message))) {
+      // Top-level await: run the cell as an async function (its declarations stay local).
+      script = new vm.Script(`(async () => {\n${code}\n})()`, { filename, lineOffset: -1 });
+    } else {
+      return errorOf(e);
+    }
+  }
+  let value;
+  try {
+    value = script.runInContext(context, { breakOnSigint: true, displayErrors: false });
+    if (value && typeof value.then === "function") value = await value;
+  } catch (e) {
+    return errorOf(e);
+  }
+  if (value !== undefined) {
+    sandbox._ = value;
+    send({ t: "result", data: bundle(value), main: true });
+  }
+  return null;
+}
+
+process.on("uncaughtException", (e) => {
+  process.stderr.write("Uncaught " + (e && e.stack ? e.stack : String(e)) + "\n");
+});
+process.on("unhandledRejection", (e) => {
+  process.stderr.write("Unhandled rejection " + (e && e.stack ? e.stack : String(e)) + "\n");
+});
+
+let buf = "";
+let queue = Promise.resolve();
+const input = fs.createReadStream(null, { fd: CMD_FD, encoding: "utf8" });
+input.on("data", (chunk) => {
+  buf += chunk;
+  let i;
+  while ((i = buf.indexOf("\n")) >= 0) {
+    const line = buf.slice(0, i);
+    buf = buf.slice(i + 1);
+    const cmd = JSON.parse(line);
+    queue = queue.then(async () => {
+      const error = await run(cmd.code || "", cmd.n || 0);
+      send({ t: "done", ok: error === null, error });
+    });
+  }
+});
+input.on("end", () => process.exit(0));

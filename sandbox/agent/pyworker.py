@@ -1,0 +1,169 @@
+"""groundloop Python worker: one persistent namespace, driven by the agent.
+
+Commands arrive as JSON lines on fd GROUNDLOOP_CMD_FD (``{"code":..,"n":..}``);
+answers leave as JSON lines on fd GROUNDLOOP_RES_FD: zero or more
+``{"t":"result","data":{mime: value},"main":bool}`` then one
+``{"t":"done","ok":bool,"error"?:{name,message,traceback}}``.
+The user's stdout and stderr are this process's own fds 1 and 2 (pipes read by
+the agent), unbuffered, so every line leaves as it is written. Everything is
+flushed before an answer is written, which is what lets the agent order output
+before results.
+"""
+
+import ast
+import base64
+import json
+import linecache
+import os
+import sys
+import traceback
+import types
+
+CMD_FD = int(os.environ.pop("GROUNDLOOP_CMD_FD"))
+RES_FD = int(os.environ.pop("GROUNDLOOP_RES_FD"))
+
+try:  # the first to go when the sandbox runs out of memory
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+except OSError:
+    pass
+
+_main = types.ModuleType("__main__")
+_main.__dict__["__builtins__"] = __builtins__
+sys.modules["__main__"] = _main
+NS = _main.__dict__
+sys.argv = [""]
+sys.path.insert(0, "")
+
+
+def send(obj):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    data = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8", "replace")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(RES_FD, view):]
+
+
+def bundle(value):
+    data = {}
+    try:
+        data["text/plain"] = repr(value)
+    except BaseException as exc:  # a broken __repr__ must not break the run
+        data["text/plain"] = f"<repr failed: {type(exc).__name__}: {exc}>"
+    if not isinstance(value, type):
+        for meth, mime in (("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown"),
+                           ("_repr_svg_", "image/svg+xml"), ("_repr_png_", "image/png"),
+                           ("_repr_jpeg_", "image/jpeg"), ("_repr_json_", "application/json")):
+            fn = getattr(value, meth, None)
+            if not callable(fn):
+                continue
+            try:
+                out = fn()
+            except Exception:
+                continue
+            if isinstance(out, tuple):
+                out = out[0]
+            if out is None:
+                continue
+            if isinstance(out, (bytes, bytearray)):
+                out = base64.b64encode(out).decode()
+            data[mime] = out
+    if "application/json" not in data and isinstance(value, (dict, list)):
+        try:
+            json.dumps(value)
+            data["application/json"] = value
+        except (TypeError, ValueError):
+            pass
+    return data
+
+
+def send_figures():
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    try:
+        import io
+        for num in plt.get_fignums():
+            buf = io.BytesIO()
+            plt.figure(num).savefig(buf, format="png", bbox_inches="tight")
+            send({"t": "result", "data": {"image/png": base64.b64encode(buf.getvalue()).decode(),
+                                          "text/plain": f"<Figure {num}>"}, "main": False})
+        plt.close("all")
+    except Exception as exc:
+        print(f"groundloop: could not render figures: {exc}", file=sys.stderr)
+
+
+def error_of(exc, filename):
+    tb = exc.__traceback__
+    # Hide the worker's own frames: start at the first frame of the cell.
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError):
+        tb = None
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {"name": type(exc).__name__, "message": str(exc), "traceback": text}
+
+
+def run(code, n):
+    filename = f"<cell-{n}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        body = compile(tree, filename, "exec", flags=flags)
+        tail = compile(last, filename, "eval", flags=flags) if last is not None else None
+    except (SyntaxError, ValueError, OverflowError) as exc:
+        return error_of(exc, filename)
+    try:
+        _exec(body)
+        value = _exec(tail) if tail is not None else None
+    except BaseException as exc:  # KeyboardInterrupt and SystemExit included
+        sys.stdout.flush()
+        return error_of(exc, filename)
+    finally:
+        send_figures()
+    if value is not None:
+        NS["_"] = value
+        send({"t": "result", "data": bundle(value), "main": True})
+    return None
+
+
+def _exec(code):
+    import inspect
+    if code.co_flags & inspect.CO_COROUTINE:
+        import asyncio
+        return asyncio.run(eval(code, NS))
+    return eval(code, NS)
+
+
+def read_commands():
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(CMD_FD, 1 << 16)
+        except KeyboardInterrupt:  # a late SIGINT while idle
+            continue
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield json.loads(line)
+
+
+def main():
+    for cmd in read_commands():
+        try:
+            error = run(cmd.get("code", ""), cmd.get("n", 0))
+            send({"t": "done", "ok": error is None, "error": error})
+        except KeyboardInterrupt:
+            send({"t": "done", "ok": False,
+                  "error": {"name": "KeyboardInterrupt", "message": "interrupted", "traceback": ""}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""A live sandbox: the server's end of one agent connection.
+
+``Sandbox`` is transport-agnostic: it gets an asyncio stream pair that carries
+the agent's NDJSON frames (for Docker, wrapped in the attach multiplexing),
+and offers ``request()``: send one op, stream its events to a callback,
+return its ``done``. Many requests run at once, told apart by ``rid``.
+
+Backpressure: the callback is awaited inside the one reader task, so a slow
+consumer stops the reading of the agent's stream, which in turn makes the
+agent stop reading its children's pipes. Nothing in between grows unbounded.
+
+Exceptions::
+
+    SandboxError                  (protocol code: sandbox_unavailable)
+    ├── SandboxUnavailable        could not start or reach a sandbox
+    └── SandboxLost               the sandbox died or hung under a request
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from typing import Any, Awaitable, Callable, Protocol
+
+from . import framing
+
+log = logging.getLogger("groundloop.sandbox")
+
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class SandboxError(Exception):
+    code = "sandbox_unavailable"
+    name = "SandboxError"
+
+
+class SandboxUnavailable(SandboxError):
+    name = "SandboxUnavailable"
+
+
+class SandboxLost(SandboxError):
+    name = "SandboxLost"
+
+
+class State(enum.IntEnum):
+    STARTING = 0
+    READY = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+class _Pending:
+    __slots__ = ("future", "on_event")
+
+    def __init__(self, on_event: EventHandler | None):
+        self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.on_event = on_event
+
+
+class Sandbox:
+    """One agent connection. Created by a backend, handed out by the pool."""
+
+    def __init__(self, *, sandbox_id: str, session_id: str, backend: str, runtime: str, image: str,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter, docker_mux: bool,
+                 closer: Callable[["Sandbox"], Awaitable[None]] | None = None):
+        self.id = sandbox_id
+        self.session_id = session_id
+        self.backend = backend
+        self.runtime = runtime
+        self.image = image
+        self.warm = False
+        self.state = State.STARTING
+        self.hello: dict[str, Any] = {}
+        self.created = time.monotonic()
+        self.lost_reason: str | None = None
+        self._reader = reader
+        self._writer = writer
+        self._demux = framing.DockerDemux() if docker_mux else None
+        self._lines = framing.LineSplitter()
+        self._pending: dict[str, _Pending] = {}
+        self._rids = itertools.count(1)
+        self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._listener: EventHandler | None = None
+        self._closer = closer
+        self._closed = asyncio.Event()
+        self._task = asyncio.create_task(self._read_loop(), name=f"sandbox-reader-{sandbox_id[:12]}")
+
+    # ---- life cycle
+
+    def transition(self, new: State) -> None:
+        if new < self.state:
+            raise RuntimeError(f"sandbox {self.id[:12]}: expected a state after {self.state.name}, got {new.name}")
+        self.state = new
+
+    async def handshake(self, timeout: float) -> dict[str, Any]:
+        """Wait for the agent's hello."""
+        try:
+            self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+        except asyncio.TimeoutError:
+            raise SandboxUnavailable(f"the sandbox agent did not say hello within {timeout:g} s") from None
+        self.transition(State.READY)
+        return self.hello
+
+    @property
+    def alive(self) -> bool:
+        return self.state == State.READY
+
+    def set_listener(self, listener: EventHandler | None) -> None:
+        """Receive events that belong to no request: pout, pexit, log, lost."""
+        self._listener = listener
+
+    async def close(self) -> None:
+        """Stop the agent and release the container. Idempotent."""
+        if self.state >= State.CLOSING:
+            await self._closed.wait()
+            return
+        self.transition(State.CLOSING)
+        try:
+            self._writer.close()
+        except Exception:  # pragma: no cover - transport already gone
+            pass
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+        self._fail_all(SandboxLost("the sandbox was closed"))
+        try:
+            if self._closer is not None:
+                await self._closer(self)
+        finally:
+            self.state = State.CLOSED
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # ---- requests
+
+    async def request(self, op: str, params: dict[str, Any] | None = None, on_event: EventHandler | None = None,
+                      *, rid: str | None = None, deadline_s: float | None = None) -> dict[str, Any]:
+        """Run one op. ``on_event`` gets its out/result events; returns its done.
+
+        ``deadline_s`` is the server's own guard: an agent that has not
+        answered by then is taken as hung, and the sandbox is closed.
+        """
+        if self.state != State.READY:
+            raise SandboxLost(self.lost_reason or "the sandbox is not running")
+        rid = rid or f"r{next(self._rids)}"
+        pending = _Pending(on_event)
+        self._pending[rid] = pending
+        frame = {"op": op, "rid": rid}
+        if params:
+            frame.update(params)
+        try:
+            self._writer.write(framing.encode(frame))
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            self._pending.pop(rid, None)
+            raise SandboxLost(f"the sandbox stream is closed: {exc}") from None
+        try:
+            if deadline_s is None:
+                return await pending.future
+            return await asyncio.wait_for(asyncio.shield(pending.future), deadline_s)
+        except asyncio.TimeoutError:
+            self.lost_reason = f"the sandbox did not answer a {op} within {deadline_s:g} s"
+            log.warning("sandbox %s hung: %s", self.id[:12], self.lost_reason)
+            asyncio.get_running_loop().create_task(self.close())
+            raise SandboxLost(self.lost_reason) from None
+        finally:
+            self._pending.pop(rid, None)
+
+    def cancel(self, rid: str) -> None:
+        """Ask the agent to interrupt request ``rid`` (SIGINT, then kill)."""
+        if self.state == State.READY:
+            try:
+                self._writer.write(framing.encode({"op": "cancel", "target": rid}))
+            except (ConnectionError, RuntimeError):
+                pass
+
+    # ---- reading
+
+    async def _read_loop(self) -> None:
+        reason = "the sandbox stream ended"
+        try:
+            while True:
+                data = await self._reader.read(1 << 18)
+                if not data:
+                    break
+                if self._demux is not None:
+                    for stream, payload in self._demux.feed(data):
+                        if stream == framing.STDERR:
+                            for line in payload.decode("utf-8", "replace").splitlines():
+                                log.info("sandbox %s agent: %s", self.id[:12], line)
+                        else:
+                            await self._on_bytes(payload)
+                else:
+                    await self._on_bytes(data)
+        except asyncio.CancelledError:
+            reason = "the sandbox was closed"
+            raise
+        except (framing.FramingError, ConnectionError, OSError) as exc:
+            reason = f"the sandbox stream broke: {exc}"
+            log.warning("sandbox %s: %s", self.id[:12], reason)
+        finally:
+            self.lost_reason = self.lost_reason or reason
+            self._fail_all(SandboxLost(self.lost_reason))
+            if self.state < State.CLOSING:
+                self.state = State.CLOSING
+                if self._listener is not None:
+                    try:
+                        await self._listener({"ev": "lost", "reason": self.lost_reason})
+                    except Exception:  # pragma: no cover
+                        log.exception("sandbox listener failed")
+
+    async def _on_bytes(self, data: bytes) -> None:
+        for line in self._lines.feed(data):
+            if not line:
+                continue
+            ev = framing.decode(line)
+            kind = ev.get("ev")
+            rid = ev.get("rid")
+            if kind == "done":
+                pending = self._pending.get(rid)
+                if pending is not None and not pending.future.done():
+                    pending.future.set_result(ev)
+            elif rid is not None:
+                pending = self._pending.get(rid)
+                if pending is not None and pending.on_event is not None:
+                    await pending.on_event(ev)
+            elif kind == "hello":
+                if not self._hello.done():
+                    self._hello.set_result(ev)
+            elif self._listener is not None:
+                await self._listener(ev)
+            elif kind == "log":
+                log.info("sandbox %s agent: %s", self.id[:12], ev.get("message"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        if not self._hello.done():
+            self._hello.set_exception(SandboxUnavailable(str(exc)))
+            self._hello.exception()  # mark retrieved
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+                pending.future.exception()
+
+
+class Backend(Protocol):
+    """What the pool needs of a backend."""
+
+    name: str
+    runtime: str
+
+    async def ping(self) -> bool: ...
+
+    async def start(self, session_id: str) -> Sandbox:
+        """Start a sandbox and complete its handshake."""
+
+    async def reap_orphans(self) -> int: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,208 @@
+"""The sandbox engine: a backend, a warm pool, and every live sandbox.
+
+``Engine.acquire()`` hands out a sandbox that is already started and
+handshaken when the pool has one (a queue pop), or starts one cold. The
+pool refills in one background task owned by the engine. ``Engine.close()``
+stops the refill and removes every sandbox this engine started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+from .base import Backend, Sandbox, SandboxUnavailable, State
+from .settings import SandboxSettings
+
+log = logging.getLogger("groundloop.sandbox")
+
+
+class EngineHooks:
+    """Metrics seam: the server's metrics object implements these."""
+
+    def sandbox_acquired(self, source: str, seconds: float) -> None: ...
+
+    def sandbox_started(self, seconds: float) -> None: ...
+
+    def sandboxes_changed(self, counts: dict[str, int]) -> None: ...
+
+    def containers_reaped(self, n: int) -> None: ...
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+async def make_backend(settings: SandboxSettings, *, bind_host: str = "127.0.0.1", instance: str | None = None) -> Backend:
+    """Choose the backend: docker unless local is asked for (or allowed as a fallback)."""
+    if settings.backend == "local":
+        from .local_backend import LocalBackend
+
+        return LocalBackend(settings)
+    if settings.backend != "docker":
+        raise SandboxUnavailable(f"unknown sandbox backend {settings.backend!r} (docker or local)")
+    from .docker_backend import DockerBackend
+
+    backend = DockerBackend(settings, instance=instance)
+    if await backend.ping():
+        return backend
+    if settings.allow_local and _is_loopback(bind_host):
+        from .local_backend import LocalBackend
+
+        log.warning("Docker is unreachable: falling back to the LOCAL backend (no isolation)")
+        return LocalBackend(settings)
+    return backend  # stays unready; /readyz says so and sessions get sandbox_unavailable
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Engine:
+    def __init__(self, backend: Backend, settings: SandboxSettings, hooks: EngineHooks | None = None,
+                 pool_size: int | None = None):
+        self.backend = backend
+        self.settings = settings
+        self.hooks = hooks or EngineHooks()
+        self.pool_size = settings.pool_size if pool_size is None else pool_size
+        self._ready: deque[Sandbox] = deque()
+        self._starting = 0
+        self._live: set[Sandbox] = set()
+        self._need = asyncio.Event()
+        self._refill_task: asyncio.Task | None = None
+        self._closed = False
+        self.last_error: str | None = None
+        self.cold_starts = 0
+
+    # ---- life cycle
+
+    async def start(self) -> None:
+        try:
+            n = await self.backend.reap_orphans()
+        except Exception as exc:
+            n = 0
+            log.warning("could not reap orphan containers: %s", exc)
+        if n:
+            log.info("removed %d orphan sandbox containers", n)
+            self.hooks.containers_reaped(n)
+        self._refill_task = asyncio.create_task(self._refill_loop(), name="sandbox-pool-refill")
+        self._need.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refill_task is not None:
+            self._refill_task.cancel()
+            try:
+                await self._refill_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        live = list(self._live)
+        self._ready.clear()
+        await asyncio.gather(*(sb.close() for sb in live), return_exceptions=True)
+        await self.backend.close()
+
+    async def ready(self) -> bool:
+        """Reachable backend and a filled pool."""
+        return (not self._closed and len(self._ready) >= self.pool_size and await self.backend.ping())
+
+    def status(self) -> dict[str, Any]:
+        counts = self.counts()
+        return {"backend": self.backend.name, "runtime": self.backend.runtime, "pool_size": self.pool_size,
+                "pool_free": len(self._ready), "starting": self._starting, "live": len(self._live),
+                "states": counts, "last_error": self.last_error}
+
+    def counts(self) -> dict[str, int]:
+        counts = {"warm": len(self._ready), "starting": self._starting, "in_use": 0}
+        for sb in self._live:
+            if sb.state == State.READY and sb not in self._ready:
+                counts["in_use"] += 1
+        return counts
+
+    # ---- sandboxes
+
+    async def acquire(self) -> Sandbox:
+        """A started sandbox: from the pool when one is free, otherwise cold."""
+        t0 = time.perf_counter()
+        while self._ready:
+            sb = self._ready.popleft()
+            if sb.alive:
+                self._need.set()
+                self.hooks.sandbox_acquired("pool", time.perf_counter() - t0)
+                self._changed()
+                return sb
+            await self._discard(sb)
+        self._need.set()
+        sb = await self._start_one(warm=False)
+        self.cold_starts += 1
+        self.hooks.sandbox_acquired("cold", time.perf_counter() - t0)
+        return sb
+
+    async def release(self, sb: Sandbox) -> None:
+        """Remove a sandbox that a session is done with."""
+        await self._discard(sb)
+
+    async def replace(self, sb: Sandbox) -> Sandbox:
+        """A new sandbox for one that died; the old one is removed."""
+        await self._discard(sb)
+        return await self.acquire()
+
+    async def _discard(self, sb: Sandbox) -> None:
+        self._live.discard(sb)
+        try:
+            await sb.close()
+        finally:
+            self._changed()
+
+    async def _start_one(self, warm: bool) -> Sandbox:
+        if self._closed:
+            raise SandboxUnavailable("the sandbox engine is shutting down")
+        self._starting += 1
+        self._changed()
+        t0 = time.perf_counter()
+        try:
+            sb = await self.backend.start(new_session_id())
+        except SandboxUnavailable as exc:
+            self.last_error = str(exc)
+            raise
+        finally:
+            self._starting -= 1
+        self.last_error = None
+        sb.warm = warm
+        self._live.add(sb)
+        self.hooks.sandbox_started(time.perf_counter() - t0)
+        self._changed()
+        if self._closed:
+            await self._discard(sb)
+            raise SandboxUnavailable("the sandbox engine is shutting down")
+        return sb
+
+    def _changed(self) -> None:
+        self.hooks.sandboxes_changed(self.counts())
+
+    async def _refill_loop(self) -> None:
+        backoff = 0.5
+        while not self._closed:
+            await self._need.wait()
+            self._need.clear()
+            while not self._closed and len(self._ready) + self._starting < self.pool_size:
+                try:
+                    sb = await self._start_one(warm=True)
+                except SandboxUnavailable as exc:
+                    log.warning("pool refill failed: %s (retrying in %.1f s)", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                backoff = 0.5
+                self._ready.append(sb)
+                self._changed()
+

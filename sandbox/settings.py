@@ -1,0 +1,119 @@
+"""Typed settings of the sandbox layer, read from ``GROUNDLOOP_*`` variables.
+
+The server's ``Settings`` (server/settings.py) holds one of these as
+``settings.sandbox``; both are built by the same ``from_env`` machinery: a
+dataclass field's metadata names its variable, and its type says how to parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class SettingsError(ValueError):
+    """A GROUNDLOOP_* variable has a value that cannot be used."""
+
+
+def env(name: str, default: Any, doc: str = "") -> Any:
+    """A settings field read from the environment variable ``name``."""
+    kw: dict[str, Any] = {"metadata": {"env": name, "doc": doc}}
+    if isinstance(default, (list, dict, set)):
+        kw["default_factory"] = lambda: type(default)(default)
+    else:
+        kw["default"] = default
+    return field(**kw)
+
+
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {raw!r}")
+
+
+def parse_size(raw: str) -> int:
+    """Bytes from '512', '64k', '512m', '1g'."""
+    value = raw.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(value[-1:], 1)
+    if mult != 1:
+        value = value[:-1]
+    return int(float(value) * mult)
+
+
+def _parse(tp: Any, raw: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return parse_bool(raw)
+    if tp is int:
+        return int(raw)
+    if tp is float:
+        return float(raw)
+    if origin in (list, tuple) or tp in (list, tuple):
+        items = [x.strip() for x in raw.split(",") if x.strip()]
+        return items if origin is list or tp is list else tuple(items)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if raw.strip() == "" else _parse(args[0], raw)
+    return raw
+
+
+def load(cls: type, environ: Mapping[str, str] | None = None, **overrides: Any) -> Any:
+    """Build the settings dataclass ``cls`` from ``environ`` plus overrides."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = f.metadata.get("env")
+        if f.name in overrides:
+            values[f.name] = overrides.pop(f.name)
+        elif name and name in environ:
+            try:
+                values[f.name] = _parse(hints[f.name], environ[name])
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = load(hints[f.name], environ)
+    if overrides:
+        raise TypeError(f"unknown settings: {', '.join(overrides)}")
+    return cls(**values)
+
+
+def describe(cls: type) -> list[tuple[str, Any, str]]:
+    """(variable, default, doc) rows for the README's configuration table."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name]))
+        elif f.metadata.get("env"):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((f.metadata["env"], default, f.metadata.get("doc", "")))
+    return rows
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    backend: str = env("GROUNDLOOP_SANDBOX_BACKEND", "docker", "`docker` (default) or `local` (development only: no isolation)")
+    image: str = env("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest", "sandbox image tag")
+    runtime: str = env("GROUNDLOOP_SANDBOX_RUNTIME", "runc", "OCI runtime: `runc`, or `runsc` for gVisor")
+    pool_size: int = env("GROUNDLOOP_POOL_SIZE", 2, "warm containers kept ready ahead of demand")
+    memory: str = env("GROUNDLOOP_SANDBOX_MEMORY", "512m", "memory limit per sandbox (swap is the same: none extra)")
+    cpus: float = env("GROUNDLOOP_SANDBOX_CPUS", 1.0, "CPU quota per sandbox, in cores")
+    pids_limit: int = env("GROUNDLOOP_SANDBOX_PIDS", 256, "processes and threads per sandbox")
+    nofile: int = env("GROUNDLOOP_SANDBOX_NOFILE", 1024, "open files per process")
+    tmp_size: str = env("GROUNDLOOP_SANDBOX_TMP_SIZE", "64m", "size of the /tmp tmpfs")
+    workspace_size: str = env("GROUNDLOOP_SANDBOX_WORKSPACE_SIZE", "256m", "size of the /workspace tmpfs")
+    exec_timeout_s: float = env("GROUNDLOOP_EXEC_TIMEOUT_S", 30.0, "default timeout of run_code and exec")
+    max_exec_timeout_s: float = env("GROUNDLOOP_MAX_EXEC_TIMEOUT_S", 300.0, "largest timeout_s a client may ask for")
+    max_output_bytes: int = env("GROUNDLOOP_MAX_OUTPUT_BYTES", 8 << 20, "output kept per request; the rest is dropped with `truncated`")
+    max_file_bytes: int = env("GROUNDLOOP_MAX_FILE_BYTES", 16 << 20, "largest file written or read, and the fsize ulimit")
+    line_max_bytes: int = env("GROUNDLOOP_LINE_MAX_BYTES", 16 << 10, "longer output lines are split")
+    start_timeout_s: float = env("GROUNDLOOP_SANDBOX_START_TIMEOUT_S", 30.0, "a container that does not say hello by then is removed")
+    namespace: str = env("GROUNDLOOP_NAMESPACE", "default", "label value grouping one deployment's containers (orphans of the same namespace are reaped at start-up)")
+    allow_local: bool = env("GROUNDLOOP_ALLOW_LOCAL_BACKEND", False, "fall back to the local backend when Docker is unreachable (loopback only)")

@@ -1,0 +1,140 @@
+"""Shared fixtures: real Docker, real sockets.
+
+Docker tests carry the ``docker`` marker. Without a reachable engine they are
+skipped, unless GROUNDLOOP_REQUIRE_DOCKER=1 (CI), where they fail instead.
+Every test run uses its own label namespace, and whatever containers of that
+namespace are left at the end fail the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+
+import pytest
+
+from sandbox.settings import SandboxSettings, load
+
+NAMESPACE = f"test-{secrets.token_hex(4)}"
+REQUIRE_DOCKER = os.environ.get("GROUNDLOOP_REQUIRE_DOCKER") == "1"
+IMAGE = os.environ.get("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest")
+
+
+def _docker_state() -> str | None:
+    """None when Docker and the sandbox image are usable, else the reason."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception as exc:
+        return f"Docker is not reachable: {exc}"
+    try:
+        client.images.get(IMAGE)
+    except Exception:
+        return f"the sandbox image {IMAGE} is missing (run: groundloop image build)"
+    return None
+
+
+_DOCKER_REASON = _docker_state()
+
+
+def _runsc_available() -> bool:
+    if _DOCKER_REASON:
+        return False
+    import docker
+
+    return "runsc" in (docker.from_env().info().get("Runtimes") or {})
+
+
+RUNSC = _runsc_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "docker" in item.keywords and _DOCKER_REASON and not REQUIRE_DOCKER:
+            item.add_marker(pytest.mark.skip(reason=_DOCKER_REASON))
+        if "runsc" in item.keywords and not RUNSC:
+            if REQUIRE_DOCKER:
+                continue  # runs and fails: CI must have runsc
+            item.add_marker(pytest.mark.skip(reason="runsc is not registered with Docker"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _docker_required_check():
+    if REQUIRE_DOCKER and _DOCKER_REASON:
+        pytest.fail(f"GROUNDLOOP_REQUIRE_DOCKER=1 but {_DOCKER_REASON}", pytrace=False)
+    yield
+    if _DOCKER_REASON:
+        return
+    import docker
+
+    client = docker.from_env()
+    left = client.api.containers(all=True, filters={"label": [f"groundloop.namespace={NAMESPACE}"]})
+    for c in left:
+        try:
+            client.api.remove_container(c["Id"], force=True)
+        except Exception:
+            pass
+    # Containers of a stopped test are removed by auto_remove asynchronously:
+    # only those still running count as leaked.
+    leaked = [c for c in left if c.get("State") == "running"]
+    assert not leaked, f"{len(leaked)} sandbox containers leaked by the tests"
+
+
+def sandbox_settings(**overrides) -> SandboxSettings:
+    """Sandbox settings for tests: this run's namespace, small pool, env ignored where it matters."""
+    base = load(SandboxSettings)
+    values = {"namespace": NAMESPACE, "image": IMAGE, "pool_size": 1}
+    values.update(overrides)
+    return dataclasses.replace(base, **values)
+
+
+@pytest.fixture
+def sb_settings() -> SandboxSettings:
+    return sandbox_settings()
+
+
+@pytest.fixture
+async def engine(sb_settings):
+    """A started docker engine with a pool of one."""
+    from sandbox.docker_backend import DockerBackend
+    from sandbox.engine import Engine
+
+    eng = Engine(DockerBackend(sb_settings), sb_settings)
+    await eng.start()
+    yield eng
+    await eng.close()
+
+
+@pytest.fixture
+async def sandbox(engine):
+    sb = await engine.acquire()
+    yield sb
+    await engine.release(sb)
+
+
+class Collector:
+    """Collects a request's streamed events."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    async def __call__(self, ev: dict) -> None:
+        self.events.append(ev)
+
+    def text(self, stream: str = "stdout") -> str:
+        return "".join(line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"])
+
+    def lines(self, stream: str = "stdout") -> list[str]:
+        return [line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]]
+
+    def results(self) -> list[dict]:
+        return [ev for ev in self.events if ev.get("ev") == "result"]
+
+
+@pytest.fixture
+def collect():
+    return Collector
+
