@@ -48,8 +48,9 @@ class SandboxLost(SandboxError):
 class State(enum.IntEnum):
     STARTING = 0
     READY = 1
-    CLOSING = 2
-    CLOSED = 3
+    LOST = 2  # the agent stream ended by itself; close() still releases the container
+    CLOSING = 3
+    CLOSED = 4
 
 
 class _Pending:
@@ -208,8 +209,8 @@ class Sandbox:
         finally:
             self.lost_reason = self.lost_reason or reason
             self._fail_all(SandboxLost(self.lost_reason))
-            if self.state < State.CLOSING:
-                self.state = State.CLOSING
+            if self.state < State.LOST:
+                self.state = State.LOST
                 if self._listener is not None:
                     try:
                         await self._listener({"ev": "lost", "reason": self.lost_reason})

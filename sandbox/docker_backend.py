@@ -152,10 +152,11 @@ class DockerBackend:
             inner = getattr(raw, "_sock", raw)
             # Own a duplicate of the descriptor: the SDK's objects may close theirs.
             sock = socket.socket(fileno=os.dup(inner.fileno()))
-            try:
-                raw.close()
-            except Exception:
-                pass
+            for obj in (raw, inner):
+                try:
+                    obj.close()
+                except Exception:
+                    pass
             sock.setblocking(False)
             api.start(cid)
         except BaseException:
@@ -164,8 +165,19 @@ class DockerBackend:
         return cid, sock, time.perf_counter() - t0
 
     async def start(self, session_id: str) -> Sandbox:
+        # The thread cannot be cancelled: if we are, wait for it and undo its work,
+        # so no container or socket is left without an owner.
+        work = asyncio.ensure_future(asyncio.to_thread(self._create_and_attach, session_id))
         try:
-            cid, sock, _ = await asyncio.to_thread(self._create_and_attach, session_id)
+            cid, sock, _ = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            try:
+                cid, sock, _ = await work
+            except Exception:
+                raise asyncio.CancelledError from None
+            sock.close()
+            await asyncio.to_thread(self._remove, cid)
+            raise
         except Exception as exc:
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)

@@ -83,6 +83,7 @@ class Engine:
         self._closed = False
         self.last_error: str | None = None
         self.cold_starts = 0
+        self._change = asyncio.Event()
 
     # ---- life cycle
 
@@ -188,6 +189,13 @@ class Engine:
 
     def _changed(self) -> None:
         self.hooks.sandboxes_changed(self.counts())
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def wait_filled(self) -> None:
+        """Wait until the warm pool is full (for start-up and tests)."""
+        while len(self._ready) < self.pool_size:
+            await self._change.wait()
 
     async def _refill_loop(self) -> None:
         backoff = 0.5

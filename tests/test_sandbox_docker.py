@@ -1,0 +1,159 @@
+"""Hardening, the warm pool, orphan reaping, and the same under gVisor (runsc)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import docker
+import pytest
+from conftest import NAMESPACE, sandbox_settings
+
+from sandbox.docker_backend import DockerBackend
+from sandbox.engine import Engine
+
+pytestmark = pytest.mark.docker
+
+
+async def lines_of(sb, command):
+    out = []
+
+    async def grab(ev):
+        out.extend(ev.get("lines", []))
+
+    done = await sb.request("exec", {"command": command}, grab)
+    return done, "".join(out)
+
+
+@contextlib.asynccontextmanager
+async def started_engine(**overrides):
+    settings = sandbox_settings(**overrides)
+    eng = Engine(DockerBackend(settings), settings)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.close()
+
+
+def inspect(cid):
+    with contextlib.closing(docker.from_env()) as client:
+        return client.api.inspect_container(cid)
+
+
+async def test_container_is_hardened(monkeypatch):
+    monkeypatch.setenv("GROUNDLOOP_SECRET_FOR_TEST", "s3cr3t-value")
+    async with started_engine(pool_size=0, memory="256m", pids_limit=128) as eng:
+        sb = await eng.acquire()
+        info = await asyncio.to_thread(inspect, sb.id)
+        hc = info["HostConfig"]
+        assert hc["NetworkMode"] == "none"
+        assert hc["ReadonlyRootfs"] is True
+        assert set(hc["Tmpfs"]) == {"/tmp", "/workspace"}
+        assert hc["CapDrop"] == ["ALL"] and not hc["CapAdd"]
+        assert "no-new-privileges:true" in hc["SecurityOpt"]
+        assert hc["PidsLimit"] == 128
+        assert hc["Memory"] == hc["MemorySwap"] == 256 << 20
+        assert hc["NanoCpus"] == 1_000_000_000
+        assert {u["Name"] for u in hc["Ulimits"]} == {"nofile", "fsize"}
+        assert hc["LogConfig"]["Type"] == "none"
+        assert hc["Init"] is True and hc["AutoRemove"] is True
+        assert info["Config"]["User"] == "1000:1000"
+        labels = info["Config"]["Labels"]
+        assert labels["groundloop.managed"] == "true" and labels["groundloop.namespace"] == NAMESPACE
+        assert labels["groundloop.session"] == sb.session_id and labels["groundloop.instance"]
+        assert not any("GROUNDLOOP" in e or "s3cr3t" in e for e in info["Config"]["Env"])
+
+        # And from inside.
+        done, out = await lines_of(sb, "id -u; ls /sys/class/net; grep CapEff /proc/self/status; env")
+        assert out.splitlines()[0] == "1000"
+        assert out.splitlines()[1] == "lo"  # the only interface
+        assert "CapEff:\t0000000000000000" in out
+        assert "s3cr3t" not in out and "GROUNDLOOP_SECRET" not in out
+        done, out = await lines_of(sb, "touch /etc/x 2>&1; ls -la /var/run/docker.sock 2>&1; echo ok")
+        assert "Read-only file system" in out and "No such file" in out
+        # fsize: one file past the size limit is refused
+        done, out = await lines_of(sb, f"head -c {sandbox_settings().max_file_bytes + 1} /dev/zero > /tmp/big; echo rc=$?")
+        assert "rc=153" in out or "File too large" in out
+        await eng.release(sb)
+
+
+async def test_pool_hands_out_warm_sandboxes_and_refills():
+    async with started_engine(pool_size=2) as eng:
+        await asyncio.wait_for(eng.wait_filled(), 180)
+        assert eng.status()["pool_free"] == 2
+        a = await eng.acquire()
+        b = await eng.acquire()
+        assert a.warm and b.warm and eng.cold_starts == 0
+        c = await eng.acquire()  # the pool is empty for a moment: a cold start, not a failure
+        assert (await c.request("ping"))["ok"]
+        await asyncio.wait_for(eng.wait_filled(), 180)
+        assert eng.status()["pool_free"] == 2
+        assert await eng.ready()
+        for sb in (a, b, c):
+            await eng.release(sb)
+
+
+async def test_close_removes_every_container():
+    async with started_engine(pool_size=1) as eng:
+        sb = await eng.acquire()
+        ids = [sb.id]
+    with contextlib.closing(docker.from_env()) as client:
+        running = client.api.containers(filters={"id": ids, "status": "running"})
+        assert running == []
+
+
+async def test_orphans_of_a_dead_server_are_reaped():
+    ns = f"{NAMESPACE}-orphans"
+    settings = sandbox_settings(namespace=ns, pool_size=0)
+    crashed = DockerBackend(settings)
+    orphan = await crashed.start("orphan-session")
+    # The "crashed" server never closes its sandbox; a new server starts.
+    async with started_engine(namespace=ns, pool_size=0):
+        pass
+    with contextlib.closing(docker.from_env()) as client:
+        left = client.api.containers(all=True, filters={"id": [orphan.id]})
+        assert left == [] or left[0]["State"] in ("removing", "exited", "dead")
+    await orphan.close()
+
+
+async def test_sandbox_stops_when_the_server_connection_drops():
+    """stdin is "once": when the server's attach socket closes (a killed server),
+    the agent exits and Docker removes the container."""
+    settings = sandbox_settings(pool_size=0)
+    backend = DockerBackend(settings)
+    sb = await backend.start("dropped")
+    sb._writer.close()  # what the kernel does for a killed server
+    with contextlib.closing(docker.from_env()) as client:
+        for _ in range(300):
+            if not client.api.containers(filters={"id": [sb.id], "status": "running"}):
+                break
+            await asyncio.sleep(0.1)
+        assert not client.api.containers(filters={"id": [sb.id], "status": "running"})
+    await sb.close()
+
+
+@pytest.mark.runsc
+async def test_runsc_subset():
+    async with started_engine(pool_size=0, runtime="runsc") as eng:
+        sb = await eng.acquire()
+        assert sb.runtime == "runsc"
+        info = await asyncio.to_thread(inspect, sb.id)
+        assert info["HostConfig"]["Runtime"] == "runsc"
+        out = []
+
+        async def grab(ev):
+            out.extend(ev.get("lines", []))
+
+        done = await sb.request("run_code", {"code": "import os\nprint(os.listdir('/sys/class/net'))\nprint(os.getuid())\n6*7"}, grab)
+        assert done["ok"] and out == ["['lo']\n", "1000\n"]
+        done, text = await lines_of(sb, "dmesg | head -1; awk '$2==\"/\"{print $4}' /proc/mounts")
+        assert "gVisor" in text  # really the gVisor kernel
+        assert text.splitlines()[-1].split(",")[0] == "ro"
+        done = await sb.request("run_code", {"code": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
+                                             "timeout_s": 0.5})
+        assert done["error"]["name"] == "Timeout" and done["state_lost"] is True
+        done = await sb.request("run_code", {"code": "for i in range(100000): print(i)", "max_output_bytes": 10000})
+        assert done["truncated"] is True
+        await eng.release(sb)
+
