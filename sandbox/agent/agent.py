@@ -300,6 +300,34 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+class Cancel:
+    """A request's cancel flag, with callbacks (cheaper than a task per wait)."""
+
+    __slots__ = ("is_set", "_callbacks")
+
+    def __init__(self):
+        self.is_set = False
+        self._callbacks: list = []
+
+    def set(self) -> None:
+        if not self.is_set:
+            self.is_set = True
+            for cb in self._callbacks:
+                cb()
+            self._callbacks.clear()
+
+    def on(self, cb) -> None:
+        if self.is_set:
+            cb()
+        else:
+            self._callbacks.append(cb)
+
+    async def wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.on(lambda: fut.done() or fut.set_result(None))
+        await fut
+
+
 # --------------------------------------------------------------------------
 # Code contexts: one persistent worker process each.
 
@@ -316,8 +344,10 @@ class Context:
         self.proc: asyncio.subprocess.Process | None = None
         self.pipes: tuple[Pipe, Pipe] | None = None
         self.ctrl_w: int | None = None
-        self.ctrl_reader: asyncio.StreamReader | None = None
-        self.ctrl_transport = None
+        self.ctrl_r: int | None = None
+        self.ctrl_buf = b""
+        self.rid: str | None = None  # the run in progress
+        self.waiter: asyncio.Future | None = None
         self.lock = asyncio.Lock()
         self.runs = 0
         self.restarts = 0
@@ -335,28 +365,59 @@ class Context:
             argv = ["node", os.path.join(HERE, "jsworker.js")]
         try:
             self.proc, self.pipes = await spawn(self.agent, argv, self.cwd, env, None, extra_fds=(cmd_r, res_w))
+        except BaseException:
+            os.close(cmd_w)
+            os.close(res_r)
+            raise
         finally:
             os.close(cmd_r)
             os.close(res_w)
         self.ctrl_w = cmd_w
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=1 << 30)
-        self.ctrl_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(res_r, "rb", buffering=0))
-        self.ctrl_reader = reader
+        self.ctrl_r = res_r
+        self.ctrl_buf = b""
+        os.set_blocking(res_r, False)
+        asyncio.get_running_loop().add_reader(res_r, self._on_ctrl)
+
+    def _on_ctrl(self) -> None:
+        """The worker's answers: results are sent on at once, done wakes the run."""
+        try:
+            data = os.read(self.ctrl_r, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.ctrl_r)
+            self._wake(("eof", None))
+            return
+        self.ctrl_buf += data
+        while b"\n" in self.ctrl_buf:
+            line, self.ctrl_buf = self.ctrl_buf.split(b"\n", 1)
+            ev = json.loads(line)
+            self._flush_output()  # output written before a result/done goes first
+            if ev.get("t") == "result":
+                if self.rid is not None:
+                    self.agent.out.send({"ev": "result", "rid": self.rid, "data": ev["data"], "main": ev.get("main", False)})
+            else:
+                self._wake(("done", ev))
+
+    def _wake(self, value) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(value)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             kill_tree(self.proc.pid, signal.SIGKILL)
-        if self.ctrl_w is not None:
-            try:
-                os.close(self.ctrl_w)
-            except OSError:
-                pass
-            self.ctrl_w = None
-        if self.ctrl_transport is not None:
-            self.ctrl_transport.close()
-            self.ctrl_transport = None
+        for attr in ("ctrl_w", "ctrl_r"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                if attr == "ctrl_r":
+                    asyncio.get_running_loop().remove_reader(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, attr, None)
         for p in self.pipes or ():
             p.close()
         self.pipes = None
@@ -370,7 +431,7 @@ class Context:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def run(self, req: dict, target: Target, timeout: float | None, cancel: asyncio.Event) -> dict:
+    async def run(self, req: dict, target: Target, timeout: float | None, cancel: "Cancel") -> dict:
         """Run one cell. Returns extra fields for ``done``; raises RequestError."""
         async with self.lock:
             if not self.alive():
@@ -378,75 +439,70 @@ class Context:
             self.runs += 1
             for p in self.pipes:
                 p.target = target
+            self.rid = target.rid
             try:
-                return await self._run(req, target, timeout, cancel)
+                return await self._run(req, timeout, cancel)
             finally:
-                if self.pipes:
-                    for p in self.pipes:
-                        p.drain()
-                        p.flush_partial()
-                        p.target = None
+                self.rid = None
+                self.waiter = None
+                for p in self.pipes or ():
+                    p.drain()
+                    p.flush_partial()
+                    p.target = None
 
-    async def _run(self, req, target, timeout, cancel) -> dict:
-        msg = {"code": req.get("code", ""), "n": self.runs}
-        os.write(self.ctrl_w, json.dumps(msg).encode() + b"\n") if len(msg["code"]) < 32768 else \
-            await asyncio.get_running_loop().run_in_executor(None, _write_all, self.ctrl_w, json.dumps(msg).encode() + b"\n")
-        deadline = None if not timeout else time.monotonic() + timeout
-        reason = None
-        cancel_wait = asyncio.ensure_future(cancel.wait())
+    async def _run(self, req, timeout, cancel) -> dict:
+        loop = asyncio.get_running_loop()
+        data = json.dumps({"code": req.get("code", ""), "n": self.runs}).encode() + b"\n"
+        if len(data) < 32768:
+            os.write(self.ctrl_w, data)  # fits the pipe buffer: never blocks
+        else:
+            await loop.run_in_executor(None, _write_all, self.ctrl_w, data)
+        self.waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._wake, ("stop", "Timeout")) if timeout else None
+        cancel.on(lambda: self._wake(("stop", "Cancelled")))
         try:
-            while True:
-                line_task = asyncio.ensure_future(self.ctrl_reader.readline())
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done, _ = await asyncio.wait({line_task, cancel_wait}, timeout=left,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if line_task not in done:
-                    reason = "Cancelled" if cancel_wait in done else "Timeout"
-                    return await self._interrupt(line_task, reason, target, timeout)
-                line = line_task.result()
-                if not line:
-                    raise await self._died(target)
-                ev = json.loads(line)
-                if ev.get("t") == "result":
-                    self._flush_output()
-                    self.agent.out.send({"ev": "result", "rid": target.rid, "data": ev["data"], "main": ev.get("main", False)})
-                    continue
-                self._flush_output()
-                if ev.get("ok"):
-                    return {}
-                err = ev.get("error") or {}
-                raise RequestError(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
+            kind, value = await self.waiter
         finally:
-            cancel_wait.cancel()
+            if timer is not None:
+                timer.cancel()
+        if kind == "stop":
+            return await self._interrupt(value, timeout)
+        if kind == "eof":
+            raise await self._died()
+        return self._answer(value)
+
+    def _answer(self, ev: dict) -> dict:
+        if ev.get("ok"):
+            return {}
+        err = ev.get("error") or {}
+        raise RequestError(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
 
     def _flush_output(self) -> None:
-        # Output written before a result/done must reach the server first.
         for p in self.pipes or ():
             p.drain()
 
-    async def _interrupt(self, line_task, reason, target, timeout) -> dict:
+    async def _interrupt(self, reason, timeout) -> dict:
         """SIGINT the worker's process group; kill and restart it if it does not stop."""
-        kill_group(self.proc.pid, signal.SIGINT)
-        try:
-            line = await asyncio.wait_for(asyncio.shield(line_task), INTERRUPT_GRACE)
-        except asyncio.TimeoutError:
-            line = None
+        loop = asyncio.get_running_loop()
         if reason == "Timeout":
             message = f"execution exceeded the timeout of {timeout:g} s"
         else:
             message = "the request was cancelled"
-        # The worker may have answered the SIGINT with a result line, or with
-        # a KeyboardInterrupt error: either way its state is kept.
-        while line:
-            ev = json.loads(line)
-            if ev.get("t") != "result":
-                self._flush_output()
-                raise RequestError(reason, message + " (interrupted; the context's state is kept)", state_lost=False)
+        self.waiter = loop.create_future()
+        kill_group(self.proc.pid, signal.SIGINT)
+        timer = loop.call_later(INTERRUPT_GRACE, self._wake, ("stop", None))
+        try:
+            kind, value = await self.waiter
+        finally:
+            timer.cancel()
+        if kind == "done":
+            # The worker answered the SIGINT (KeyboardInterrupt, or it finished): state kept.
             try:
-                line = await asyncio.wait_for(self.ctrl_reader.readline(), INTERRUPT_GRACE)
-            except asyncio.TimeoutError:
-                line = None
-        line_task.cancel()
+                self._answer(value)
+            except RequestError as exc:
+                if exc.name != "KeyboardInterrupt":
+                    raise
+            raise RequestError(reason, message + " (interrupted; the context's state is kept)", state_lost=False)
         self._flush_output()
         for p in self.pipes or ():
             p.flush_partial()
@@ -455,7 +511,7 @@ class Context:
         raise RequestError(reason, message + "; the worker did not stop on SIGINT and was killed: "
                            "the context was restarted and its state was lost", state_lost=True)
 
-    async def _died(self, target) -> RequestError:
+    async def _died(self) -> RequestError:
         self._flush_output()
         rc = await self.proc.wait() if self.proc else None
         for p in self.pipes or ():
@@ -514,7 +570,7 @@ class Agent:
         self.contexts: dict[str, Context] = {}
         self.processes: dict[str, Process] = {}
         self.tasks: dict[str, asyncio.Task] = {}
-        self.cancels: dict[str, asyncio.Event] = {}
+        self.cancels: dict[str, Cancel] = {}
         self.counter = 0
         self.stopping = asyncio.Event()
 
@@ -590,7 +646,7 @@ class Agent:
             self.out.send({"ev": "done", "rid": rid, "ok": False,
                            "error": {"name": "UnknownOp", "message": f"unknown op {op!r}"}})
             return
-        self.cancels[rid] = asyncio.Event()
+        self.cancels[rid] = Cancel()
         self.tasks[rid] = asyncio.ensure_future(self.handle(rid, handler, req))
 
     async def handle(self, rid: str, handler, req: dict) -> None:

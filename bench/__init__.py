@@ -1,0 +1,1 @@
+"""groundloop benchmarks: `python -m bench` (or `make bench`) prints one table."""

@@ -1,0 +1,37 @@
+"""`python -m bench [--smoke] [-n N]`: every benchmark in one run, one table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+
+from . import engine
+from .stats import Table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--smoke", action="store_true", help="a few iterations: checks the benchmarks work")
+    parser.add_argument("-n", type=int, default=2000, help="iterations of the round-trip loops")
+    parser.add_argument("--only", choices=["engine", "server"], default=None)
+    args = parser.parse_args()
+    n = 20 if args.smoke else args.n
+    table = Table()
+    print(f"groundloop bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}")
+    if args.only in (None, "engine"):
+        asyncio.run(engine.run(table, n))
+    if args.only in (None, "server"):
+        try:
+            from . import server
+        except ImportError as exc:  # pragma: no cover
+            print(f"server benchmarks unavailable: {exc}")
+        else:
+            asyncio.run(server.run(table, n, smoke=args.smoke))
+    print()
+    print(table.render())
+
+
+if __name__ == "__main__":
+    main()
