@@ -31,7 +31,7 @@ class Settings:
     replay_bytes: int = env("GROUNDLOOP_REPLAY_BYTES", 16 << 20, "bytes kept per session for resume")
     send_queue_frames: int = env("GROUNDLOOP_SEND_QUEUE_FRAMES", 1024, "unsent frames per session before the sandbox stream is paused")
     send_timeout_s: float = env("GROUNDLOOP_SEND_TIMEOUT_S", 30.0, "a client that accepts nothing for this long is disconnected (the session stays resumable)")
-    model: str = env("GROUNDLOOP_MODEL", "claude-sonnet-4-5", "Anthropic model for `assist`")
+    model: str = env("GROUNDLOOP_MODEL", "claude-sonnet-4-6", "Anthropic model for `assist`")
     max_tokens: int = env("GROUNDLOOP_MAX_TOKENS", 4096, "max_tokens per model call")
     max_iterations: int = env("GROUNDLOOP_MAX_ITERATIONS", 5, "cap on a client's `max_iterations`")
     policy_patterns: list = env("GROUNDLOOP_POLICY_PATTERNS", [], "regular expressions that `assist` refuses to run (off when empty)")

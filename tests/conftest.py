@@ -8,6 +8,7 @@ namespace are left at the end fail the run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -27,13 +28,17 @@ def _docker_state() -> str | None:
         import docker
 
         client = docker.from_env(timeout=10)
-        client.ping()
     except Exception as exc:
         return f"Docker is not reachable: {exc}"
-    try:
-        client.images.get(IMAGE)
-    except Exception:
-        return f"the sandbox image {IMAGE} is missing (run: groundloop image build)"
+    with contextlib.closing(client):
+        try:
+            client.ping()
+        except Exception as exc:
+            return f"Docker is not reachable: {exc}"
+        try:
+            client.images.get(IMAGE)
+        except Exception:
+            return f"the sandbox image {IMAGE} is missing (run: groundloop image build)"
     return None
 
 
@@ -45,7 +50,8 @@ def _runsc_available() -> bool:
         return False
     import docker
 
-    return "runsc" in (docker.from_env().info().get("Runtimes") or {})
+    with contextlib.closing(docker.from_env()) as client:
+        return "runsc" in (client.info().get("Runtimes") or {})
 
 
 RUNSC = _runsc_available()
@@ -70,13 +76,13 @@ def _docker_required_check():
         return
     import docker
 
-    client = docker.from_env()
-    left = client.api.containers(all=True, filters={"label": [f"groundloop.namespace={NAMESPACE}"]})
-    for c in left:
-        try:
-            client.api.remove_container(c["Id"], force=True)
-        except Exception:
-            pass
+    with contextlib.closing(docker.from_env()) as client:
+        left = client.api.containers(all=True, filters={"label": [f"groundloop.namespace={NAMESPACE}"]})
+        for c in left:
+            try:
+                client.api.remove_container(c["Id"], force=True)
+            except Exception:
+                pass
     # Containers of a stopped test are removed by auto_remove asynchronously:
     # only those still running count as leaked.
     leaked = [c for c in left if c.get("State") == "running"]
@@ -138,3 +144,90 @@ class Collector:
 def collect():
     return Collector
 
+
+
+# ---------------------------------------------------------------------------
+# Server fixtures (owned by the server/sessions engineer).
+#
+# ``run_server(settings, **create_app_kwargs)`` starts a real uvicorn on
+# 127.0.0.1 with a free port, in the test's event loop, and yields a
+# ``RunningServer`` (.url ws://.../v1/ws, .http http://..., .settings, .app,
+# .state = app.state.groundloop). The ``server`` fixture is one with tokens
+# ``tok1:alice`` and ``tok2:bob`` and a warm pool of one. Clients:
+# tests/wsclient.py.
+
+import asyncio  # noqa: E402
+import socket  # noqa: E402
+
+TEST_TOKENS = ["tok1:alice", "tok2:bob"]
+
+
+def server_settings(*, sandbox=None, **overrides):
+    """Server settings for tests: environment ignored, this run's sandbox namespace."""
+    from server.settings import Settings
+
+    values = {"host": "127.0.0.1", "port": 0, "tokens": list(TEST_TOKENS),
+              "sandbox": sandbox if sandbox is not None else sandbox_settings(pool_size=1)}
+    values.update(overrides)
+    return Settings.from_env(environ={}, **values)
+
+
+class RunningServer:
+    def __init__(self, app, settings, port, uv):
+        self.app = app
+        self.settings = settings
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/v1/ws"
+        self.http = f"http://127.0.0.1:{port}"
+        self.uvicorn = uv
+
+    @property
+    def state(self):
+        return self.app.state.groundloop
+
+
+def _test_server_class():
+    import uvicorn
+
+    class TestServer(uvicorn.Server):
+        # Leave SIGINT/SIGTERM alone: a hung test must still die from timeout(1) or pytest-timeout.
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return TestServer
+
+
+@contextlib.asynccontextmanager
+async def run_server(settings=None, **create_app_kwargs):
+    from server.app import create_app, uvicorn_config
+
+    _TestServer = _test_server_class()
+
+    settings = settings if settings is not None else server_settings()
+    app = create_app(settings, **create_app_kwargs)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = _TestServer(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(uv.serve(sockets=[sock]))
+    started = asyncio.ensure_future(app.state.groundloop.started.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        sock.close()
+        task.result()
+        raise RuntimeError("the server did not start")
+    try:
+        yield RunningServer(app, settings, port, uv)
+    finally:
+        uv.should_exit = True
+        await task
+        sock.close()
+
+
+@pytest.fixture
+async def server():
+    async with run_server() as srv:
+        yield srv

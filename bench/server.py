@@ -1,0 +1,206 @@
+"""Server-level benchmarks: a real `groundloop serve` subprocess, real WebSocket clients.
+
+The server runs in its own process (as deployed), so the client's work does
+not share its event loop or its GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import orjson
+from websockets.asyncio.client import connect
+
+from .stats import Table, pct, summary_ms
+
+_ids = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, pool_size: int = 2, **env: str):
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+        self.http = f"http://127.0.0.1:{self.port}"
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")},
+                    "GROUNDLOOP_NAMESPACE": "bench", "GROUNDLOOP_POOL_SIZE": str(pool_size),
+                    "GROUNDLOOP_MAX_SESSIONS_PER_USER": "1000", "GROUNDLOOP_RATE_PER_S": "1000000",
+                    "GROUNDLOOP_RATE_BURST": "1000000", "GROUNDLOOP_MAX_INFLIGHT": "1000",
+                    "GROUNDLOOP_MAX_OUTPUT_BYTES": str(512 << 20), "GROUNDLOOP_LOG_LEVEL": "warning", **env}
+        self.proc: subprocess.Popen | None = None
+
+    async def __aenter__(self) -> Server:
+        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+                                      "--port", str(self.port)], env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        await self.wait_ready(120)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(self.proc.wait, 60)
+
+    def readyz(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.http + "/readyz", timeout=5) as r:
+                return r.status == 200
+        except Exception:
+            return False
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self.readyz):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError("the server did not become ready")
+
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds, peak RSS bytes) of the server process."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        hwm = 0
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+        return cpu, hwm
+
+
+class Client:
+    def __init__(self, ws):
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, url: str) -> tuple[Client, dict]:
+        ws = await connect(url, max_size=None, compression=None, open_timeout=120)
+        ready = orjson.loads(await ws.recv())
+        assert ready["type"] == "ready", ready
+        return cls(ws), ready
+
+    async def request(self, frame: dict, on_frame=None) -> dict:
+        rid = f"b{next(_ids)}"
+        frame["id"] = rid
+        await self.ws.send(orjson.dumps(frame).decode())
+        while True:
+            msg = orjson.loads(await self.ws.recv())
+            if msg.get("id") != rid:
+                continue
+            if msg["type"] == "done":
+                return msg
+            if on_frame is not None:
+                on_frame(msg)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def rtt(client: Client, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        done = await client.request({"type": "run_code", "code": "1 + 1"})
+        out.append(time.perf_counter() - t0)
+        assert done["ok"], done
+    return out
+
+
+async def run(table: Table, n: int, smoke: bool = False) -> None:
+    async with Server(pool_size=2) as srv:
+        # connect to ready, with the warm pool
+        connect_times = []
+        for _ in range(3 if smoke else 10):
+            await srv.wait_ready(120)
+            t0 = time.perf_counter()
+            c, ready = await Client.open(srv.url)
+            connect_times.append(time.perf_counter() - t0)
+            assert ready["sandbox"]["warm"], ready
+            await c.close()
+        c, _ = await Client.open(srv.url)
+        await c.request({"type": "run_code", "code": "1 + 1"})
+        warm = await rtt(c, n)
+        ping = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await c.request({"type": "ping"})
+            ping.append(time.perf_counter() - t0)
+        # time to first stdout line
+        first = []
+        for _ in range(10 if smoke else 100):
+            t0 = time.perf_counter()
+            seen: list[float] = []
+
+            def on_frame(msg, t0=t0, seen=seen):
+                if msg["type"] == "stdout" and not seen:
+                    seen.append(time.perf_counter() - t0)
+
+            await c.request({"type": "run_code", "code": "print('hello')\nimport time\ntime.sleep(0.02)"}, on_frame)
+            first.append(seen[0])
+        # streaming throughput: 1 KiB lines
+        mib = 4 if smoke else 64
+        got = [0]
+
+        def count(msg):
+            if msg["type"] == "stdout":
+                got[0] += len(msg["text"])
+
+        code = f"import sys\nline = 'x' * 1023 + '\\n'\nw = sys.stdout.write\nfor _ in range({mib * 1024}): w(line)"
+        t0 = time.perf_counter()
+        done = await c.request({"type": "run_code", "code": code, "timeout_s": 300}, count)
+        elapsed = time.perf_counter() - t0
+        assert done["ok"] and not done.get("truncated"), done
+        assert got[0] == mib << 20, (got[0], mib << 20)
+        await c.close()
+
+        w, p, f = summary_ms(warm), summary_ms(ping), summary_ms(first)
+        table.add("ws: run_code 1 + 1 round trip (warm)", f"p50 {w['p50']:.3f} ms, p99 {w['p99']:.3f} ms",
+                  "p50 <= 1 ms, p99 <= 3 ms")
+        table.add("ws: ping round trip", f"p50 {p['p50']:.3f} ms, p99 {p['p99']:.3f} ms")
+        table.add("ws: connect to ready (warm pool)", f"p50 {summary_ms(connect_times)['p50']:.1f} ms, "
+                  f"max {max(connect_times) * 1e3:.1f} ms", "<= 50 ms")
+        table.add("ws: time to first stdout line", f"p50 {f['p50']:.3f} ms, p99 {f['p99']:.3f} ms", "<= 5 ms")
+        table.add(f"ws: stream throughput ({mib} MiB in 1 KiB lines)", f"{mib / elapsed:.1f} MiB/s", ">= 50 MiB/s")
+
+    for sessions in ((4,) if smoke else (40, 200)):
+        await concurrent(table, sessions, per_session=5 if smoke else (50 if sessions == 40 else 10))
+
+
+async def concurrent(table: Table, sessions: int, per_session: int) -> None:
+    async with Server(pool_size=2) as srv:
+        cpu0, _ = srv.usage()
+        t0 = time.perf_counter()
+        opened = await asyncio.gather(*(Client.open(srv.url) for _ in range(sessions)), return_exceptions=True)
+        clients = [c for c, _ in (o for o in opened if not isinstance(o, BaseException))]
+        errors = [o for o in opened if isinstance(o, BaseException)]
+        connect_all = time.perf_counter() - t0
+        await asyncio.gather(*(c.request({"type": "run_code", "code": "1 + 1"}) for c in clients))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(rtt(c, per_session) for c in clients), return_exceptions=True)
+        wall = time.perf_counter() - t0
+        lat = [x for r in results if not isinstance(r, BaseException) for x in r]
+        errors += [r for r in results if isinstance(r, BaseException)]
+        cpu1, hwm = srv.usage()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        table.add(f"ws: {sessions} concurrent sessions, run_code 1 + 1",
+                  f"p50 {pct(lat, 50) * 1e3:.2f} ms, p99 {pct(lat, 99) * 1e3:.2f} ms, {len(lat) / wall:.0f} req/s",
+                  "p99 <= 50 ms" if sessions == 40 else "")
+        table.add(f"ws: {sessions} sessions held at once", f"{len(clients)} open, {len(errors)} errors, "
+                  f"all connected in {connect_all:.1f} s", "no errors")
+        table.add(f"server CPU and peak memory per session ({sessions})",
+                  f"{(cpu1 - cpu0) / max(1, len(clients)) * 1e3:.0f} ms CPU, {hwm / max(1, len(clients)) / 1024:.0f} KiB")

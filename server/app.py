@@ -1,0 +1,134 @@
+"""The ASGI application: ``create_app(settings)`` and its one lifespan.
+
+Start-up: the authenticator (refuses a non-loopback bind without tokens),
+metrics, the sandbox engine (``make_backend`` + ``Engine.start`` unless one is
+injected), the session manager and its reaper.
+
+Shutdown, in order: uvicorn stops accepting and closes open sockets (1012);
+the session manager closes every session (requests cancelled, sockets closed
+1012 if still open, sandboxes released); the engine, if this app started it,
+removes its pool. No container is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from sandbox.engine import Engine, make_backend
+from sessions.cache import ResultCache
+from sessions.manager import SessionManager
+
+from . import http, logs
+from .auth import Authenticator
+from .connection import RawSendStash, websocket_endpoint
+from .metrics import Metrics
+from .settings import Settings
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+@dataclass
+class AppState:
+    """Everything the handlers need, as ``app.state.groundloop``."""
+
+    settings: Settings
+    metrics: Metrics
+    auth: Authenticator
+    cache: ResultCache
+    assist: Any = None
+    engine: Engine | None = None
+    manager: SessionManager | None = None
+    owns_engine: bool = False
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _default_assist(settings: Settings, metrics: Metrics) -> Any:
+    try:
+        from sessions.assist import AssistRunner
+    except ImportError:
+        return None
+    try:
+        return AssistRunner(settings, metrics)
+    except Exception as exc:  # pragma: no cover - the runner's own configuration trouble
+        logs.event("error", message=f"assist is unavailable: {exc}")
+        return None
+
+
+def transport_max_size(settings: Settings) -> int:
+    """The transport's frame limit: frames between max_message_bytes and this get a
+    ``too_large`` error frame and the connection stays; larger ones close 1009."""
+    return 2 * settings.max_message_bytes + (64 << 10)
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None,
+               assist: Any = None) -> Starlette:
+    auth = Authenticator(settings)
+    metrics = metrics if metrics is not None else Metrics()
+    if assist is None:
+        assist = _default_assist(settings, metrics)
+    state = AppState(settings=settings, metrics=metrics, auth=auth, assist=assist,
+                     cache=ResultCache(settings.cache_entries, settings.cache_ttl_s), engine=engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        if state.engine is None:
+            backend = await make_backend(settings.sandbox, bind_host=settings.host)
+            state.engine = Engine(backend, settings.sandbox, hooks=metrics)
+            state.owns_engine = True
+        eng = state.engine
+        if getattr(eng, "_refill_task", None) is None:
+            await eng.start()
+            state.owns_engine = True
+        metrics.pool_size.set(eng.pool_size)
+        state.manager = SessionManager(settings, eng, metrics, assist)
+        state.manager.start()
+        logs.event("started", host=settings.host, port=settings.port, backend=eng.backend.name,
+                   runtime=eng.backend.runtime, anonymous=auth.anonymous)
+        state.started.set()
+        try:
+            yield
+        finally:
+            await state.manager.close()
+            if state.owns_engine:
+                await eng.close()
+            logs.event("stopped")
+
+    routes: list[Any] = [
+        WebSocketRoute("/v1/ws", websocket_endpoint),
+        Route("/healthz", http.healthz),
+        Route("/readyz", http.readyz),
+        Route("/metrics", http.metrics),
+        Route("/v1/validate-code", http.validate_code, methods=["POST"]),
+    ]
+    static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+    if static.is_dir():
+        routes.append(Mount("/", app=StaticFiles(directory=str(static), html=True)))
+    else:
+        routes.append(Route("/", lambda request: PlainTextResponse("no static page is installed", 404)))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RawSendStash)])
+    app.state.groundloop = state
+    return app
+
+
+def uvicorn_config(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None,
+                   **overrides: Any) -> Any:
+    """The uvicorn configuration groundloop runs with (also used by the tests)."""
+    import uvicorn
+
+    kw: dict[str, Any] = dict(host=settings.host if host is None else host,
+                              port=settings.port if port is None else port,
+                              ws="websockets-sansio", ws_max_size=transport_max_size(settings),
+                              ws_per_message_deflate=False, lifespan="on", log_config=None,
+                              timeout_graceful_shutdown=10)
+    kw.update(overrides)
+    return uvicorn.Config(app, **kw)

@@ -1,0 +1,147 @@
+"""HTTP endpoints: /healthz, /readyz, /metrics, POST /v1/validate-code.
+
+``validate-code`` runs the code once in a fresh context of the caller's
+sandbox (a live session of that user when there is one, otherwise a
+short-lived sandbox from the pool), deletes the context, and answers
+``{"ok","output","error","results","formats","duration_ms","cached"}``.
+Results are cached by ``code_key(language, code)``; a hit says ``"cached": true``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sandbox.base import Sandbox, SandboxError
+from sessions.cache import code_key
+
+from . import logs
+from .errors import AuthError
+from .metrics import CONTENT_TYPE
+from .protocol import LANGUAGES
+
+OUTPUT_MAX = 64 << 10
+
+
+def _gl(request: Request) -> Any:
+    return request.app.state.groundloop
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+async def readyz(request: Request) -> Response:
+    gl = _gl(request)
+    engine = gl.engine
+    if engine is None or gl.manager is None:
+        return JSONResponse({"ready": False, "reason": "starting"}, status_code=503)
+    try:
+        ready = await engine.ready()
+    except Exception as exc:  # pragma: no cover - backend trouble
+        return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
+    body = {"ready": ready, "engine": engine.status(), "sessions": len(gl.manager.sessions)}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_gl(request).metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+async def validate_code(request: Request) -> Response:
+    gl = _gl(request)
+    try:
+        user = gl.auth.http(request.headers, request.url.scheme)
+    except AuthError as exc:
+        gl.metrics.errors.labels(exc.code).inc()
+        return _error(exc.status, exc.code, exc.message)
+    body = await request.body()
+    if len(body) > gl.settings.max_message_bytes:
+        return _error(413, "too_large", f"the body is over {gl.settings.max_message_bytes} bytes")
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return _error(400, "bad_request", f"the body is not valid JSON: {exc}")
+    if not isinstance(req, dict) or not isinstance(req.get("code"), str):
+        return _error(400, "bad_request", "the body must be an object with `code` (a string)")
+    language = req.get("language") or "python"
+    if language not in LANGUAGES:
+        return _error(400, "bad_request", f"unsupported language {language!r} (python or javascript)")
+    code = req["code"]
+    key = code_key(language, code)
+    hit = gl.cache.get(key)
+    if hit is not None:
+        return JSONResponse({**hit, "cached": True})
+    t0 = time.perf_counter()
+    try:
+        session = gl.manager.any_session(user)
+        if session is not None:
+            result = await run_once(gl, await session.sandbox(), code, language)
+        else:
+            sb = await gl.engine.acquire()
+            try:
+                result = await run_once(gl, sb, code, language)
+            finally:
+                await gl.engine.release(sb)
+    except SandboxError as exc:
+        gl.metrics.errors.labels("sandbox_unavailable").inc()
+        return _error(503, "sandbox_unavailable", str(exc))
+    seconds = time.perf_counter() - t0
+    result["duration_ms"] = round(seconds * 1000, 3)
+    outcome = "ok" if result["ok"] else "error"
+    gl.metrics.requests.labels("validate_code", outcome).inc()
+    gl.metrics.request_duration.labels("validate_code").observe(seconds)
+    logs.audit(user=user, session=session.id if session else "-", type="validate_code",
+               digest=logs.sha256(code), outcome=outcome, duration_ms=seconds * 1000, language=language)
+    gl.cache.put(key, result)
+    return JSONResponse({**result, "cached": False})
+
+
+async def run_once(gl: Any, sb: Sandbox, code: str, language: str) -> dict[str, Any]:
+    """Run ``code`` in a new context of ``sb``, then delete the context."""
+    s = gl.settings.sandbox
+    cid = f"validate-{secrets.token_hex(6)}"
+    out: list[str] = []
+    size = 0
+    results: list[dict[str, Any]] = []
+
+    async def on_event(ev: dict[str, Any]) -> None:
+        nonlocal size
+        if ev.get("ev") == "out":
+            for line in ev.get("lines", ()):
+                if size < OUTPUT_MAX:
+                    out.append(line)
+                    size += len(line)
+        elif ev.get("ev") == "result":
+            results.append(ev.get("data") or {})
+
+    deadline = s.exec_timeout_s + 10
+    created = await sb.request("create_context", {"language": language, "context": cid}, deadline_s=deadline)
+    if not created.get("ok"):
+        return {"ok": False, "output": "", "error": created.get("error"), "results": [], "formats": []}
+    try:
+        done = await sb.request("run_code", {"code": code, "language": language, "context": cid,
+                                             "timeout_s": s.exec_timeout_s, "max_output_bytes": OUTPUT_MAX},
+                                on_event, deadline_s=deadline)
+    finally:
+        if sb.alive:
+            await _quiet(sb.request("delete_context", {"context": cid}, deadline_s=deadline))
+    formats = sorted({k for data in results for k in data})
+    return {"ok": bool(done.get("ok")), "output": "".join(out)[:OUTPUT_MAX], "error": done.get("error"),
+            "results": results, "formats": formats, "truncated": bool(done.get("truncated"))}
+
+
+async def _quiet(aw: Any) -> None:
+    try:
+        await aw
+    except Exception:
+        pass

@@ -1,0 +1,183 @@
+"""groundloop.v1 wire protocol: pure parsing and frame building, no I/O.
+
+A client frame is one JSON object with ``type`` and ``id``. ``parse_request``
+turns the frame's bytes (or text) into a typed ``Request`` or raises
+``ProtocolError`` with the protocol error code:
+
+- ``too_large``   the frame is over the size limit;
+- ``bad_request`` not JSON, not an object, unknown ``type``, a missing or
+  malformed ``id``, or a field of the wrong type (the table ``SPECS``).
+
+When the ``id`` could be read, the error carries it (``ProtocolError.id``) so
+the caller can end that request with a ``done``.
+
+Server frames are dicts built here and serialized once with orjson
+(``encode``); the session's outbox splices ``seq`` in when the frame is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import ProtocolError
+
+PROTOCOL = "groundloop.v1"
+LANGUAGES = ("python", "javascript")
+ENCODINGS = ("utf-8", "utf8", "base64")
+
+_STR, _NUM, _INT, _BOOL, _ENV, _ID = "str", "num", "int", "bool", "env", "id"
+
+# type -> {field: (kind, required)}
+SPECS: dict[str, dict[str, tuple[str, bool]]] = {
+    "run_code": {"code": (_STR, True), "language": (_STR, False), "context": (_STR, False), "timeout_s": (_NUM, False)},
+    "exec": {"command": (_STR, True), "cwd": (_STR, False), "env": (_ENV, False), "timeout_s": (_NUM, False)},
+    "create_context": {"language": (_STR, False), "cwd": (_STR, False), "env": (_ENV, False), "context": (_STR, False)},
+    "delete_context": {"context": (_STR, True)},
+    "list_contexts": {},
+    "write_file": {"path": (_STR, True), "content": (_STR, True), "encoding": (_STR, False)},
+    "read_file": {"path": (_STR, True), "encoding": (_STR, False)},
+    "list_files": {"path": (_STR, False)},
+    "delete_file": {"path": (_STR, True), "recursive": (_BOOL, False)},
+    "mkdir": {"path": (_STR, True)},
+    "start_process": {"command": (_STR, True), "cwd": (_STR, False), "env": (_ENV, False), "process_id": (_STR, False)},
+    "kill_process": {"process_id": (_STR, True), "signal": (_INT, False)},
+    "list_processes": {},
+    "cancel": {"target": (_ID, True)},
+    "assist": {"prompt": (_STR, True), "language": (_STR, False), "max_iterations": (_INT, False),
+               "context": (_STR, False)},
+    "ping": {},
+}
+REQUEST_TYPES = frozenset(SPECS)
+# Requests that run code or commands: audited, and counted in execution metrics.
+EXECUTIONS = frozenset({"run_code", "exec", "start_process", "assist"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One validated client request. ``params`` holds only the fields of SPECS that were given."""
+
+    type: str
+    id: str | int
+    params: dict[str, Any]
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return 0 < len(value) <= 256
+    return isinstance(value, int)
+
+
+def _check(kind: str, value: Any) -> bool:
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _ENV:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if kind == _ID:
+        return _valid_id(value)
+    raise AssertionError(kind)
+
+
+_KIND_TEXT = {_STR: "a string", _NUM: "a positive number", _INT: "an integer", _BOOL: "a boolean",
+              _ENV: "an object of strings", _ID: "a request id (string or integer)"}
+
+
+def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
+    """Parse and validate one client frame. Raises ProtocolError."""
+    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+    if max_bytes is not None and size > max_bytes:
+        raise ProtocolError(f"the frame is {size} bytes, over the limit of {max_bytes} bytes", code="too_large")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"the frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("a frame must be a JSON object")
+    rid = obj.get("id")
+    if not _valid_id(rid):
+        raise ProtocolError("every request needs an `id` (a non-empty string, or an integer)")
+    kind = obj.get("type")
+    if kind not in SPECS:
+        raise ProtocolError(f"unknown request type {kind!r}", id=rid)
+    params: dict[str, Any] = {}
+    for name, (fkind, required) in SPECS[kind].items():
+        if name not in obj or obj[name] is None:
+            if required:
+                raise ProtocolError(f"{kind} needs `{name}` ({_KIND_TEXT[fkind]})", id=rid)
+            continue
+        value = obj[name]
+        if not _check(fkind, value):
+            raise ProtocolError(f"`{name}` of {kind} must be {_KIND_TEXT[fkind]}", id=rid)
+        params[name] = value
+    lang = params.get("language")
+    if lang is not None and lang not in LANGUAGES:
+        raise ProtocolError(f"unsupported language {lang!r} (python or javascript)", id=rid)
+    enc = params.get("encoding")
+    if enc is not None and enc not in ENCODINGS:
+        raise ProtocolError(f"unknown encoding {enc!r} (utf-8 or base64)", id=rid)
+    if kind == "assist" and params.get("max_iterations", 1) < 1:
+        raise ProtocolError("max_iterations must be at least 1", id=rid)
+    return Request(kind, rid, params)
+
+
+# ---- server frames
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    """Serialize a frame (without ``seq``); the outbox splices ``seq`` in."""
+    return orjson.dumps(frame)
+
+
+def with_seq(seq: int, body: bytes) -> bytes:
+    """``{"seq":N,...rest of body}``: body must be an encoded non-empty object."""
+    return b'{"seq":%d,' % seq + body[1:]
+
+
+def ready_frame(session_id: str, resumed: bool, sandbox: dict[str, Any], limits: dict[str, Any],
+                **extra: Any) -> dict[str, Any]:
+    return {"type": "ready", "session_id": session_id, "resumed": resumed, "sandbox": sandbox,
+            "limits": limits, "protocol": PROTOCOL, **extra}
+
+
+def error_frame(code: str, message: str, id: Any = None, **extra: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if id is not None:
+        frame["id"] = id
+    frame.update(extra)
+    return frame
+
+
+def done_frame(id: Any, ok: bool, duration_ms: float, error: dict[str, Any] | None = None,
+               **extra: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "done", "id": id, "ok": ok, "duration_ms": round(duration_ms, 3)}
+    if error is not None and not ok:
+        frame["error"] = error
+    frame.update(extra)
+    return frame
+
+
+def failure(name: str, message: str, traceback: str | None = None) -> dict[str, Any]:
+    err = {"name": name, "message": message}
+    if traceback:
+        err["traceback"] = traceback
+    return err
+
+
+def output_frame(stream: str, id: Any, text: str, **extra: Any) -> dict[str, Any]:
+    return {"type": stream, "id": id, "text": text, **extra}
+
+
+def gap_frame(missed: int, first: int, last: int) -> dict[str, Any]:
+    return {"type": "gap", "missed": missed,
+            "message": f"{missed} frames after last_seq were evicted from the replay buffer and are lost",
+            "first_missed_seq": first, "last_missed_seq": last}

@@ -1,0 +1,171 @@
+"""Every live session of a server: creation, lookup for resume, limits, reaping.
+
+- ``create(user)`` acquires a sandbox from the engine; a user over
+  ``max_sessions_per_user`` gets ``LimitError(busy)``.
+- ``find(user, session_id)`` returns None for an unknown id and for another
+  user's id alike.
+- ``check_limits`` applies the per-session in-flight cap and the per-user
+  token bucket to a new request.
+- One owned reaper task closes sessions detached longer than
+  ``resume_grace_s`` or idle (no request) longer than ``idle_timeout_s``.
+- ``close()`` (shutdown) closes every session: requests cancelled, sockets
+  closed with 1012, sandboxes released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from sandbox.engine import Engine
+from server import logs
+from server.errors import CLOSE_RESTART, CLOSE_SESSION_CLOSED, LimitError
+from server.protocol import Request
+
+from .session import Session
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst``; ``take()`` is False when empty."""
+
+    __slots__ = ("rate", "burst", "tokens", "t")
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.tokens = float(self.burst)
+        self.t = clock()
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class SessionManager:
+    def __init__(self, settings: Any, engine: Engine, metrics: Any, assist: Any = None):
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.assist = assist
+        self.sessions: dict[str, Session] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._pending: dict[str, int] = {}  # sessions being created, per user
+        self._tasks: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+        self.closing = False
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_loop(), name="session-reaper")
+
+    def own(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- sessions
+
+    def user_sessions(self, user: str) -> list[Session]:
+        return [s for s in self.sessions.values() if s.user == user and s.live]
+
+    async def create(self, user: str) -> Session:
+        """A new session holding a fresh sandbox. Raises LimitError or SandboxError."""
+        if self.closing:
+            raise LimitError("the server is shutting down", code="busy")
+        n = len(self.user_sessions(user)) + self._pending.get(user, 0)
+        if n >= self.settings.max_sessions_per_user:
+            raise LimitError(f"user has {n} sessions, the limit is {self.settings.max_sessions_per_user}",
+                             code="busy")
+        self._pending[user] = self._pending.get(user, 0) + 1
+        try:
+            sb = await self.engine.acquire()
+        finally:
+            self._pending[user] -= 1
+            if not self._pending[user]:
+                del self._pending[user]
+        if self.closing:
+            await self.engine.release(sb)
+            raise LimitError("the server is shutting down", code="busy")
+        session = Session(user=user, sandbox=sb, manager=self)
+        self.sessions[session.id] = session
+        self.metrics.sessions.set(len(self.sessions))
+        logs.event("session_created", user=user, session=session.id, warm=sb.warm)
+        return session
+
+    def find(self, user: str, session_id: str) -> Session | None:
+        s = self.sessions.get(session_id)
+        if s is None or s.user != user or not s.live:
+            return None
+        return s
+
+    def any_session(self, user: str) -> Session | None:
+        for s in self.user_sessions(user):
+            return s
+        return None
+
+    async def close_session(self, session: Session, reason: str, code: int = CLOSE_SESSION_CLOSED) -> None:
+        try:
+            await session.close(reason, code)
+        finally:
+            self.sessions.pop(session.id, None)
+            self.metrics.sessions.set(len(self.sessions))
+
+    # ---- limits
+
+    def check_limits(self, session: Session, req: Request) -> LimitError | None:
+        if len(session.inflight) >= self.settings.max_inflight:
+            return LimitError(f"{len(session.inflight)} requests in flight, the limit is {self.settings.max_inflight}",
+                              code="busy", id=req.id)
+        bucket = self._buckets.get(session.user)
+        if bucket is None:
+            bucket = self._buckets[session.user] = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst)
+        if not bucket.take(time.monotonic()):
+            return LimitError(f"over {self.settings.rate_per_s:g} requests/s (burst {self.settings.rate_burst})",
+                              code="rate_limited", id=req.id)
+        return None
+
+    # ---- reaping
+
+    def _reap_period(self) -> float:
+        s = self.settings
+        return max(0.05, min(5.0, s.resume_grace_s / 4, s.idle_timeout_s / 4))
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._reap_period())
+            await self.reap(time.monotonic())
+
+    async def reap(self, now: float) -> int:
+        """Close the sessions past their grace or idle time; returns how many."""
+        s = self.settings
+        doomed = []
+        for session in list(self.sessions.values()):
+            if session.detached_at is not None and now - session.detached_at > s.resume_grace_s:
+                doomed.append((session, "resume_grace"))
+            elif session.idle_for(now) > s.idle_timeout_s:
+                doomed.append((session, "idle"))
+        for session, why in doomed:
+            logs.event("session_reaped", user=session.user, session=session.id, reason=why)
+            await self.close_session(session, why)
+        # Forget idle buckets so a token-bucket map does not grow with users.
+        for user in [u for u, b in self._buckets.items() if now - b.t > 600 and not self.user_sessions(u)]:
+            del self._buckets[user]
+        return len(doomed)
+
+    async def close(self) -> None:
+        """Shutdown: close every session (sockets 1012), release every sandbox."""
+        self.closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        sessions = list(self.sessions.values())
+        await asyncio.gather(*(self.close_session(s, "shutdown", CLOSE_RESTART) for s in sessions),
+                             return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        logs.event("sessions_closed", logging.INFO, count=len(sessions))

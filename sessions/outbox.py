@@ -1,0 +1,180 @@
+"""A session's outbox: the replay buffer, the send queue and the backpressure, in one.
+
+Frames enter with ``put`` (serialized once, without ``seq``); each gets the next
+``seq``. The outbox keeps every frame in one deque, in seq order. A cursor,
+``sent_seq``, says which frames have been written to a socket: frames after it
+are *unsent* (the send queue), frames up to it are the replay buffer.
+
+- The one writer of the attached socket takes frames with ``next_frame`` and
+  reports each written frame with ``mark_sent``.
+- Only sent frames are evicted, oldest first, beyond ``replay_frames`` or
+  ``replay_bytes``.
+- ``put`` blocks while the unsent count is at ``high`` until it falls to
+  ``low``. Producers are the request tasks and the sandbox's event callback, so
+  a client that does not read pauses its sandbox: memory stays bounded at
+  ``high`` unsent frames plus the replay limits, connected or not.
+- ``rewind(last_seq)`` (resume): drop the frames the client has, renumber the
+  rest after ``last_seq`` behind a new ``ready`` frame (and a ``gap`` frame when
+  frames after ``last_seq`` were already evicted), and move the cursor back so
+  the new writer sends them all. The client sees seq strictly increasing by 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+from server.protocol import encode, gap_frame, with_seq
+
+
+class ResumeError(ValueError):
+    """last_seq names a frame that was never sent."""
+
+
+class _Frame:
+    __slots__ = ("seq", "body", "t")
+
+    def __init__(self, seq: int, body: bytes, t: float):
+        self.seq = seq
+        self.body = body
+        self.t = t
+
+
+class Outbox:
+    def __init__(self, *, replay_frames: int, replay_bytes: int, high: int, low: int | None = None):
+        self.replay_frames = max(0, replay_frames)
+        self.replay_bytes = max(0, replay_bytes)
+        self.high = max(1, high)
+        self.low = min(self.high - 1, self.high // 2) if low is None else min(low, self.high - 1)
+        self._frames: deque[_Frame] = deque()
+        self.next_seq = 1
+        self.sent_seq = 0          # last seq written to a socket (completed)
+        self.attempted_seq = 0     # last seq handed to a socket send
+        self._sent_bytes = 0       # bytes of the frames <= sent_seq still kept
+        self._sent_count = 0
+        self._can_put = asyncio.Event()
+        self._can_put.set()
+        self._has_unsent = asyncio.Event()
+        self.evicted = 0
+        self.max_unsent_seen = 0
+        self.closed = False
+
+    # ---- introspection
+
+    @property
+    def unsent(self) -> int:
+        return self.next_seq - 1 - self.sent_seq
+
+    @property
+    def buffered(self) -> int:
+        return len(self._frames)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(len(f.body) for f in self._frames)
+
+    def stats(self) -> dict[str, int]:
+        return {"next_seq": self.next_seq, "sent_seq": self.sent_seq, "unsent": self.unsent,
+                "buffered": self.buffered, "replay_bytes": self._sent_bytes, "evicted": self.evicted,
+                "max_unsent_seen": self.max_unsent_seen, "high": self.high}
+
+    # ---- producers
+
+    async def put(self, frame: dict[str, Any]) -> int:
+        """Queue a frame; waits while the send queue is full. Returns its seq."""
+        while not self._can_put.is_set():
+            if self.closed:
+                raise ConnectionError("the session is closed")
+            await self._can_put.wait()
+        return self.put_nowait(frame)
+
+    def put_nowait(self, frame: dict[str, Any]) -> int:
+        """Queue a frame past the high water mark (control frames only)."""
+        if self.closed:
+            raise ConnectionError("the session is closed")
+        seq = self.next_seq
+        self.next_seq += 1
+        self._frames.append(_Frame(seq, encode(frame), time.perf_counter()))
+        n = self.unsent
+        if n > self.max_unsent_seen:
+            self.max_unsent_seen = n
+        if n >= self.high:
+            self._can_put.clear()
+        self._has_unsent.set()
+        return seq
+
+    # ---- the writer
+
+    async def next_frame(self) -> tuple[int, bytes, float]:
+        """The first unsent frame: (seq, wire bytes with seq, time queued)."""
+        while True:
+            if self.closed:
+                raise ConnectionError("the session is closed")
+            if self.unsent > 0:
+                # Frames are contiguous by seq: index of sent_seq + 1.
+                first = self._frames[0].seq
+                f = self._frames[self.sent_seq + 1 - first]
+                self.attempted_seq = max(self.attempted_seq, f.seq)
+                return f.seq, with_seq(f.seq, f.body), f.t
+            self._has_unsent.clear()
+            await self._has_unsent.wait()
+
+    def mark_sent(self, seq: int) -> None:
+        """The frame ``seq`` reached the socket: advance the cursor, evict, wake producers."""
+        if seq != self.sent_seq + 1:
+            return  # the outbox was rewound meanwhile
+        first = self._frames[0].seq
+        f = self._frames[seq - first]
+        self.sent_seq = seq
+        self._sent_bytes += len(f.body)
+        self._sent_count += 1
+        while self._sent_count and (self._sent_count > self.replay_frames or self._sent_bytes > self.replay_bytes):
+            old = self._frames.popleft()
+            self._sent_bytes -= len(old.body)
+            self._sent_count -= 1
+            self.evicted += 1
+        if self.unsent <= self.low:
+            self._can_put.set()
+
+    # ---- resume
+
+    def rewind(self, last_seq: int, ready: dict[str, Any]) -> tuple[int, int]:
+        """Rebase the outbox on the client's ``last_seq``; returns (replayed, missed).
+
+        Frames with seq <= last_seq are dropped (the client has them). ``ready``
+        gets seq last_seq + 1, then a gap frame if frames were evicted, then
+        every kept frame, renumbered; the cursor goes back to last_seq.
+        """
+        if last_seq < 0 or last_seq > self.attempted_seq:
+            raise ResumeError(f"last_seq {last_seq} is past the last frame sent ({self.attempted_seq})")
+        while self._frames and self._frames[0].seq <= last_seq:
+            self._frames.popleft()
+        first_kept = self._frames[0].seq if self._frames else self.next_seq
+        missed = first_kept - last_seq - 1
+        now = time.perf_counter()
+        head = [_Frame(0, encode(ready), now)]
+        if missed > 0:
+            head.append(_Frame(0, encode(gap_frame(missed, last_seq + 1, first_kept - 1)), now))
+        replayed = len(self._frames)
+        self._frames.extendleft(reversed(head))
+        seq = last_seq
+        for f in self._frames:
+            seq += 1
+            f.seq = seq
+        self.next_seq = seq + 1
+        self.sent_seq = last_seq
+        self.attempted_seq = last_seq
+        self._sent_bytes = 0
+        self._sent_count = 0
+        if self.unsent >= self.high:
+            self._can_put.clear()
+        self._has_unsent.set()
+        return replayed, max(0, missed)
+
+    def close(self) -> None:
+        """Wake every waiter; later puts raise ConnectionError."""
+        self.closed = True
+        self._can_put.set()
+        self._has_unsent.set()
