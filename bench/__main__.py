@@ -7,7 +7,7 @@ import asyncio
 import os
 import platform
 
-from . import engine
+from . import baselines, engine
 from .stats import Table
 
 
@@ -22,6 +22,7 @@ def main() -> None:
     print(f"groundloop bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}")
     if args.only in (None, "engine"):
         asyncio.run(engine.run(table, n))
+        baselines.jupyter(table, min(n, 1000))
     if args.only in (None, "server"):
         try:
             from . import server

@@ -76,7 +76,8 @@ class Engine:
         self.hooks = hooks or EngineHooks()
         self.pool_size = settings.pool_size if pool_size is None else pool_size
         self._ready: deque[Sandbox] = deque()
-        self._starting = 0
+        self._starting = 0  # all starts in progress (for status)
+        self._warming = 0  # starts in progress for the pool (cold starts for a caller do not count)
         self._live: set[Sandbox] = set()
         self._need = asyncio.Event()
         self._refill_task: asyncio.Task | None = None
@@ -168,6 +169,7 @@ class Engine:
         if self._closed:
             raise SandboxUnavailable("the sandbox engine is shutting down")
         self._starting += 1
+        self._warming += warm
         self._changed()
         t0 = time.perf_counter()
         try:
@@ -177,6 +179,7 @@ class Engine:
             raise
         finally:
             self._starting -= 1
+            self._warming -= warm
         self.last_error = None
         sb.warm = warm
         self._live.add(sb)
@@ -202,11 +205,12 @@ class Engine:
         while not self._closed:
             await self._need.wait()
             self._need.clear()
-            while not self._closed and len(self._ready) + self._starting < self.pool_size:
+            while not self._closed and len(self._ready) + self._warming < self.pool_size:
                 try:
                     sb = await self._start_one(warm=True)
-                except SandboxUnavailable as exc:
-                    log.warning("pool refill failed: %s (retrying in %.1f s)", exc, backoff)
+                except Exception as exc:  # the refill must outlive any one failure
+                    self.last_error = str(exc)
+                    log.warning("pool refill failed: %r (retrying in %.1f s)", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue

@@ -399,6 +399,9 @@ class Context:
                 if self.rid is not None:
                     self.agent.out.send({"ev": "result", "rid": self.rid, "data": ev["data"], "main": ev.get("main", False)})
             else:
+                result = ev.pop("result", None)
+                if result is not None and self.rid is not None:
+                    self.agent.out.send({"ev": "result", "rid": self.rid, "data": result, "main": True})
                 self._wake(("done", ev))
 
     def _wake(self, value) -> None:

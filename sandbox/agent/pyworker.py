@@ -105,7 +105,12 @@ def error_of(exc, filename):
     return {"name": type(exc).__name__, "message": str(exc), "traceback": text}
 
 
+class CellError(Exception):
+    """The cell failed; carries the error dict."""
+
+
 def run(code, n):
+    """Run one cell; return the MIME bundle of its last expression (or None)."""
     filename = f"<cell-{n}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
@@ -117,18 +122,17 @@ def run(code, n):
         body = compile(tree, filename, "exec", flags=flags)
         tail = compile(last, filename, "eval", flags=flags) if last is not None else None
     except (SyntaxError, ValueError, OverflowError) as exc:
-        return error_of(exc, filename)
+        raise CellError(error_of(exc, filename)) from None
     try:
         _exec(body)
         value = _exec(tail) if tail is not None else None
     except BaseException as exc:  # KeyboardInterrupt and SystemExit included
-        sys.stdout.flush()
-        return error_of(exc, filename)
+        raise CellError(error_of(exc, filename)) from None
     finally:
         send_figures()
     if value is not None:
         NS["_"] = value
-        send({"t": "result", "data": bundle(value), "main": True})
+        return bundle(value)
     return None
 
 
@@ -158,8 +162,13 @@ def read_commands():
 def main():
     for cmd in read_commands():
         try:
-            error = run(cmd.get("code", ""), cmd.get("n", 0))
-            send({"t": "done", "ok": error is None, "error": error})
+            try:
+                result = run(cmd.get("code", ""), cmd.get("n", 0))
+            except CellError as exc:
+                send({"t": "done", "ok": False, "error": exc.args[0]})
+                continue
+            # The main result rides on the done answer: one write, one read.
+            send({"t": "done", "ok": True, "result": result} if result is not None else {"t": "done", "ok": True})
         except KeyboardInterrupt:
             send({"t": "done", "ok": False,
                   "error": {"name": "KeyboardInterrupt", "message": "interrupted", "traceback": ""}})

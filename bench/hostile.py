@@ -1,0 +1,186 @@
+"""Stress benchmark: a bystander session's latency while hostile programs run next to it.
+
+A real server (uvicorn on 127.0.0.1, real Docker) with the sandbox limits of the
+hostile test suite. A bystander session of one user runs ``1 + 1`` back to back;
+first alone (the baseline), then while another user's session runs each hostile
+program (fork bomb, memory bomb, endless print, busy loop, ...). For each, the
+table gets the bystander's p50/p99 round trip during the hostile run.
+
+Runtimes: ``GROUNDLOOP_BENCH_RUNTIMES`` (comma-separated, default ``runc`` plus
+``runsc`` when Docker has it registered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import time
+
+import orjson
+import websockets
+
+from sandbox.settings import SandboxSettings, load
+
+from .stats import Table, summary_ms
+
+TOKENS = ["bench-hostile:mallory", "bench-bystander:bob"]
+WAIT = 120.0
+
+# (name, request type, payload, timeout_s)
+PROGRAMS = [
+    ("fork bomb (python, exec)", "exec",
+     "python3 -c 'import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass'", 3),
+    ("fork bomb (shell)", "exec", "bomb() { bomb | bomb & }; bomb", 3),
+    ("memory bomb", "run_code", "hog = []\nwhile True:\n    hog.append(bytearray(8 << 20))\n"
+                                "    hog[-1][::4096] = b'x' * len(hog[-1][::4096])", 20),
+    ("thread bomb", "run_code", "import threading, time\nwhile True:\n"
+                                "    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()", 3),
+    ("endless print", "run_code", "while True:\n    print('spam ' * 20)", 3),
+    ("enormous line", "run_code", "import sys\nsys.stdout.write('x' * (64 << 20))\nsys.stdout.flush()", 20),
+    ("busy loop", "run_code", "while True:\n    pass", 3),
+    ("fill /tmp", "exec", "i=0; while dd if=/dev/zero of=/tmp/f$i bs=1M count=1 2>/dev/null; do i=$((i+1)); done", 20),
+    ("ignores SIGINT/SIGTERM", "run_code", "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                                           "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass", 3),
+]
+SMOKE = {"fork bomb (shell)", "endless print", "busy loop"}
+
+
+def _runtimes() -> list[str]:
+    raw = os.environ.get("GROUNDLOOP_BENCH_RUNTIMES")
+    if raw:
+        return [r.strip() for r in raw.split(",") if r.strip()]
+    out = ["runc"]
+    try:
+        import docker
+
+        with contextlib.closing(docker.from_env()) as client:
+            if "runsc" in (client.info().get("Runtimes") or {}):
+                out.append("runsc")
+    except Exception:
+        pass
+    return out
+
+
+@contextlib.asynccontextmanager
+async def serve(runtime: str):
+    """A real server on a free loopback port, in this event loop."""
+    import uvicorn
+
+    from server.app import create_app, uvicorn_config
+    from server.settings import Settings
+
+    sb = dataclasses.replace(load(SandboxSettings), namespace="bench", runtime=runtime, pool_size=2, memory="256m",
+                             pids_limit=128, tmp_size="32m", workspace_size="32m", max_file_bytes=4 << 20,
+                             max_output_bytes=1 << 20)
+    settings = Settings.from_env(environ={}, host="127.0.0.1", port=0, tokens=list(TOKENS), sandbox=sb,
+                                 resume_grace_s=1.0, rate_per_s=10000.0, rate_burst=10000)
+    app = create_app(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="error"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    started = asyncio.ensure_future(app.state.groundloop.started.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        sock.close()
+        task.result()
+        raise RuntimeError("the server did not start")
+    try:
+        await asyncio.wait_for(app.state.groundloop.engine.wait_filled(), WAIT)
+        yield f"ws://127.0.0.1:{port}/v1/ws"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+class Client:
+    def __init__(self, ws):
+        self.ws = ws
+        self.n = 0
+
+    @classmethod
+    async def connect(cls, url: str, token: str) -> Client:
+        ws = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                                      compression=None, max_size=None, open_timeout=WAIT)
+        first = orjson.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        if first.get("type") != "ready":
+            await ws.close()
+            raise RuntimeError(f"expected ready, got {first}")
+        return cls(ws)
+
+    async def request(self, type: str, **fields) -> dict:
+        """Send one request and read frames to its done (others are skipped)."""
+        self.n += 1
+        rid = f"b{self.n}"
+        await self.ws.send(orjson.dumps({"type": type, "id": rid, **fields}).decode())
+        while True:
+            frame = orjson.loads(await asyncio.wait_for(self.ws.recv(), WAIT))
+            if frame.get("type") == "done" and frame.get("id") == rid:
+                return frame
+
+
+class Bystander:
+    def __init__(self, client: Client):
+        self.c = client
+        self.samples: list[float] = []
+        self.failures = 0
+        self.stop = False
+
+    async def loop(self) -> None:
+        while not self.stop:
+            t0 = time.perf_counter()
+            done = await self.c.request("run_code", code="1 + 1")
+            self.samples.append(time.perf_counter() - t0)
+            if not done.get("ok"):
+                self.failures += 1
+
+
+async def _one_runtime(table: Table, n: int, smoke: bool, runtime: str) -> None:
+    async with serve(runtime) as url:
+        by = Bystander(await Client.connect(url, "bench-bystander"))
+        await by.c.request("run_code", code="1 + 1")  # start the worker
+        task = asyncio.create_task(by.loop())
+        try:
+            baseline = max(20, min(n, 1000))
+            while len(by.samples) < baseline:
+                await asyncio.sleep(0.05)
+            s = summary_ms(by.samples)
+            table.add(f"hostile[{runtime}]: bystander 1 + 1, alone", f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms")
+            for name, kind, payload, timeout_s in PROGRAMS:
+                if smoke and name not in SMOKE:
+                    continue
+                hostile = await Client.connect(url, "bench-hostile")
+                try:
+                    await hostile.request("run_code", code="1 + 1")
+                    mark, failures = len(by.samples), by.failures
+                    t0 = time.perf_counter()
+                    field = "code" if kind == "run_code" else "command"
+                    done = await hostile.request(kind, **{field: payload, "timeout_s": timeout_s})
+                    took = time.perf_counter() - t0
+                    after = await hostile.request("run_code", code="1 + 1")
+                finally:
+                    await hostile.ws.close()
+                during = by.samples[mark:]
+                s = summary_ms(during)
+                outcome = "ok" if done.get("ok") else (done.get("error") or {}).get("name", "error")
+                table.add(f"hostile[{runtime}]: bystander during {name}",
+                          f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms (n={len(during)})",
+                          f"p99 <= 100 ms; hostile: {outcome} in {took:.1f} s, then "
+                          f"{'usable' if after.get('ok') else 'NOT usable'}; "
+                          f"bystander failures {by.failures - failures}")
+        finally:
+            by.stop = True
+            await asyncio.wait_for(task, WAIT)
+            await by.c.ws.close()
+
+
+async def run(table: Table, n: int, smoke: bool = False) -> None:
+    for runtime in _runtimes():
+        await _one_runtime(table, n, smoke, runtime)
