@@ -23,7 +23,8 @@ import enum
 import itertools
 import logging
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from . import framing
 
@@ -66,7 +67,7 @@ class Sandbox:
 
     def __init__(self, *, sandbox_id: str, session_id: str, backend: str, runtime: str, image: str,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter, docker_mux: bool,
-                 closer: Callable[["Sandbox"], Awaitable[None]] | None = None):
+                 closer: Callable[[Sandbox], Awaitable[None]] | None = None):
         self.id = sandbox_id
         self.session_id = session_id
         self.backend = backend
@@ -100,7 +101,7 @@ class Sandbox:
         """Wait for the agent's hello."""
         try:
             self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SandboxUnavailable(f"the sandbox agent did not say hello within {timeout:g} s") from None
         self.transition(State.READY)
         return self.hello
@@ -166,7 +167,7 @@ class Sandbox:
             if deadline_s is None:
                 return await pending.future
             return await asyncio.wait_for(asyncio.shield(pending.future), deadline_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.lost_reason = f"the sandbox did not answer a {op} within {deadline_s:g} s"
             log.warning("sandbox %s hung: %s", self.id[:12], self.lost_reason)
             asyncio.get_running_loop().create_task(self.close())

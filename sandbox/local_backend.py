@@ -70,7 +70,7 @@ class LocalBackend:
             # Its stdin is closed: the agent stops its children and exits.
             try:
                 await asyncio.wait_for(proc.wait(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 try:
                     os.killpg(proc.pid, 9)
                 except ProcessLookupError:

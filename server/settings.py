@@ -7,8 +7,9 @@ anthropic SDK reads its own ``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from sandbox.settings import SandboxSettings, SettingsError, env, load
 
@@ -42,7 +43,7 @@ class Settings:
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         return load(cls, environ, **overrides)
 
 

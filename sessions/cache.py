@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def code_key(language: str, code: str, *extra: str) -> str:

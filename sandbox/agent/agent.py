@@ -75,7 +75,7 @@ class RequestError(Exception):
 class Out(asyncio.Protocol):
     """Write side of the agent's stdout. Pauses every output pipe when full."""
 
-    def __init__(self, agent: "Agent"):
+    def __init__(self, agent: Agent):
         self.agent = agent
         self.transport: asyncio.WriteTransport | None = None
         self.paused = False
@@ -109,7 +109,7 @@ class Out(asyncio.Protocol):
 class Target:
     """Where the lines of a pipe go: a request (run, exec) or a process."""
 
-    def __init__(self, agent: "Agent", rid: str | None = None, proc: str | None = None, cap: int = MAX_OUTPUT):
+    def __init__(self, agent: Agent, rid: str | None = None, proc: str | None = None, cap: int = MAX_OUTPUT):
         self.agent = agent
         self.rid = rid
         self.proc = proc
@@ -141,7 +141,7 @@ class Target:
 class Pipe:
     """One output pipe of a child: bytes in, decoded lines out to a target."""
 
-    def __init__(self, agent: "Agent", fd: int, stream: str, target: Target | None, line_max: int = LINE_MAX):
+    def __init__(self, agent: Agent, fd: int, stream: str, target: Target | None, line_max: int = LINE_MAX):
         self.agent = agent
         self.fd = fd
         self.stream = stream
@@ -231,7 +231,7 @@ class Pipe:
             self.eof.set_result(None)
 
 
-async def spawn(agent: "Agent", argv: list[str], cwd: str, env: dict, target: Target | None,
+async def spawn(agent: Agent, argv: list[str], cwd: str, env: dict, target: Target | None,
                 extra_fds: tuple = (), line_max: int = LINE_MAX):
     """Start a child in its own session with stdout and stderr on pipes."""
     out_r, out_w = os.pipe()
@@ -335,7 +335,7 @@ class Cancel:
 class Context:
     """A persistent interpreter (Python or JavaScript) in a worker process."""
 
-    def __init__(self, agent: "Agent", cid: str, language: str, cwd: str, env: dict):
+    def __init__(self, agent: Agent, cid: str, language: str, cwd: str, env: dict):
         self.agent = agent
         self.id = cid
         self.language = language
@@ -434,7 +434,7 @@ class Context:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def run(self, req: dict, target: Target, timeout: float | None, cancel: "Cancel") -> dict:
+    async def run(self, req: dict, target: Target, timeout: float | None, cancel: Cancel) -> dict:
         """Run one cell. Returns extra fields for ``done``; raises RequestError."""
         async with self.lock:
             if not self.alive():
@@ -772,7 +772,7 @@ class Agent:
                 kill_tree(proc.pid, signal.SIGINT)
                 try:
                     await asyncio.wait_for(asyncio.shield(waiter), INTERRUPT_GRACE)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     kill_tree(proc.pid, signal.SIGKILL)
                     await waiter
             # The shell is gone; its pipes end when the last writer closes.
@@ -824,7 +824,7 @@ class Agent:
             kill_tree(p.proc.pid, int(req.get("signal") or signal.SIGTERM))
             try:
                 await asyncio.wait_for(asyncio.shield(p.proc.wait()), INTERRUPT_GRACE)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 kill_tree(p.proc.pid, signal.SIGKILL)
                 await p.proc.wait()
         return {"process_id": p.id}
