@@ -107,7 +107,7 @@ def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
     if not _valid_id(rid):
         raise ProtocolError("every request needs an `id` (a non-empty string, or an integer)")
     kind = obj.get("type")
-    if kind not in SPECS:
+    if not isinstance(kind, str) or kind not in SPECS:
         raise ProtocolError(f"unknown request type {kind!r}", id=rid)
     params: dict[str, Any] = {}
     for name, (fkind, required) in SPECS[kind].items():

@@ -262,6 +262,22 @@ def kill_group(pid: int, sig: int) -> None:
         pass
 
 
+def kill_group_except(pgid: int, keep: int, sig: int = signal.SIGKILL) -> None:
+    """Kill every process of group pgid but ``keep`` (forks of a worker left by its code)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    for name in names:
+        if not name.isdigit() or int(name) == keep:
+            continue
+        try:
+            if os.getpgid(int(name)) == pgid:
+                os.kill(int(name), sig)
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
 def descendants(root: int) -> list[int]:
     """Every process whose parent chain reaches root (from /proc)."""
     parent: dict[int, int] = {}
@@ -500,6 +516,9 @@ class Context:
             timer.cancel()
         if kind == "done":
             # The worker answered the SIGINT (KeyboardInterrupt, or it finished): state kept.
+            # Whatever else runs in its group (children, or forks of the worker itself
+            # that would answer on its pipes) was part of the interrupted run.
+            kill_group_except(self.proc.pid, self.proc.pid)
             try:
                 self._answer(value)
             except RequestError as exc:

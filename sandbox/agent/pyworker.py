@@ -36,7 +36,17 @@ sys.argv = [""]
 sys.path.insert(0, "")
 
 
+WORKER_PID = os.getpid()
+
+
+def only_the_worker():
+    """A fork of the worker made by user code must never speak on the worker's pipes."""
+    if os.getpid() != WORKER_PID:
+        os._exit(0)
+
+
 def send(obj):
+    only_the_worker()
     sys.stdout.flush()
     sys.stderr.flush()
     data = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8", "replace")
@@ -147,6 +157,7 @@ def _exec(code):
 def read_commands():
     buf = b""
     while True:
+        only_the_worker()
         try:
             chunk = os.read(CMD_FD, 1 << 16)
         except KeyboardInterrupt:  # a late SIGINT while idle
