@@ -121,6 +121,18 @@ class Outbox:
             self._has_unsent.clear()
             await self._has_unsent.wait()
 
+    def peek_unsent(self, limit: int) -> list[tuple[int, bytes, float]]:
+        """Up to ``limit`` unsent frames from the cursor on: (seq, wire bytes, time queued)."""
+        first = self._frames[0].seq
+        start = self.sent_seq + 1 - first
+        out = []
+        for i in range(start, min(len(self._frames), start + limit)):
+            f = self._frames[i]
+            out.append((f.seq, with_seq(f.seq, f.body), f.t))
+        if out:
+            self.attempted_seq = max(self.attempted_seq, out[-1][0])
+        return out
+
     def mark_sent(self, seq: int) -> None:
         """The frame ``seq`` reached the socket: advance the cursor, evict, wake producers."""
         if seq != self.sent_seq + 1:

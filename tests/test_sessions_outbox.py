@@ -115,3 +115,18 @@ def test_token_bucket():
     b = TokenBucket(rate=1.0, burst=2, clock=lambda: 0.0)
     assert b.take(0.0) and b.take(0.0) and not b.take(0.0)
     assert b.take(1.0) and not b.take(1.0)
+
+
+async def test_peek_unsent_for_batched_writes():
+    ob = box()
+    for i in range(5):
+        await ob.put({"type": "stdout", "text": str(i)})
+    seq, _, _ = await ob.next_frame()
+    ob.mark_sent(seq)
+    batch = ob.peek_unsent(3)
+    assert [s for s, _, _ in batch] == [2, 3, 4]
+    assert [orjson.loads(d)["text"] for _, d, _ in batch] == ["1", "2", "3"]
+    assert ob.attempted_seq == 4 and ob.sent_seq == 1  # handed to the socket, not yet written
+    for s, _, _ in batch:
+        ob.mark_sent(s)
+    assert ob.unsent == 1 and [s for s, _, _ in ob.peek_unsent(64)] == [5]
