@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import time
 
 import orjson
@@ -67,9 +66,7 @@ def _runtimes() -> list[str]:
 @contextlib.asynccontextmanager
 async def serve(runtime: str):
     """A real server on a free loopback port, in this event loop."""
-    import uvicorn
-
-    from server.app import create_app, uvicorn_config
+    from server.app import create_app, serve_in_process
     from server.settings import Settings
 
     sb = dataclasses.replace(load(SandboxSettings), namespace="bench", runtime=runtime, pool_size=2, memory="256m",
@@ -78,26 +75,9 @@ async def serve(runtime: str):
     settings = Settings.from_env(environ={}, host="127.0.0.1", port=0, tokens=list(TOKENS), sandbox=sb,
                                  resume_grace_s=1.0, rate_per_s=10000.0, rate_burst=10000)
     app = create_app(settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="error"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    started = asyncio.ensure_future(app.state.groundloop.started.wait())
-    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        sock.close()
-        task.result()
-        raise RuntimeError("the server did not start")
-    try:
+    async with serve_in_process(app, settings, log_level="error") as server:
         await asyncio.wait_for(app.state.groundloop.engine.wait_filled(), WAIT)
-        yield f"ws://127.0.0.1:{port}/v1/ws"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+        yield f"ws://127.0.0.1:{server.groundloop_port}/v1/ws"
 
 
 class Client:

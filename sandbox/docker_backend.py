@@ -15,7 +15,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from typing import Any
 
 from .base import Sandbox, SandboxUnavailable
@@ -128,9 +127,8 @@ class DockerBackend:
             if exc.status_code != 409:  # 409: removal already in progress (auto_remove)
                 raise
 
-    def _create_and_attach(self, session_id: str) -> tuple[str, socket.socket, float]:
+    def _create_and_attach(self, session_id: str) -> tuple[str, socket.socket]:
         api = self.client.api
-        t0 = time.perf_counter()
         host_config = api.create_host_config(**hardening(self.settings))
         created = api.create_container(
             self.settings.image,
@@ -162,17 +160,17 @@ class DockerBackend:
         except BaseException:
             self._remove(cid)
             raise
-        return cid, sock, time.perf_counter() - t0
+        return cid, sock
 
     async def start(self, session_id: str) -> Sandbox:
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
         # so no container or socket is left without an owner.
         work = asyncio.ensure_future(asyncio.to_thread(self._create_and_attach, session_id))
         try:
-            cid, sock, _ = await asyncio.shield(work)
+            cid, sock = await asyncio.shield(work)
         except asyncio.CancelledError:
             try:
-                cid, sock, _ = await work
+                cid, sock = await work
             except Exception:
                 raise asyncio.CancelledError from None
             sock.close()

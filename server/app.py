@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,39 @@ def uvicorn_config(app: Any, settings: Settings, *, host: str | None = None, por
                               timeout_graceful_shutdown=10)
     kw.update(overrides)
     return uvicorn.Config(app, **kw)
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(app: Starlette, settings: Settings, *, log_level: str = "warning"):
+    """Run ``app`` with uvicorn on a free 127.0.0.1 port in this event loop; yields the uvicorn server.
+
+    For tests and benchmarks: no signal handlers are installed, so a hung run
+    still dies from its timeout. The port is ``server.groundloop_port``.
+    """
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = _Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level=log_level))
+    server.groundloop_port = port  # type: ignore[attr-defined]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    started = asyncio.ensure_future(app.state.groundloop.started.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        sock.close()
+        task.result()
+        raise RuntimeError("the server did not start")
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

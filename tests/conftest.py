@@ -156,8 +156,6 @@ def collect():
 # ``tok1:alice`` and ``tok2:bob`` and a warm pool of one. Clients:
 # tests/wsclient.py.
 
-import asyncio  # noqa: E402
-import socket  # noqa: E402
 
 TEST_TOKENS = ["tok1:alice", "tok2:bob"]
 
@@ -186,45 +184,14 @@ class RunningServer:
         return self.app.state.groundloop
 
 
-def _test_server_class():
-    import uvicorn
-
-    class TestServer(uvicorn.Server):
-        # Leave SIGINT/SIGTERM alone: a hung test must still die from timeout(1) or pytest-timeout.
-        @contextlib.contextmanager
-        def capture_signals(self):
-            yield
-
-    return TestServer
-
-
 @contextlib.asynccontextmanager
 async def run_server(settings=None, **create_app_kwargs):
-    from server.app import create_app, uvicorn_config
-
-    _TestServer = _test_server_class()
+    from server.app import create_app, serve_in_process
 
     settings = settings if settings is not None else server_settings()
     app = create_app(settings, **create_app_kwargs)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = _TestServer(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(uv.serve(sockets=[sock]))
-    started = asyncio.ensure_future(app.state.groundloop.started.wait())
-    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        sock.close()
-        task.result()
-        raise RuntimeError("the server did not start")
-    try:
-        yield RunningServer(app, settings, port, uv)
-    finally:
-        uv.should_exit = True
-        await task
-        sock.close()
+    async with serve_in_process(app, settings) as uv:
+        yield RunningServer(app, settings, uv.groundloop_port, uv)
 
 
 @pytest.fixture

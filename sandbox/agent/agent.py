@@ -255,6 +255,18 @@ async def spawn(agent: Agent, argv: list[str], cwd: str, env: dict, target: Targ
     return proc, pipes
 
 
+async def finish_pipes(pipes) -> None:
+    """After a child exited: read what its pipes still hold, then close them.
+
+    The pipes end when their last writer closes; a grandchild left in the
+    background must not hold the request open, so the wait is short.
+    """
+    await asyncio.wait([p.eof for p in pipes], timeout=0.2)
+    for p in pipes:
+        p.drain()
+        p.close()
+
+
 def kill_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -794,12 +806,7 @@ class Agent:
                 except TimeoutError:
                     kill_tree(proc.pid, signal.SIGKILL)
                     await waiter
-            # The shell is gone; its pipes end when the last writer closes.
-            # A child left in the background must not hold the request open.
-            await asyncio.wait([p.eof for p in pipes], timeout=0.2)
-            for p in pipes:
-                p.drain()
-                p.close()
+            await finish_pipes(pipes)
             code = exit_code_of(proc.returncode)
             if reason:
                 msg = (f"the command exceeded the timeout of {timeout:g} s" if reason == "Timeout"
@@ -828,10 +835,7 @@ class Agent:
 
     async def watch_process(self, p: Process) -> None:
         rc = await p.proc.wait()
-        await asyncio.wait([pp.eof for pp in p.pipes], timeout=0.2)
-        for pp in p.pipes:
-            pp.drain()
-            pp.close()
+        await finish_pipes(p.pipes)
         p.exit_code = exit_code_of(rc)
         self.out.send({"ev": "pexit", "proc": p.id, "exit_code": p.exit_code})
 
