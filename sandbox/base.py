@@ -30,6 +30,8 @@ from . import framing
 
 log = logging.getLogger("groundloop.sandbox")
 
+DRAIN_ABOVE = 1 << 20  # bytes queued towards the agent before a sender waits
+
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -55,11 +57,12 @@ class State(enum.IntEnum):
 
 
 class _Pending:
-    __slots__ = ("future", "on_event")
+    __slots__ = ("future", "on_event", "on_done")
 
-    def __init__(self, on_event: EventHandler | None):
+    def __init__(self, on_event: EventHandler | None, on_done: Callable[[dict[str, Any]], None] | None):
         self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.on_event = on_event
+        self.on_done = on_done
 
 
 class Sandbox:
@@ -149,31 +152,61 @@ class Sandbox:
         ``deadline_s`` is the server's own guard: an agent that has not
         answered by then is taken as hung, and the sandbox is closed.
         """
+        fut = self.submit(op, params, on_event, rid=rid, deadline_s=deadline_s)
+        await self.drain()
+        return await fut
+
+    def submit(self, op: str, params: dict[str, Any] | None = None, on_event: EventHandler | None = None,
+               *, rid: str | None = None, deadline_s: float | None = None,
+               on_done: Callable[[dict[str, Any]], None] | None = None) -> asyncio.Future[dict[str, Any]]:
+        """Send one op now; the returned future gets its done (or SandboxLost).
+
+        ``on_done``, if given, is called with the done by the reader itself, in
+        the turn of the loop that read it, before the future resolves. The
+        caller awaits ``drain()`` when it sends much.
+        """
         if self.state != State.READY:
             raise SandboxLost(self.lost_reason or "the sandbox is not running")
         rid = rid or f"r{next(self._rids)}"
-        pending = _Pending(on_event)
-        self._pending[rid] = pending
+        pending = _Pending(on_event, on_done)
         frame = {"op": op, "rid": rid}
         if params:
             frame.update(params)
         try:
             self._writer.write(framing.encode(frame))
-            await self._writer.drain()
         except (ConnectionError, RuntimeError) as exc:
-            self._pending.pop(rid, None)
             raise SandboxLost(f"the sandbox stream is closed: {exc}") from None
-        try:
-            if deadline_s is None:
-                return await pending.future
-            return await asyncio.wait_for(asyncio.shield(pending.future), deadline_s)
-        except TimeoutError:
-            self.lost_reason = f"the sandbox did not answer a {op} within {deadline_s:g} s"
-            log.warning("sandbox %s hung: %s", self.id[:12], self.lost_reason)
-            asyncio.get_running_loop().create_task(self.close())
-            raise SandboxLost(self.lost_reason) from None
-        finally:
-            self._pending.pop(rid, None)
+        self._pending[rid] = pending
+        fut = pending.future
+        timer = (asyncio.get_running_loop().call_later(deadline_s, self._hung, fut, op, deadline_s)
+                 if deadline_s is not None else None)
+
+        def forget(_: asyncio.Future) -> None:
+            if timer is not None:
+                timer.cancel()
+            if self._pending.get(rid) is pending:
+                del self._pending[rid]
+
+        fut.add_done_callback(forget)
+        return fut
+
+    async def drain(self) -> None:
+        """Wait while the stream to the agent holds more than its high water mark."""
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() > DRAIN_ABOVE and not transport.is_closing():
+            try:
+                await self._writer.drain()
+            except (ConnectionError, RuntimeError) as exc:
+                raise SandboxLost(f"the sandbox stream is closed: {exc}") from None
+
+    def _hung(self, fut: asyncio.Future, op: str, deadline_s: float) -> None:
+        if fut.done():
+            return
+        self.lost_reason = f"the sandbox did not answer a {op} within {deadline_s:g} s"
+        log.warning("sandbox %s hung: %s", self.id[:12], self.lost_reason)
+        fut.set_exception(SandboxLost(self.lost_reason))
+        fut.exception()  # retrieved: a caller that gave up must not leave a warning behind
+        asyncio.get_running_loop().create_task(self.close())
 
     def cancel(self, rid: str) -> None:
         """Ask the agent to interrupt request ``rid`` (SIGINT, then kill)."""
@@ -228,6 +261,11 @@ class Sandbox:
             if kind == "done":
                 pending = self._pending.get(rid)
                 if pending is not None and not pending.future.done():
+                    if pending.on_done is not None:
+                        try:
+                            pending.on_done(ev)
+                        except Exception:  # pragma: no cover - a bug in the caller's callback
+                            log.exception("sandbox %s: done callback failed", self.id[:12])
                     pending.future.set_result(ev)
             elif rid is not None:
                 pending = self._pending.get(rid)

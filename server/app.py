@@ -33,7 +33,7 @@ from . import http, logs
 from .auth import Authenticator
 from .connection import RawSendStash, websocket_endpoint
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -126,7 +126,10 @@ def uvicorn_config(app: Any, settings: Settings, *, host: str | None = None, por
     """The uvicorn configuration groundloop runs with (also used by the tests)."""
     import uvicorn
 
+    if settings.loop not in ("auto", "uvloop", "asyncio"):
+        raise SettingsError(f"GROUNDLOOP_LOOP: expected auto, uvloop or asyncio, got {settings.loop!r}")
     kw: dict[str, Any] = dict(host=settings.host if host is None else host,
+                              loop=settings.loop,
                               port=settings.port if port is None else port,
                               ws="websockets-sansio", ws_max_size=transport_max_size(settings),
                               ws_per_message_deflate=False, lifespan="on", log_config=None,

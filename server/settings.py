@@ -38,6 +38,7 @@ class Settings:
     policy_patterns: list = env("GROUNDLOOP_POLICY_PATTERNS", [], "regular expressions that `assist` refuses to run (off when empty)")
     cache_entries: int = env("GROUNDLOOP_CACHE_ENTRIES", 512, "validate-code/assist result cache size")
     cache_ttl_s: float = env("GROUNDLOOP_CACHE_TTL_S", 600.0, "validate-code/assist result cache TTL")
+    loop: str = env("GROUNDLOOP_LOOP", "auto", "event loop: `auto` (uvloop when installed), `uvloop` or `asyncio`")
     log_level: str = env("GROUNDLOOP_LOG_LEVEL", "info", "log level")
     static_dir: str = env("GROUNDLOOP_STATIC_DIR", "", "serve the page from here instead of static/")
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)

@@ -77,7 +77,7 @@ class Cancelled(Exception):
 
 
 class _Req:
-    __slots__ = ("req", "task", "t0", "agent_rid", "sb", "cancelled", "started", "first_out")
+    __slots__ = ("req", "task", "t0", "agent_rid", "sb", "cancelled", "started", "first_out", "finished")
 
     def __init__(self, req: Request):
         self.req = req
@@ -88,6 +88,7 @@ class _Req:
         self.cancelled = False
         self.started = False
         self.first_out = False
+        self.finished = False
 
 
 class Session:
@@ -242,6 +243,10 @@ class Session:
         r = _Req(req)
         self.inflight[req.id] = r
         self.metrics.inflight.inc()
+        if req.type == "ping":  # no task: answered in place
+            self.outbox.put_nowait({"type": "pong", "id": req.id})
+            self._finish(r, True, "ok", None, {})
+            return
         r.task = asyncio.create_task(self._run(r), name=f"req-{self.id[:8]}-{req.type}")
 
     async def _done_now(self, id: Any, outcome: str, error: dict | None, **extra: Any) -> None:
@@ -273,6 +278,8 @@ class Session:
                 raise Cancelled()
             handler = getattr(self, "_op_" + req.type, None) or self._op_sandbox
             result = await handler(r)
+            if r.finished:
+                return  # its done left as soon as the sandbox gave it
             ok = bool(result.pop("ok", True))
             error = result.pop("error", None)
             extra = result
@@ -290,10 +297,18 @@ class Session:
             logs.log.exception("request %s failed", req.type)
             outcome, error = "internal", failure("InternalError", f"{type(exc).__name__}: {exc}")
             self.metrics.errors.labels("internal").inc()
-        finally:
-            self.inflight.pop(req.id, None)
-            self.metrics.inflight.dec()
-            self.last_activity = time.monotonic()
+        self._finish(r, ok, outcome, error, extra)
+
+    def _finish(self, r: _Req, ok: bool, outcome: str, error: dict | None, extra: dict[str, Any]) -> None:
+        """The request's one done: accounted, logged and queued (past the high water mark:
+        a done is never held back behind output, and there is one per request in flight)."""
+        if r.finished:
+            return
+        r.finished = True
+        req = r.req
+        self.inflight.pop(req.id, None)
+        self.metrics.inflight.dec()
+        self.last_activity = time.monotonic()
         seconds = time.perf_counter() - r.t0
         self.metrics.requests.labels(req.type, outcome).inc()
         self.metrics.request_duration.labels(req.type).observe(seconds)
@@ -308,7 +323,7 @@ class Session:
         logs.event("request", user=self.user, session=self.id, id=req.id, type=req.type, outcome=outcome,
                    duration_ms=round(seconds * 1000, 3), error=error.get("name") if error else None)
         try:
-            await self.emit(done_frame(req.id, ok, seconds * 1000, error, **extra))
+            self.outbox.put_nowait(done_frame(req.id, ok, seconds * 1000, error, **extra))
         except ConnectionError:
             pass  # the session closed under the request
 
@@ -355,12 +370,18 @@ class Session:
 
     async def _op_sandbox(self, r: _Req) -> dict[str, Any]:
         op, params, deadline = self._agent_params(r)
-        done = await self._agent_request(r, op, params, deadline, {})
+        done = await self._agent_request(r, op, params, deadline, {}, finish=True)
         return _done_fields(done)
 
     async def _agent_request(self, r: _Req, op: str, params: dict[str, Any], deadline: float,
-                             tags: dict[str, Any], tail: list[str] | None = None) -> dict[str, Any]:
-        """Run one agent op for request ``r``, streaming its frames; returns the agent's done."""
+                             tags: dict[str, Any], tail: list[str] | None = None,
+                             finish: bool = False) -> dict[str, Any]:
+        """Run one agent op for request ``r``, streaming its frames; returns the agent's done.
+
+        With ``finish``, the client's done is queued by the sandbox reader as the agent's
+        done arrives, in the same turn of the loop as the request's last output, so both
+        usually leave in one write.
+        """
         sb = await self.sandbox()
         if r.cancelled:
             raise Cancelled()
@@ -369,8 +390,27 @@ class Session:
         kind = op if op in ("run_code", "exec") else None
         t0 = time.perf_counter()
         r.sb, r.agent_rid = sb, rid
-        fut = asyncio.ensure_future(sb.request(op, params, on_event, rid=rid, deadline_s=deadline))
+        observed = False
+
+        def observe(done: dict[str, Any]) -> None:
+            nonlocal observed
+            if kind and not observed:
+                observed = True
+                err = done.get("error") or {}
+                outcome = "ok" if done.get("ok") else _outcome(err)
+                language = params.get("language", "python") if kind == "run_code" else "shell"
+                self.metrics.execution.labels(kind, language, outcome).observe(time.perf_counter() - t0)
+
+        def on_done(done: dict[str, Any]) -> None:
+            observe(done)
+            result = _done_fields(done)
+            ok = bool(result.pop("ok", True))
+            error = result.pop("error", None)
+            self._finish(r, ok, "ok" if ok else _outcome(error), error, result)
+
+        fut = sb.submit(op, params, on_event, rid=rid, deadline_s=deadline, on_done=on_done if finish else None)
         try:
+            await sb.drain()
             done = await asyncio.shield(fut)
         except asyncio.CancelledError:
             # The request's task was cancelled (assist): stop the sandbox work and wait for it.
@@ -386,11 +426,7 @@ class Session:
             raise
         finally:
             r.agent_rid = None
-        if kind:
-            err = done.get("error") or {}
-            outcome = "ok" if done.get("ok") else _outcome(err)
-            language = params.get("language", "python") if kind == "run_code" else "shell"
-            self.metrics.execution.labels(kind, language, outcome).observe(time.perf_counter() - t0)
+        observe(done)
         return done
 
     def _streamer(self, r: _Req, tags: dict[str, Any], tail: list[str] | None):
@@ -421,10 +457,6 @@ class Session:
                            **tags})
 
         return on_event
-
-    async def _op_ping(self, r: _Req) -> dict[str, Any]:
-        await self.emit({"type": "pong", "id": r.req.id})
-        return {}
 
     async def _op_assist(self, r: _Req) -> dict[str, Any]:
         runner = self.manager.assist

@@ -30,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import collections
 import json
 import os
+import select
 import shutil
 import signal
 import stat
@@ -46,6 +48,7 @@ MAX_OUTPUT = 16 * 1024 * 1024
 MAX_FILE = 32 * 1024 * 1024
 INTERRUPT_GRACE = 1.0
 READ_CHUNK = 256 * 1024
+WRITE_BATCH = 256 * 1024
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": os.environ.get("HOME", "/workspace"),
@@ -73,12 +76,20 @@ class RequestError(Exception):
 
 
 class Out(asyncio.Protocol):
-    """Write side of the agent's stdout. Pauses every output pipe when full."""
+    """Write side of the agent's stdout. Pauses every output pipe when full.
+
+    Frames sent by one callback between cork() and uncork() leave in one write
+    (a run's result and its done, the lines of one read): every write costs a
+    wake-up of Docker's copiers, so fewer writes means less CPU per request.
+    """
 
     def __init__(self, agent: Agent):
         self.agent = agent
         self.transport: asyncio.WriteTransport | None = None
         self.paused = False
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.corked = 0
 
     def connection_made(self, transport):
         self.transport = transport
@@ -97,9 +108,67 @@ class Out(asyncio.Protocol):
         self.agent.stdout_lost()
 
     def send(self, obj: dict) -> None:
-        if self.transport is None or self.transport.is_closing():
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n"
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if not self.corked or self.pending_bytes >= WRITE_BATCH:
+            self.flush()
+
+    def cork(self) -> None:
+        """Hold frames until the matching uncork (callbacks that may send several)."""
+        self.corked += 1
+
+    def uncork(self) -> None:
+        self.corked -= 1
+        if not self.corked:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
             return
-        self.transport.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n")
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class In(asyncio.Protocol):
+    """Read side of the agent's stdin: every complete line is handed to the agent at once."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        out = self.agent.out
+        out.cork()
+        try:
+            self.feed(data)
+        finally:
+            out.uncork()
+
+    def feed(self, data: bytes) -> None:
+        buf = self.buf
+        if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
+            self.agent.on_line(data)  # the common case: one whole frame
+            return
+        buf += data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            self.agent.on_line(bytes(buf[start:nl]))
+            start = nl + 1
+        del buf[:start]
+
+    def eof_received(self):
+        self.agent.stopping.set()
+        return False
+
+    def connection_lost(self, exc):
+        self.agent.stopping.set()
 
 
 # --------------------------------------------------------------------------
@@ -149,7 +218,7 @@ class Pipe:
         self.line_max = line_max
         self.buf = bytearray()
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.eof = asyncio.get_running_loop().create_future()
+        self.eof = agent.loop.create_future()
         self.reading = False
         os.set_blocking(fd, False)
         agent.pipes.add(self)
@@ -158,34 +227,40 @@ class Pipe:
 
     def start(self) -> None:
         if not self.reading and not self.eof.done():
-            asyncio.get_running_loop().add_reader(self.fd, self.on_readable)
+            self.agent.loop.add_reader(self.fd, self.on_readable)
             self.reading = True
 
     def stop(self) -> None:
         if self.reading:
-            asyncio.get_running_loop().remove_reader(self.fd)
+            self.agent.loop.remove_reader(self.fd)
             self.reading = False
 
     def on_readable(self) -> None:
-        self.read_some(READ_CHUNK)
-
-    def read_some(self, limit: int) -> bool:
-        """Read what is there (up to limit bytes). Return False at EOF/empty."""
+        out = self.agent.out
+        out.cork()
         try:
-            data = os.read(self.fd, limit)
+            self.read_some()
+        finally:
+            out.uncork()
+
+    def read_some(self) -> bool:
+        """Read what is there (up to READ_CHUNK bytes). Return False at EOF/empty."""
+        scratch = self.agent.scratch
+        try:
+            n = os.readv(self.fd, [scratch])  # into a buffer kept for it: no allocation per read
         except BlockingIOError:
             return False
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.close()
             return False
-        self.feed(data)
+        self.feed(scratch[:n])
         return True
 
     def drain(self) -> None:
         """Synchronously read everything already written to the pipe."""
-        while not self.eof.done() and self.read_some(READ_CHUNK):
+        while not self.eof.done() and self.read_some():
             pass
 
     def feed(self, data: bytes) -> None:
@@ -360,8 +435,31 @@ class Cancel:
 # Code contexts: one persistent worker process each.
 
 
+class Run:
+    """One run_code request: queued on a context, begun by a write to its worker,
+    finished by the worker's answer (in the reader callback, with no task in between)."""
+
+    __slots__ = ("rid", "code", "target", "cancel", "timeout", "timer", "t0", "finished")
+
+    def __init__(self, rid: str, code: str, target: Target, cancel: Cancel, timeout: float | None, t0: float):
+        self.rid = rid
+        self.code = code
+        self.target = target
+        self.cancel = cancel
+        self.timeout = timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.t0 = t0
+        self.finished = False
+
+
 class Context:
-    """A persistent interpreter (Python or JavaScript) in a worker process."""
+    """A persistent interpreter (Python or JavaScript) in a worker process.
+
+    Runs are queued and go to the worker one at a time. The common path has no
+    task: ``submit`` writes the cell to an idle worker, ``_on_ctrl`` reads its
+    answer and sends ``done``. Starting, restarting, interrupting and burying a
+    worker are tasks (``self.busy``); the queue waits for them.
+    """
 
     def __init__(self, agent: Agent, cid: str, language: str, cwd: str, env: dict):
         self.agent = agent
@@ -374,9 +472,12 @@ class Context:
         self.ctrl_w: int | None = None
         self.ctrl_r: int | None = None
         self.ctrl_buf = b""
-        self.rid: str | None = None  # the run in progress
-        self.waiter: asyncio.Future | None = None
-        self.lock = asyncio.Lock()
+        self.ctrl_eof = False
+        self.current: Run | None = None  # the run the worker has
+        self.queue: collections.deque[Run] = collections.deque()
+        self.busy: asyncio.Future | None = None  # a start, restart, interrupt or burial in progress
+        self.waiter: asyncio.Future | None = None  # set while an interrupt waits for the worker
+        self.closed = False
         self.runs = 0
         self.restarts = 0
         self.created = time.time()
@@ -403,38 +504,220 @@ class Context:
         self.ctrl_w = cmd_w
         self.ctrl_r = res_r
         self.ctrl_buf = b""
+        self.ctrl_eof = False
         os.set_blocking(res_r, False)
-        asyncio.get_running_loop().add_reader(res_r, self._on_ctrl)
+        self.agent.loop.add_reader(res_r, self._on_ctrl)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and not self.ctrl_eof
+
+    # ---- the queue
+
+    def submit(self, run: Run) -> None:
+        if self.closed:
+            self.agent.finish(run, error=RequestError("ContextNotFound", f"context {self.id!r} was deleted"))
+            return
+        self.queue.append(run)
+        run.cancel.on(lambda: self._stop(run, "Cancelled"))
+        self._next()
+
+    def _next(self) -> None:
+        """Give the worker its next run, when it is idle; (re)start a dead worker first."""
+        if self.current is not None or self.busy is not None or not self.queue or self.closed:
+            return
+        if not self.alive():
+            self._busy(self._restart_for_queue())
+            return
+        self._begin(self.queue.popleft())
+
+    def _busy(self, coro) -> None:
+        self.busy = asyncio.ensure_future(coro)
+
+        def idle(task):
+            if self.busy is task:
+                self.busy = None
+            if not task.cancelled() and task.exception() is not None:
+                self.agent.out.send({"ev": "log", "level": "error",
+                                     "message": f"context {self.id}: {task.exception()!r}"})
+            self._next()
+
+        self.busy.add_done_callback(idle)
+
+    async def _restart_for_queue(self) -> None:
+        try:
+            await self.restart()
+        except Exception as exc:
+            while self.queue:
+                self.agent.finish(self.queue.popleft(), error=RequestError(
+                    "WorkerDied", f"the {self.language} worker could not be restarted: {exc}", state_lost=True))
+
+    def _begin(self, run: Run) -> None:
+        self.current = run
+        self.runs += 1
+        for p in self.pipes:
+            p.target = run.target
+        data = json.dumps({"code": run.code, "n": self.runs}).encode() + b"\n"
+        if len(data) < 32768:
+            try:
+                os.write(self.ctrl_w, data)  # fits the pipe buffer: never blocks
+            except OSError:
+                pass  # the worker is gone: its end of the answer pipe says so
+        else:
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(None, _write_all, self.ctrl_w, data)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if run.timeout:
+            run.timer = self.agent.loop.call_later(run.timeout, self._stop, run, "Timeout")
+
+    def _end(self, run: Run) -> None:
+        """The worker is done with ``run``: its output so far goes before its done."""
+        if run.timer is not None:
+            run.timer.cancel()
+        for p in self.pipes or ():
+            p.flush_partial()
+            p.target = None
+        if self.current is run:
+            self.current = None
+
+    def _stop(self, run: Run, reason: str) -> None:
+        """A timeout or a cancel: drop a queued run, interrupt a running one."""
+        if run.finished:
+            return
+        if run is not self.current:
+            try:
+                self.queue.remove(run)
+            except ValueError:
+                return
+            self.agent.finish(run, error=RequestError(reason, "the request was cancelled before it started"))
+            return
+        if self.busy is None:
+            self._busy(self._interrupt(run, reason))
+
+    # ---- the worker's answers
 
     def _on_ctrl(self) -> None:
-        """The worker's answers: results are sent on at once, done wakes the run."""
+        """Results are sent on at once; done finishes the run (or wakes an interrupt)."""
+        out = self.agent.out
+        out.cork()
         try:
-            data = os.read(self.ctrl_r, 1 << 20)
+            self._read_ctrl()
+        finally:
+            out.uncork()
+
+    def _read_ctrl(self) -> None:
+        try:
+            data = os.read(self.ctrl_r, 1 << 16)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
-            asyncio.get_running_loop().remove_reader(self.ctrl_r)
-            self._wake(("eof", None))
+            self.agent.loop.remove_reader(self.ctrl_r)
+            self.ctrl_eof = True
+            if self.waiter is not None:
+                self._wake(("eof", None))
+            elif self.current is not None and self.busy is None:
+                self._busy(self._bury(self.current))
             return
         self.ctrl_buf += data
         while b"\n" in self.ctrl_buf:
             line, self.ctrl_buf = self.ctrl_buf.split(b"\n", 1)
             ev = json.loads(line)
+            run = self.current
             self._flush_output()  # output written before a result/done goes first
             if ev.get("t") == "result":
-                if self.rid is not None:
-                    self.agent.out.send({"ev": "result", "rid": self.rid, "data": ev["data"], "main": ev.get("main", False)})
-            else:
-                result = ev.pop("result", None)
-                if result is not None and self.rid is not None:
-                    self.agent.out.send({"ev": "result", "rid": self.rid, "data": result, "main": True})
+                if run is not None:
+                    self.agent.out.send({"ev": "result", "rid": run.rid, "data": ev["data"], "main": ev.get("main", False)})
+                continue
+            result = ev.pop("result", None)
+            if result is not None and run is not None:
+                self.agent.out.send({"ev": "result", "rid": run.rid, "data": result, "main": True})
+            if self.waiter is not None:
                 self._wake(("done", ev))
+            elif run is not None:
+                self._end(run)
+                error = None
+                if not ev.get("ok"):
+                    err = ev.get("error") or {}
+                    error = RequestError(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
+                self.agent.finish(run, {"context": self.id}, error)
+                self._next()
 
     def _wake(self, value) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(value)
+
+    def _flush_output(self) -> None:
+        """Read what the worker wrote before its answer (one poll, no read when nothing is there)."""
+        if not self.pipes:
+            return
+        poller = select.poll()
+        for p in self.pipes:
+            if not p.eof.done():
+                poller.register(p.fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(0)}
+        for p in self.pipes:
+            if p.fd in ready:
+                p.drain()
+
+    # ---- the slow paths (tasks)
+
+    async def _interrupt(self, run: Run, reason: str) -> None:
+        """SIGINT the worker's process group; kill and restart it if it does not stop."""
+        loop = asyncio.get_running_loop()
+        timeout = run.timeout
+        if reason == "Timeout":
+            message = f"execution exceeded the timeout of {timeout:g} s"
+        else:
+            message = "the request was cancelled"
+        extra = {"context": self.id}
+        self.waiter = loop.create_future()
+        kill_group(self.proc.pid, signal.SIGINT)
+        timer = loop.call_later(INTERRUPT_GRACE, self._wake, ("stop", None))
+        try:
+            kind, value = await self.waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+        if kind == "done":
+            # The worker answered the SIGINT (KeyboardInterrupt, or it finished): state kept.
+            # Whatever else runs in its group (children, or forks of the worker itself
+            # that would answer on its pipes) was part of the interrupted run.
+            kill_group_except(self.proc.pid, self.proc.pid)
+            self._end(run)
+            err = value.get("error") or {}
+            if not value.get("ok") and err.get("name") != "KeyboardInterrupt":
+                self.agent.finish(run, extra, RequestError(err.get("name", "Error"), err.get("message", ""),
+                                                           traceback=err.get("traceback")))
+            else:
+                self.agent.finish(run, extra, RequestError(
+                    reason, message + " (interrupted; the context's state is kept)", state_lost=False))
+            return
+        self._flush_output()
+        self._end(run)
+        try:
+            await self.restart()
+        finally:
+            self.agent.finish(run, extra, RequestError(
+                reason, message + "; the worker did not stop on SIGINT and was killed: "
+                "the context was restarted and its state was lost", state_lost=True))
+
+    async def _bury(self, run: Run) -> None:
+        """The worker died under ``run``: say how, and restart it."""
+        self._flush_output()
+        rc = await self.proc.wait() if self.proc else None
+        self._end(run)
+        how = f"exit code {exit_code_of(rc)}" if rc is not None else "unknown status"
+        if rc is not None and rc < 0:
+            how = f"signal {signal.Signals(-rc).name}" if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
+        try:
+            await self.restart()
+        finally:
+            self.agent.finish(run, {"context": self.id}, RequestError(
+                "WorkerDied", f"the {self.language} worker died ({how}); "
+                "the context was restarted and its state was lost", state_lost=True))
+
+    # ---- life cycle
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -459,104 +742,18 @@ class Context:
         self.restarts += 1
         await self.start()
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def run(self, req: dict, target: Target, timeout: float | None, cancel: Cancel) -> dict:
-        """Run one cell. Returns extra fields for ``done``; raises RequestError."""
-        async with self.lock:
-            if not self.alive():
-                await self.restart()
-            self.runs += 1
-            for p in self.pipes:
-                p.target = target
-            self.rid = target.rid
-            try:
-                return await self._run(req, timeout, cancel)
-            finally:
-                self.rid = None
-                self.waiter = None
-                for p in self.pipes or ():
-                    p.drain()
-                    p.flush_partial()
-                    p.target = None
-
-    async def _run(self, req, timeout, cancel) -> dict:
-        loop = asyncio.get_running_loop()
-        data = json.dumps({"code": req.get("code", ""), "n": self.runs}).encode() + b"\n"
-        if len(data) < 32768:
-            os.write(self.ctrl_w, data)  # fits the pipe buffer: never blocks
-        else:
-            await loop.run_in_executor(None, _write_all, self.ctrl_w, data)
-        self.waiter = loop.create_future()
-        timer = loop.call_later(timeout, self._wake, ("stop", "Timeout")) if timeout else None
-        cancel.on(lambda: self._wake(("stop", "Cancelled")))
-        try:
-            kind, value = await self.waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
-        if kind == "stop":
-            return await self._interrupt(value, timeout)
-        if kind == "eof":
-            raise await self._died()
-        return self._answer(value)
-
-    def _answer(self, ev: dict) -> dict:
-        if ev.get("ok"):
-            return {}
-        err = ev.get("error") or {}
-        raise RequestError(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
-
-    def _flush_output(self) -> None:
-        for p in self.pipes or ():
-            p.drain()
-
-    async def _interrupt(self, reason, timeout) -> dict:
-        """SIGINT the worker's process group; kill and restart it if it does not stop."""
-        loop = asyncio.get_running_loop()
-        if reason == "Timeout":
-            message = f"execution exceeded the timeout of {timeout:g} s"
-        else:
-            message = "the request was cancelled"
-        self.waiter = loop.create_future()
-        kill_group(self.proc.pid, signal.SIGINT)
-        timer = loop.call_later(INTERRUPT_GRACE, self._wake, ("stop", None))
-        try:
-            kind, value = await self.waiter
-        finally:
-            timer.cancel()
-        if kind == "done":
-            # The worker answered the SIGINT (KeyboardInterrupt, or it finished): state kept.
-            # Whatever else runs in its group (children, or forks of the worker itself
-            # that would answer on its pipes) was part of the interrupted run.
-            kill_group_except(self.proc.pid, self.proc.pid)
-            try:
-                self._answer(value)
-            except RequestError as exc:
-                if exc.name != "KeyboardInterrupt":
-                    raise
-            raise RequestError(reason, message + " (interrupted; the context's state is kept)", state_lost=False)
-        self._flush_output()
-        for p in self.pipes or ():
-            p.flush_partial()
-            p.target = None
-        await self.restart()
-        raise RequestError(reason, message + "; the worker did not stop on SIGINT and was killed: "
-                           "the context was restarted and its state was lost", state_lost=True)
-
-    async def _died(self) -> RequestError:
-        self._flush_output()
-        rc = await self.proc.wait() if self.proc else None
-        for p in self.pipes or ():
-            p.flush_partial()
-            p.target = None
-        await self.restart()
-        how = f"exit code {exit_code_of(rc)}" if rc is not None else "unknown status"
-        if rc is not None and rc < 0:
-            how = f"signal {signal.Signals(-rc).name}" if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
-        return RequestError("WorkerDied", f"the {self.language} worker died ({how}); "
-                            "the context was restarted and its state was lost", state_lost=True)
+    def close(self, error: RequestError) -> None:
+        """Delete the context: kill its worker and end every run it holds with ``error``."""
+        self.closed = True
+        if self.busy is not None:
+            self.busy.cancel()
+        runs = ([self.current] if self.current is not None else []) + list(self.queue)
+        self.queue.clear()
+        if self.current is not None:
+            self._end(self.current)
+        self.stop()
+        for run in runs:
+            self.agent.finish(run, {"context": self.id}, error)
 
     def describe(self) -> dict:
         return {"context_id": self.id, "language": self.language, "cwd": self.cwd,
@@ -599,6 +796,8 @@ class Process:
 
 class Agent:
     def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.scratch = memoryview(bytearray(READ_CHUNK))
         self.out: Out = None  # type: ignore[assignment]
         self.pipes: set[Pipe] = set()
         self.contexts: dict[str, Context] = {}
@@ -643,24 +842,28 @@ class Agent:
         os.dup2(2, 1)
         sys.stdout = sys.stderr
         _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
-        reader = asyncio.StreamReader(limit=1 << 30)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
         langs = ["python"] + (["javascript"] if shutil.which("node") else [])
         self.out.send({"ev": "hello", "agent": AGENT_VERSION, "pid": os.getpid(), "languages": langs,
                        "python": sys.version.split()[0], "workdir": WORKDIR, "uid": os.getuid()})
-        while not self.stopping.is_set():
-            line = await reader.readline()
-            if not line:
-                break
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("a frame must be a JSON object")
-            except ValueError as exc:
-                self.out.send({"ev": "log", "level": "error", "message": f"bad frame: {exc}"})
-                continue
-            self.dispatch(req)
+        transport, _ = await loop.connect_read_pipe(lambda: In(self), sys.stdin.buffer)
+        if isinstance(getattr(transport, "max_size", None), int):
+            # asyncio reads 256 KiB at a time, which glibc serves with an mmap (three
+            # system calls) per read; 64 KiB comes from the heap.
+            transport.max_size = 1 << 16
+        await self.stopping.wait()
         await self.shutdown()
+
+    def on_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("a frame must be a JSON object")
+        except ValueError as exc:
+            self.out.send({"ev": "log", "level": "error", "message": f"bad frame: {exc}"})
+            return
+        self.dispatch(req)
 
     def dispatch(self, req: dict) -> None:
         rid = req.get("rid")
@@ -675,6 +878,9 @@ class Agent:
         if not isinstance(rid, str):
             self.out.send({"ev": "log", "level": "error", "message": "request without a string rid"})
             return
+        if op == "run_code":
+            self.run_code(rid, req)
+            return
         handler = getattr(self, "op_" + str(op), None)
         if handler is None:
             self.out.send({"ev": "done", "rid": rid, "ok": False,
@@ -686,46 +892,96 @@ class Agent:
     async def handle(self, rid: str, handler, req: dict) -> None:
         t0 = time.monotonic()
         target = Target(self, rid=rid, cap=int(req.get("max_output_bytes") or MAX_OUTPUT))
-        done: dict = {"ev": "done", "rid": rid, "ok": True}
+        extra, error = None, None
         try:
             extra = await handler(req, target, self.cancels[rid])
-            done.update(extra or {})
         except RequestError as exc:
-            done["ok"] = False
-            done["error"] = {"name": exc.name, "message": exc.message}
-            tb = exc.extra.pop("traceback", None)
-            if tb:
-                done["error"]["traceback"] = tb
-            done.update(exc.extra)
+            error = exc
         except asyncio.CancelledError:
-            done["ok"] = False
-            done["error"] = {"name": "Cancelled", "message": "the agent is shutting down"}
+            error = RequestError("Cancelled", "the agent is shutting down")
         except Exception as exc:  # an agent bug must still end the request
-            done["ok"] = False
-            done["error"] = {"name": type(exc).__name__, "message": str(exc)}
+            error = RequestError(type(exc).__name__, str(exc))
         finally:
             self.tasks.pop(rid, None)
-            self.cancels.pop(rid, None)
+        self.send_done(rid, target, t0, extra, error)
+
+    def send_done(self, rid: str, target: Target, t0: float, extra: dict | None = None,
+                  error: RequestError | None = None) -> None:
+        """The one ``done`` of request ``rid``."""
+        self.cancels.pop(rid, None)
+        done: dict = {"ev": "done", "rid": rid, "ok": error is None}
+        if extra:
+            done.update(extra)
+        if error is not None:
+            done["error"] = {"name": error.name, "message": error.message}
+            tb = error.extra.get("traceback")
+            if tb:
+                done["error"]["traceback"] = tb
+            done.update((k, v) for k, v in error.extra.items() if k != "traceback")
         if target.truncated:
             done["truncated"] = True
         done["agent_ms"] = round((time.monotonic() - t0) * 1000, 3)
         self.out.send(done)
 
+    def finish(self, run: Run, extra: dict | None = None, error: RequestError | None = None) -> None:
+        if not run.finished:
+            run.finished = True
+            self.send_done(run.rid, run.target, run.t0, extra, error)
+
+    # ---- run_code: no task on the way in or out when the context is warm and idle
+
+    def run_code(self, rid: str, req: dict) -> None:
+        t0 = time.monotonic()
+        target = Target(self, rid=rid, cap=int(req.get("max_output_bytes") or MAX_OUTPUT))
+        cancel = self.cancels[rid] = Cancel()
+        code = req.get("code")
+        if not isinstance(code, str):
+            self.send_done(rid, target, t0, None, RequestError("ValueError", "code must be a string"))
+            return
+        timeout = req.get("timeout_s")
+        run = Run(rid, code, target, cancel, float(timeout) if timeout else None, t0)
+        try:
+            ctx = self.find_context(req)
+        except RequestError as exc:
+            self.finish(run, None, exc)
+            return
+        if ctx is not None:
+            ctx.submit(run)
+            return
+
+        async def create_then_submit():  # a default context on its first use
+            try:
+                c = await self.get_context(req)
+            except RequestError as exc:
+                self.finish(run, None, exc)
+            except asyncio.CancelledError:
+                self.finish(run, None, RequestError("Cancelled", "the agent is shutting down"))
+            except Exception as exc:
+                self.finish(run, None, RequestError(type(exc).__name__, str(exc)))
+            else:
+                c.submit(run)
+            finally:
+                self.tasks.pop(rid, None)
+
+        self.tasks[rid] = asyncio.ensure_future(create_then_submit())
+
     async def shutdown(self) -> None:
         for t in list(self.tasks.values()):
             t.cancel()
         for c in list(self.contexts.values()):
-            c.stop()
+            c.close(RequestError("Cancelled", "the agent is shutting down"))
         for p in list(self.processes.values()):
             if p.exit_code is None:
                 kill_tree(p.proc.pid, signal.SIGKILL)
+        self.out.flush()
 
     # ---- ops
 
     async def op_ping(self, req, target, cancel):
         return {"pong": True}
 
-    async def get_context(self, req) -> Context:
+    def find_context(self, req) -> Context | None:
+        """The context a request names; None for a default context not created yet."""
         cid = req.get("context")
         language = req.get("language") or "python"
         if cid is None:
@@ -733,12 +989,21 @@ class Agent:
                 raise RequestError("ValueError", f"unsupported language {language!r}")
             cid = f"default-{language}"
             if cid not in self.contexts:
-                await self.new_context(cid, language, None, None)
+                return None
         ctx = self.contexts.get(cid)
         if ctx is None:
             raise RequestError("ContextNotFound", f"no context {cid!r}")
         if req.get("language") and req["language"] != ctx.language:
             raise RequestError("ValueError", f"context {cid!r} runs {ctx.language}, not {req['language']}")
+        return ctx
+
+    async def get_context(self, req) -> Context:
+        ctx = self.find_context(req)
+        if ctx is None:
+            language = req.get("language") or "python"
+            ctx = self.contexts.get(f"default-{language}")  # created meanwhile
+            if ctx is None:
+                ctx = await self.new_context(f"default-{language}", language, None, None)
         return ctx
 
     async def new_context(self, cid, language, cwd, env) -> Context:
@@ -748,20 +1013,18 @@ class Agent:
         if not os.path.isdir(ctx.cwd):
             raise RequestError("FileNotFoundError", f"no directory {ctx.cwd}")
         self.contexts[cid] = ctx
+        # Runs submitted while the worker starts wait in the queue (busy holds them).
+        ctx.busy = asyncio.ensure_future(ctx.start())
         try:
-            await ctx.start()
-        except BaseException:
+            await ctx.busy
+        except BaseException as exc:
             self.contexts.pop(cid, None)
+            ctx.busy = None
+            ctx.close(RequestError("WorkerDied", f"the {language} worker could not start: {exc}"))
             raise
+        ctx.busy = None
+        ctx._next()
         return ctx
-
-    async def op_run_code(self, req, target, cancel):
-        if not isinstance(req.get("code"), str):
-            raise RequestError("ValueError", "code must be a string")
-        ctx = await self.get_context(req)
-        extra = await ctx.run(req, target, req.get("timeout_s"), cancel)
-        extra["context"] = ctx.id
-        return extra
 
     async def op_create_context(self, req, target, cancel):
         language = req.get("language") or "python"
@@ -777,7 +1040,7 @@ class Agent:
         ctx = self.contexts.pop(req.get("context"), None)
         if ctx is None:
             raise RequestError("ContextNotFound", f"no context {req.get('context')!r}")
-        ctx.stop()
+        ctx.close(RequestError("ContextNotFound", f"context {ctx.id!r} was deleted"))
         return {}
 
     async def op_list_contexts(self, req, target, cancel):
@@ -966,7 +1229,10 @@ def main() -> None:
         os.chdir(WORKDIR)
     except OSError:
         pass
-    asyncio.run(Agent().main())
+    async def run() -> None:
+        await Agent().main()
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

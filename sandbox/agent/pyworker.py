@@ -36,12 +36,20 @@ sys.argv = [""]
 sys.path.insert(0, "")
 
 
-WORKER_PID = os.getpid()
+FORKED = False
+
+
+def _forked():
+    global FORKED
+    FORKED = True
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def only_the_worker():
     """A fork of the worker made by user code must never speak on the worker's pipes."""
-    if os.getpid() != WORKER_PID:
+    if FORKED:
         os._exit(0)
 
 
