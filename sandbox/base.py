@@ -240,6 +240,9 @@ class Sandbox:
         except (framing.FramingError, ConnectionError, OSError) as exc:
             reason = f"the sandbox stream broke: {exc}"
             log.warning("sandbox %s: %s", self.id[:12], reason)
+        except Exception as exc:  # a bug in an event consumer: say so, then fail like a lost stream
+            reason = f"the sandbox reader failed: {type(exc).__name__}: {exc}"
+            log.exception("sandbox %s: %s", self.id[:12], reason)
         finally:
             self.lost_reason = self.lost_reason or reason
             self._fail_all(SandboxLost(self.lost_reason))

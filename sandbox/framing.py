@@ -72,16 +72,21 @@ class LineSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
-        start = len(buf)
-        buf += data
-        nl = buf.find(b"\n", start)
-        if nl < 0:
+        last = data.rfind(b"\n")
+        if last < 0:
+            buf += data
             if len(buf) > self.max_line:
                 raise FramingError(f"expected a newline within {self.max_line} bytes")
             return []
-        lines = buf[: buf.rfind(b"\n")].split(b"\n")
-        del buf[: buf.rfind(b"\n") + 1]
-        return [bytes(x) for x in lines]
+        if buf:
+            buf += data[:last]
+            lines = bytes(buf).split(b"\n")
+            buf.clear()
+        else:
+            lines = data[:last].split(b"\n")
+        if last + 1 < len(data):
+            buf += data[last + 1:]
+        return lines
 
     @property
     def pending(self) -> int:

@@ -46,6 +46,7 @@ from .errors import (
 from .protocol import encode, error_frame, with_seq
 
 CLOSE_WAIT_S = 2.0
+WRITE_BATCH_FRAMES = 256
 
 
 class RawSendStash:
@@ -64,21 +65,45 @@ class RawSendStash:
         await self.app(scope, receive, send)
 
 
+def _text_header(n: int) -> bytes:
+    """The header of an unmasked, final text frame of n bytes (RFC 6455 section 5.2)."""
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big")
+    return b"\x81\x7f" + n.to_bytes(8, "big")
+
+
 def _batcher(send: Any) -> Any:
     """A way to write many text frames with one transport write, when the server is uvicorn's
-    websockets-sansio protocol; None otherwise (frames then go one by one through ``send``)."""
+    websockets-sansio protocol; None otherwise (frames then go one by one through ``send``).
+
+    With no extension negotiated (groundloop turns compression off), a server's text frame
+    is a header and the payload, so frames are framed here, without a call per frame into
+    the protocol object; with an extension they go through it.
+    """
     proto = getattr(send, "__self__", None)
     conn = getattr(proto, "conn", None)
     if proto is None or conn is None or not hasattr(proto, "writable") or not hasattr(conn, "send_text"):
         return None
 
-    async def write_all(frames: list[bytes]) -> None:
+    async def write_all(frames: list[Any]) -> None:
+        """Write outbox frames (``seq``, ``body``): ``{"seq":N,`` and the body's rest, one copy."""
         await proto.writable.wait()  # the transport's flow control, as uvicorn's own send
-        if proto.close_sent or proto.transport.is_closing():
+        if proto.close_sent or proto.transport.is_closing() or conn.state.name != "OPEN":
             raise ConnectionError("the connection is closing")
-        for data in frames:
-            conn.send_text(data)
-        proto.transport.write(b"".join(conn.data_to_send()))
+        if conn.extensions:
+            for f in frames:
+                conn.send_text(with_seq(f.seq, f.body))
+            proto.transport.write(b"".join(conn.data_to_send()))
+            return
+        parts: list[Any] = []
+        for f in frames:
+            head = b'{"seq":%d,' % f.seq
+            parts.append(_text_header(len(head) + len(f.body) - 1))
+            parts.append(head)
+            parts.append(memoryview(f.body)[1:])
+        proto.transport.write(b"".join(parts))
 
     return write_all
 
@@ -283,34 +308,31 @@ class Connection:
         batch = _batcher(send)
         while True:
             try:
-                seq, data, t = await outbox.next_frame()
+                # Everything queued goes in one write (up to a bound), or one by one without a batcher.
+                await outbox.wait_unsent()
+                frames = outbox.peek_frames(WRITE_BATCH_FRAMES if batch is not None else 1)
             except ConnectionError:
                 return
+            first, last = frames[0].seq, frames[-1].seq
+            size = sum(len(f.body) for f in frames) + 8 * len(frames)  # about: the seq is spliced in
             now = clock()
-            observe(now - t)
+            observe(now - frames[0].t)  # the oldest frame of the write
             self._sending_since = now
             try:
-                if batch is not None and outbox.unsent > 1:
-                    # Several frames are queued: frame them all and write them with one send().
-                    frames = outbox.peek_unsent(64)
-                    for _, _, ft in frames[1:]:
-                        observe(now - ft)
-                    await batch([d for _, d, _ in frames])
-                    for s, d, _ in frames:
-                        outbox.mark_sent(s)
-                        frames_inc()
-                        bytes_inc(len(d))
-                    continue
-                await send({"type": "websocket.send", "text": data.decode()})
+                if batch is not None:
+                    await batch(frames)
+                else:
+                    f = frames[0]
+                    await send({"type": "websocket.send", "text": with_seq(f.seq, f.body).decode()})
             except asyncio.CancelledError:
                 raise
             except Exception:
                 return  # the peer is gone; the reader sees the disconnect
             finally:
                 self._sending_since = None
-            outbox.mark_sent(seq)
-            frames_inc()
-            bytes_inc(len(data))
+            outbox.mark_sent_many(first, last)
+            frames_inc(len(frames))
+            bytes_inc(size)
 
     async def _watchdog(self, session: Session) -> None:
         """Close the socket of a client that accepts nothing for send_timeout_s (4408)."""

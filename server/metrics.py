@@ -159,7 +159,7 @@ class Metrics(EngineHooks):
             p + "assist_iterations", "Model/execution iterations per assist request",
             buckets=ITERATION_BUCKETS, registry=r)
         self.send_wait = Histogram(
-            p + "ws_send_queue_wait_seconds", "Time a frame waits in the WebSocket send queue before it is written",
+            p + "ws_send_queue_wait_seconds", "Time the oldest frame of each socket write waited in the WebSocket send queue",
             buckets=FAST_BUCKETS, registry=r)
         self.request_duration = Histogram(
             p + "request_duration_seconds", "Duration of every client request, from receipt to its done frame",

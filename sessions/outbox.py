@@ -5,8 +5,9 @@ Frames enter with ``put`` (serialized once, without ``seq``); each gets the next
 ``sent_seq``, says which frames have been written to a socket: frames after it
 are *unsent* (the send queue), frames up to it are the replay buffer.
 
-- The one writer of the attached socket takes frames with ``next_frame`` and
-  reports each written frame with ``mark_sent``.
+- The one writer of the attached socket waits with ``wait_unsent``, takes the
+  queued frames with ``peek_frames`` and reports each written one with
+  ``mark_sent``.
 - Only sent frames are evicted, oldest first, beyond ``replay_frames`` or
   ``replay_bytes``.
 - ``put`` blocks while the unsent count is at ``high`` until it falls to
@@ -26,7 +27,7 @@ import time
 from collections import deque
 from typing import Any
 
-from server.protocol import encode, gap_frame, with_seq
+from server.protocol import encode, gap_frame
 
 
 class ResumeError(ValueError):
@@ -84,64 +85,91 @@ class Outbox:
 
     async def put(self, frame: dict[str, Any]) -> int:
         """Queue a frame; waits while the send queue is full. Returns its seq."""
+        await self.wait_room()
+        return self.put_nowait(frame)
+
+    async def wait_room(self) -> None:
+        """Wait while the send queue is full; ConnectionError once closed."""
         while not self._can_put.is_set():
             if self.closed:
                 raise ConnectionError("the session is closed")
             await self._can_put.wait()
-        return self.put_nowait(frame)
+        if self.closed:
+            raise ConnectionError("the session is closed")
 
     def put_nowait(self, frame: dict[str, Any]) -> int:
         """Queue a frame past the high water mark (control frames only)."""
+        return self.put_encoded(encode(frame))
+
+    @property
+    def room(self) -> bool:
+        """A put would not wait."""
+        return self._can_put.is_set()
+
+    def put_encoded(self, body: bytes) -> int:
+        """Queue an already serialized frame (a JSON object without ``seq``); no waiting."""
+        return self.put_encoded_many((body,))
+
+    @property
+    def space(self) -> int:
+        """How many frames can be put before the send queue is full."""
+        return self.high - self.unsent if self._can_put.is_set() else 0
+
+    def put_encoded_many(self, bodies: Any) -> int:
+        """Queue serialized frames in order; no waiting (callers respect ``space``). Returns the last seq."""
         if self.closed:
             raise ConnectionError("the session is closed")
+        t = time.perf_counter()
         seq = self.next_seq
-        self.next_seq += 1
-        self._frames.append(_Frame(seq, encode(frame), time.perf_counter()))
+        append = self._frames.append
+        for body in bodies:
+            append(_Frame(seq, body, t))
+            seq += 1
+        self.next_seq = seq
         n = self.unsent
         if n > self.max_unsent_seen:
             self.max_unsent_seen = n
         if n >= self.high:
             self._can_put.clear()
         self._has_unsent.set()
-        return seq
+        return seq - 1
 
     # ---- the writer
 
-    async def next_frame(self) -> tuple[int, bytes, float]:
-        """The first unsent frame: (seq, wire bytes with seq, time queued)."""
+    async def wait_unsent(self) -> None:
+        """Return when there is a frame to send; ConnectionError once closed."""
         while True:
             if self.closed:
                 raise ConnectionError("the session is closed")
-            if self.unsent > 0:
-                # Frames are contiguous by seq: index of sent_seq + 1.
-                first = self._frames[0].seq
-                f = self._frames[self.sent_seq + 1 - first]
-                self.attempted_seq = max(self.attempted_seq, f.seq)
-                return f.seq, with_seq(f.seq, f.body), f.t
+            if self.sent_seq + 1 < self.next_seq:
+                return
             self._has_unsent.clear()
             await self._has_unsent.wait()
 
-    def peek_unsent(self, limit: int) -> list[tuple[int, bytes, float]]:
-        """Up to ``limit`` unsent frames from the cursor on: (seq, wire bytes, time queued)."""
+    def peek_frames(self, limit: int) -> list[_Frame]:
+        """Up to ``limit`` unsent frames from the cursor on (``seq``, ``body`` without seq, ``t`` queued);
+        the wire form of one is ``with_seq(f.seq, f.body)``."""
         first = self._frames[0].seq
         start = self.sent_seq + 1 - first
-        out = []
-        for i in range(start, min(len(self._frames), start + limit)):
-            f = self._frames[i]
-            out.append((f.seq, with_seq(f.seq, f.body), f.t))
+        out = [self._frames[i] for i in range(start, min(len(self._frames), start + limit))]
         if out:
-            self.attempted_seq = max(self.attempted_seq, out[-1][0])
+            self.attempted_seq = max(self.attempted_seq, out[-1].seq)
         return out
 
     def mark_sent(self, seq: int) -> None:
         """The frame ``seq`` reached the socket: advance the cursor, evict, wake producers."""
-        if seq != self.sent_seq + 1:
+        self.mark_sent_many(seq, seq)
+
+    def mark_sent_many(self, first: int, last: int) -> None:
+        """Frames ``first`` to ``last`` (seq numbers read before the write) reached the socket."""
+        if first != self.sent_seq + 1 or last < first:
             return  # the outbox was rewound meanwhile
-        first = self._frames[0].seq
-        f = self._frames[seq - first]
-        self.sent_seq = seq
-        self._sent_bytes += len(f.body)
-        self._sent_count += 1
+        frames = self._frames
+        base = frames[0].seq
+        for i in range(first - base, last - base + 1):
+            self._sent_bytes += len(frames[i].body)
+        self.sent_seq = last
+        self._sent_count += last - first + 1
         while self._sent_count and (self._sent_count > self.replay_frames or self._sent_bytes > self.replay_bytes):
             old = self._frames.popleft()
             self._sent_bytes -= len(old.body)

@@ -28,6 +28,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from sandbox.base import Sandbox, SandboxError, SandboxLost
 from server import logs
 from server.errors import CLOSE_SESSION_CLOSED, ProtocolError
@@ -431,9 +433,15 @@ class Session:
 
     def _streamer(self, r: _Req, tags: dict[str, Any], tail: list[str] | None):
         rid = r.req.id
-        put = self.outbox.put
+        outbox = self.outbox
+        put = outbox.put
         metrics = self.metrics
         kind = r.req.type
+        # A line's frame is {"type":<stream>,"id":<id>,"text":<line>,<tags>}: everything but
+        # the line is serialized once per request and stream, the line once.
+        rid_json = orjson.dumps(rid)
+        head = {st: b'{"type":"%s","id":%s,"text":' % (st.encode(), rid_json) for st in ("stdout", "stderr")}
+        tail_bytes = b"," + orjson.dumps(tags)[1:] if tags else b"}"
 
         async def on_event(ev: dict[str, Any]) -> None:
             try:
@@ -448,10 +456,24 @@ class Session:
                     r.first_out = True
                     metrics.first_output.labels(kind).observe(time.perf_counter() - r.t0)
                 stream = ev.get("s", "stdout")
-                for line in ev.get("lines", ()):
-                    if tail is not None:
-                        tail.append(line)
-                    await put(output_frame(stream, rid, line, **tags))
+                lines = ev.get("lines") or ()
+                if tail is not None:
+                    tail.extend(lines)
+                prefix = head.get(stream)
+                if prefix is None:
+                    for line in lines:
+                        await put(output_frame(stream, rid, line, **tags))
+                    return
+                dumps = orjson.dumps
+                i = 0
+                while i < len(lines):
+                    space = outbox.space
+                    if space <= 0:
+                        await outbox.wait_room()
+                        continue
+                    outbox.put_encoded_many([b"".join((prefix, dumps(line), tail_bytes))
+                                             for line in lines[i:i + space]])
+                    i += space
             elif what == "result":
                 await put({"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")),
                            **tags})

@@ -20,7 +20,8 @@ def test_bench_smoke_prints_the_table():
     for row in ("engine: run_code 1 + 1 round trip", "docker exec python3", "engine: pool acquire",
                 "engine: cold container start", "engine: time to first streamed line", "local Jupyter kernel",
                 "ws: run_code 1 + 1 round trip (warm, lean client)",
-                "ws: run_code 1 + 1 round trip (warm, asyncio client)", "ws: ping round trip (lean client)", "ws: connect to ready", "ws: time to first stdout line",
+                "ws: run_code 1 + 1 round trip (warm, asyncio client)", "ws: ping round trip (lean client)",
+                "ws: connect to ready", "ws: time to first stdout line",
                 "ws: stream throughput", "sessions held at once", "hostile[runc]: bystander during"):
         assert any(row in line for line in table), f"no row {row!r} in:\n" + "\n".join(table)
     assert not any("errors" in line and " 0 errors" not in line for line in table if "held at once" in line)

@@ -290,6 +290,31 @@ async def test_cancel(sandbox):
     assert done["error"]["name"] == "Cancelled"
 
 
+async def test_cancel_of_a_queued_run_never_reaches_the_worker(sandbox, collect):
+    busy = asyncio.create_task(run(sandbox, "import time\ntime.sleep(0.5)"))
+    await asyncio.sleep(0.1)
+    out = collect()
+    queued = asyncio.create_task(sandbox.request("run_code", {"code": "print('ran')"}, out, rid="queued"))
+    await asyncio.sleep(0.1)
+    sandbox.cancel("queued")
+    done = await asyncio.wait_for(queued, WAIT)
+    assert done["error"]["name"] == "Cancelled" and "before it started" in done["error"]["message"]
+    assert (await busy)["ok"] and out.text() == ""
+
+
+async def test_runs_keep_their_order_from_a_cold_context(engine, collect):
+    sb = await engine.acquire()  # a new sandbox: its default context does not exist yet
+    try:
+        runs = [asyncio.create_task(run(sb, f"order = globals().get('order', []) + [{i}]")) for i in range(6)]
+        dones = await asyncio.wait_for(asyncio.gather(*runs), WAIT)
+        assert all(d["ok"] for d in dones)
+        out = collect()
+        assert (await run(sb, "print(order)", out))["ok"]
+        assert out.text() == "[0, 1, 2, 3, 4, 5]\n"
+    finally:
+        await engine.release(sb)
+
+
 async def test_worker_crash_restarts_context(sandbox):
     await run(sandbox, "kept = 1")
     done = await run(sandbox, "import os\nos.kill(os.getpid(), 9)")

@@ -7,6 +7,7 @@ import asyncio
 import orjson
 import pytest
 
+from server.protocol import with_seq
 from sessions.manager import TokenBucket
 from sessions.outbox import Outbox, ResumeError
 
@@ -17,10 +18,17 @@ def box(**kw):
     return Outbox(**values)
 
 
+async def next_frame(ob: Outbox) -> tuple[int, bytes, float]:
+    """What the writer does for one frame: wait for it, take it, frame it with its seq."""
+    await ob.wait_unsent()
+    f = ob.peek_frames(1)[0]
+    return f.seq, with_seq(f.seq, f.body), f.t
+
+
 async def send_all(ob: Outbox) -> list[dict]:
     out = []
     while ob.unsent:
-        seq, data, _ = await ob.next_frame()
+        seq, data, _ = await next_frame(ob)
         out.append(orjson.loads(data))
         ob.mark_sent(seq)
     return out
@@ -43,11 +51,11 @@ async def test_put_blocks_at_high_water_and_resumes_at_low():
     await asyncio.sleep(0)
     assert not blocked.done()
     for _ in range(2):
-        seq, _, _ = await ob.next_frame()
+        seq, _, _ = await next_frame(ob)
         ob.mark_sent(seq)
     await asyncio.sleep(0)
     assert not blocked.done()  # 2 unsent > low water 1
-    seq, _, _ = await ob.next_frame()
+    seq, _, _ = await next_frame(ob)
     ob.mark_sent(seq)
     assert await blocked == 5
 
@@ -117,16 +125,17 @@ def test_token_bucket():
     assert b.take(1.0) and not b.take(1.0)
 
 
-async def test_peek_unsent_for_batched_writes():
+async def test_peek_frames_for_batched_writes():
     ob = box()
     for i in range(5):
         await ob.put({"type": "stdout", "text": str(i)})
-    seq, _, _ = await ob.next_frame()
+    seq, _, _ = await next_frame(ob)
     ob.mark_sent(seq)
-    batch = ob.peek_unsent(3)
-    assert [s for s, _, _ in batch] == [2, 3, 4]
-    assert [orjson.loads(d)["text"] for _, d, _ in batch] == ["1", "2", "3"]
+    batch = ob.peek_frames(3)
+    assert [f.seq for f in batch] == [2, 3, 4]
+    assert [orjson.loads(with_seq(f.seq, f.body)) for f in batch] == [
+        {"seq": n + 1, "type": "stdout", "text": str(n)} for n in (1, 2, 3)]
     assert ob.attempted_seq == 4 and ob.sent_seq == 1  # handed to the socket, not yet written
-    for s, _, _ in batch:
-        ob.mark_sent(s)
-    assert ob.unsent == 1 and [s for s, _, _ in ob.peek_unsent(64)] == [5]
+    for f in batch:
+        ob.mark_sent(f.seq)
+    assert ob.unsent == 1 and [f.seq for f in ob.peek_frames(64)] == [5]

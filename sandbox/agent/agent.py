@@ -33,6 +33,7 @@ import codecs
 import collections
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -49,6 +50,8 @@ MAX_FILE = 32 * 1024 * 1024
 INTERRUPT_GRACE = 1.0
 READ_CHUNK = 256 * 1024
 WRITE_BATCH = 256 * 1024
+LINES = re.compile(r"[^\n]*\n")
+JSON_SPECIAL = bytes(c for c in range(0x20) if c != 0x0A) + b'"\\'  # bytes JSON must escape, but newline
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": os.environ.get("HOME", "/workspace"),
@@ -108,7 +111,10 @@ class Out(asyncio.Protocol):
         self.agent.stdout_lost()
 
     def send(self, obj: dict) -> None:
-        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n"
+        self.send_raw(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n")
+
+    def send_raw(self, data: bytes) -> None:
+        """Send one frame already encoded (a JSON object and its newline)."""
         self.pending.append(data)
         self.pending_bytes += len(data)
         if not self.corked or self.pending_bytes >= WRITE_BATCH:
@@ -187,17 +193,41 @@ class Target:
         self.truncated = False
         self.lines_out = 0
 
-    def emit(self, stream: str, lines: list[str]) -> None:
+    def emit_ascii(self, stream: str, region: bytes, nlines: int) -> bool:
+        """Send whole lines given as bytes, when that needs no JSON escaping but their newlines
+        (printable ASCII, the bulk of most output) and they fit the cap: the frame is made with
+        two byte-string operations instead of a JSON encoder. False: use ``emit``."""
+        if self.truncated or self.sent + len(region) > self.cap or not region.isascii():
+            return False
+        if len(region.translate(None, JSON_SPECIAL)) != len(region):
+            return False
+        self.sent += len(region)
+        self.lines_out += nlines
+        if self.rid is not None:
+            head = b'{"ev":"out","rid":%s,"s":"%s","lines":["' % (json.dumps(self.rid).encode(), stream.encode())
+        else:
+            head = b'{"ev":"pout","proc":%s,"s":"%s","lines":["' % (json.dumps(self.proc).encode(), stream.encode())
+        self.agent.out.send_raw(head + region.replace(b"\n", b'\\n","')[:-2] + b"]}\n")
+        return True
+
+    def emit(self, stream: str, lines: list[str], sizes: list[int] | None = None) -> None:
+        """Send lines on; ``sizes`` are their lengths in bytes as read (counted against the cap)."""
         if self.truncated:
             return
-        keep = []
-        for line in lines:
-            n = len(line.encode("utf-8", "surrogatepass"))
-            if self.sent + n > self.cap:
-                self.truncated = True
-                break
-            self.sent += n
-            keep.append(line)
+        if sizes is None:
+            sizes = [len(line.encode("utf-8", "surrogatepass")) for line in lines]
+        total = sum(sizes)
+        if self.sent + total <= self.cap:
+            self.sent += total
+            keep = lines
+        else:
+            keep = []
+            for line, n in zip(lines, sizes, strict=True):
+                if self.sent + n > self.cap:
+                    self.truncated = True
+                    break
+                self.sent += n
+                keep.append(line)
         if not keep:
             return
         self.lines_out += len(keep)
@@ -264,22 +294,50 @@ class Pipe:
             pass
 
     def feed(self, data: bytes) -> None:
-        self.buf += data
-        lines: list[str] = []
         buf = self.buf
+        buf += data
+        line_max = self.line_max
+        cuts: list[int] = []  # where each piece ends: after a newline, or line_max bytes into a long line
         start = 0
+        split_long = False
         while True:
             nl = buf.find(b"\n", start)
             end = len(buf) if nl < 0 else nl + 1
-            if end - start > self.line_max:
-                end = start + self.line_max
+            if end - start > line_max:
+                end = start + line_max
+                split_long = True
             elif nl < 0:
                 break
-            lines.append(self.decoder.decode(bytes(buf[start:end])))
+            cuts.append(end)
             start = end
+        if not cuts:
+            return
+        if split_long:
+            # Piece by piece: the decoder carries a character cut at line_max to the next piece.
+            lines, sizes, prev = [], [], 0
+            for end in cuts:
+                text = self.decoder.decode(bytes(buf[prev:end]))
+                if text:
+                    lines.append(text)
+                    sizes.append(end - prev)
+                prev = end
+        else:
+            # Whole lines only (the common case): no per-line work in Python.
+            with memoryview(buf) as view:
+                region = bytes(view[:start])
+            del buf[:start]
+            target = self.target
+            if target is None:
+                return
+            if not self.decoder.getstate()[0] and target.emit_ascii(self.stream, region, len(cuts)):
+                return
+            lines = LINES.findall(self.decoder.decode(region))
+            sizes = [b - a for a, b in zip([0, *cuts], cuts, strict=False)]
+            target.emit(self.stream, lines, sizes)
+            return
         del buf[:start]
-        if lines:
-            self.send(lines)
+        if lines and self.target is not None:
+            self.target.emit(self.stream, lines, sizes)
 
     def flush_partial(self) -> None:
         if self.buf:
@@ -942,28 +1000,13 @@ class Agent:
         run = Run(rid, code, target, cancel, float(timeout) if timeout else None, t0)
         try:
             ctx = self.find_context(req)
+            if ctx is None:  # a default context on its first use: created now, so runs keep their order
+                language = req.get("language") or "python"
+                ctx = self.make_context(f"default-{language}", language, None, None)
         except RequestError as exc:
             self.finish(run, None, exc)
             return
-        if ctx is not None:
-            ctx.submit(run)
-            return
-
-        async def create_then_submit():  # a default context on its first use
-            try:
-                c = await self.get_context(req)
-            except RequestError as exc:
-                self.finish(run, None, exc)
-            except asyncio.CancelledError:
-                self.finish(run, None, RequestError("Cancelled", "the agent is shutting down"))
-            except Exception as exc:
-                self.finish(run, None, RequestError(type(exc).__name__, str(exc)))
-            else:
-                c.submit(run)
-            finally:
-                self.tasks.pop(rid, None)
-
-        self.tasks[rid] = asyncio.ensure_future(create_then_submit())
+        ctx.submit(run)
 
     async def shutdown(self) -> None:
         for t in list(self.tasks.values()):
@@ -997,33 +1040,34 @@ class Agent:
             raise RequestError("ValueError", f"context {cid!r} runs {ctx.language}, not {req['language']}")
         return ctx
 
-    async def get_context(self, req) -> Context:
-        ctx = self.find_context(req)
-        if ctx is None:
-            language = req.get("language") or "python"
-            ctx = self.contexts.get(f"default-{language}")  # created meanwhile
-            if ctx is None:
-                ctx = await self.new_context(f"default-{language}", language, None, None)
-        return ctx
-
-    async def new_context(self, cid, language, cwd, env) -> Context:
+    def make_context(self, cid, language, cwd, env) -> Context:
+        """Register a context and start its worker; runs submitted meanwhile wait in its queue."""
         if language == "javascript" and not shutil.which("node"):
             raise RequestError("ValueError", "javascript needs node, which this sandbox does not have")
         ctx = Context(self, cid, language, self.path(cwd) if cwd else WORKDIR, self.env_for(env))
         if not os.path.isdir(ctx.cwd):
             raise RequestError("FileNotFoundError", f"no directory {ctx.cwd}")
         self.contexts[cid] = ctx
-        # Runs submitted while the worker starts wait in the queue (busy holds them).
         ctx.busy = asyncio.ensure_future(ctx.start())
-        try:
-            await ctx.busy
-        except BaseException as exc:
-            self.contexts.pop(cid, None)
+
+        def started(task: asyncio.Future) -> None:
             ctx.busy = None
-            ctx.close(RequestError("WorkerDied", f"the {language} worker could not start: {exc}"))
-            raise
-        ctx.busy = None
-        ctx._next()
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None or task.cancelled():
+                if self.contexts.get(cid) is ctx:
+                    del self.contexts[cid]
+                ctx.close(RequestError("WorkerDied", f"the {language} worker could not start: {exc!r}"))
+            else:
+                ctx._next()
+
+        ctx.busy.add_done_callback(started)
+        return ctx
+
+    async def new_context(self, cid, language, cwd, env) -> Context:
+        ctx = self.make_context(cid, language, cwd, env)
+        await asyncio.wait([ctx.busy])
+        if not ctx.alive():
+            raise RequestError("WorkerDied", f"the {language} worker could not start")
         return ctx
 
     async def op_create_context(self, req, target, cancel):
