@@ -48,7 +48,9 @@ os.register_at_fork(after_in_child=_forked)
 
 
 def only_the_worker():
-    """A fork of the worker made by user code must never speak on the worker's pipes."""
+    """A fork of the worker made by user code (os.fork, multiprocessing) must never speak on the
+    worker's pipes. This guards against accidents, not malice: the cell's own code can write to
+    these pipes anyway, and only confuses its own session by doing so."""
     if FORKED:
         os._exit(0)
 
