@@ -322,7 +322,7 @@ class Pipe:
                     sizes.append(end - prev)
                 prev = end
         else:
-            # Whole lines only (the common case): no per-line work in Python.
+            # Whole lines only (the common case): one decode and one split, or neither for plain ASCII.
             with memoryview(buf) as view:
                 region = bytes(view[:start])
             del buf[:start]
@@ -340,17 +340,14 @@ class Pipe:
             self.target.emit(self.stream, lines, sizes)
 
     def flush_partial(self) -> None:
+        """Send what is left without a newline (the end of a run, or of the pipe)."""
         if self.buf:
+            size = len(self.buf)
             text = self.decoder.decode(bytes(self.buf), final=True)
             self.buf.clear()
             self.decoder.reset()
-            if text:
-                self.send([text])
-
-    def send(self, lines: list[str]) -> None:
-        lines = [ln for ln in lines if ln]
-        if lines and self.target is not None:
-            self.target.emit(self.stream, lines)
+            if text and self.target is not None:
+                self.target.emit(self.stream, [text], [size])
 
     def close(self) -> None:
         self.stop()
