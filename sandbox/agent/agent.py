@@ -81,7 +81,7 @@ class RequestError(Exception):
 class Out(asyncio.Protocol):
     """Write side of the agent's stdout. Pauses every output pipe when full.
 
-    Frames sent by one callback between cork() and uncork() leave in one write
+    Frames sent by one callback inside ``with out:`` leave in one write
     (a run's result and its done, the lines of one read): every write costs a
     wake-up of Docker's copiers, so fewer writes means less CPU per request.
     """
@@ -120,11 +120,12 @@ class Out(asyncio.Protocol):
         if not self.corked or self.pending_bytes >= WRITE_BATCH:
             self.flush()
 
-    def cork(self) -> None:
-        """Hold frames until the matching uncork (callbacks that may send several)."""
+    def __enter__(self) -> Out:
+        """Hold frames until the block ends (callbacks that may send several)."""
         self.corked += 1
+        return self
 
-    def uncork(self) -> None:
+    def __exit__(self, *exc) -> None:
         self.corked -= 1
         if not self.corked:
             self.flush()
@@ -147,12 +148,8 @@ class In(asyncio.Protocol):
         self.buf = bytearray()
 
     def data_received(self, data: bytes) -> None:
-        out = self.agent.out
-        out.cork()
-        try:
+        with self.agent.out:
             self.feed(data)
-        finally:
-            out.uncork()
 
     def feed(self, data: bytes) -> None:
         buf = self.buf
@@ -191,9 +188,8 @@ class Target:
         self.cap = cap
         self.sent = 0
         self.truncated = False
-        self.lines_out = 0
 
-    def emit_ascii(self, stream: str, region: bytes, nlines: int) -> bool:
+    def emit_ascii(self, stream: str, region: bytes) -> bool:
         """Send whole lines given as bytes, when that needs no JSON escaping but their newlines
         (printable ASCII, the bulk of most output) and they fit the cap: the frame is made with
         two byte-string operations instead of a JSON encoder. False: use ``emit``."""
@@ -202,7 +198,6 @@ class Target:
         if len(region.translate(None, JSON_SPECIAL)) != len(region):
             return False
         self.sent += len(region)
-        self.lines_out += nlines
         if self.rid is not None:
             head = b'{"ev":"out","rid":%s,"s":"%s","lines":["' % (json.dumps(self.rid).encode(), stream.encode())
         else:
@@ -230,7 +225,6 @@ class Target:
                 keep.append(line)
         if not keep:
             return
-        self.lines_out += len(keep)
         if self.rid is not None:
             self.agent.out.send({"ev": "out", "rid": self.rid, "s": stream, "lines": keep})
         else:
@@ -266,12 +260,8 @@ class Pipe:
             self.reading = False
 
     def on_readable(self) -> None:
-        out = self.agent.out
-        out.cork()
-        try:
+        with self.agent.out:
             self.read_some()
-        finally:
-            out.uncork()
 
     def read_some(self) -> bool:
         """Read what is there (up to READ_CHUNK bytes). Return False at EOF/empty."""
@@ -329,7 +319,7 @@ class Pipe:
             target = self.target
             if target is None:
                 return
-            if not self.decoder.getstate()[0] and target.emit_ascii(self.stream, region, len(cuts)):
+            if not self.decoder.getstate()[0] and target.emit_ascii(self.stream, region):
                 return
             lines = LINES.findall(self.decoder.decode(region))
             sizes = [b - a for a, b in zip([0, *cuts], cuts, strict=False)]
@@ -532,7 +522,7 @@ class Context:
         self.queue: collections.deque[Run] = collections.deque()
         self.busy: asyncio.Future | None = None  # a start, restart, interrupt or burial in progress
         self.waiter: asyncio.Future | None = None  # set while an interrupt waits for the worker
-        self.closed = False
+        self.closed: RequestError | None = None  # what ended the context, once it has ended
         self.runs = 0
         self.restarts = 0
         self.created = time.time()
@@ -569,8 +559,8 @@ class Context:
     # ---- the queue
 
     def submit(self, run: Run) -> None:
-        if self.closed:
-            self.agent.finish(run, error=RequestError("ContextNotFound", f"context {self.id!r} was deleted"))
+        if self.closed is not None:
+            self.agent.finish(run, error=self.closed)
             return
         self.queue.append(run)
         run.cancel.on(lambda: self._stop(run, "Cancelled"))
@@ -578,7 +568,7 @@ class Context:
 
     def _next(self) -> None:
         """Give the worker its next run, when it is idle; (re)start a dead worker first."""
-        if self.current is not None or self.busy is not None or not self.queue or self.closed:
+        if self.current is not None or self.busy is not None or not self.queue or self.closed is not None:
             return
         if not self.alive():
             self._busy(self._restart_for_queue())
@@ -597,6 +587,14 @@ class Context:
             self._next()
 
         self.busy.add_done_callback(idle)
+
+    async def _first_start(self) -> None:
+        try:
+            await self.start()
+        except Exception as exc:
+            if self.agent.contexts.get(self.id) is self:
+                del self.agent.contexts[self.id]
+            self.close(RequestError("WorkerDied", f"the {self.language} worker could not start: {exc}"))
 
     async def _restart_for_queue(self) -> None:
         try:
@@ -652,12 +650,8 @@ class Context:
 
     def _on_ctrl(self) -> None:
         """Results are sent on at once; done finishes the run (or wakes an interrupt)."""
-        out = self.agent.out
-        out.cork()
-        try:
+        with self.agent.out:
             self._read_ctrl()
-        finally:
-            out.uncork()
 
     def _read_ctrl(self) -> None:
         try:
@@ -799,8 +793,8 @@ class Context:
 
     def close(self, error: RequestError) -> None:
         """Delete the context: kill its worker and end every run it holds with ``error``."""
-        self.closed = True
-        if self.busy is not None:
+        self.closed = error
+        if self.busy is not None and self.busy is not asyncio.current_task():
             self.busy.cancel()
         runs = ([self.current] if self.current is not None else []) + list(self.queue)
         self.queue.clear()
@@ -1045,26 +1039,14 @@ class Agent:
         if not os.path.isdir(ctx.cwd):
             raise RequestError("FileNotFoundError", f"no directory {ctx.cwd}")
         self.contexts[cid] = ctx
-        ctx.busy = asyncio.ensure_future(ctx.start())
-
-        def started(task: asyncio.Future) -> None:
-            ctx.busy = None
-            exc = None if task.cancelled() else task.exception()
-            if exc is not None or task.cancelled():
-                if self.contexts.get(cid) is ctx:
-                    del self.contexts[cid]
-                ctx.close(RequestError("WorkerDied", f"the {language} worker could not start: {exc!r}"))
-            else:
-                ctx._next()
-
-        ctx.busy.add_done_callback(started)
+        ctx._busy(ctx._first_start())
         return ctx
 
     async def new_context(self, cid, language, cwd, env) -> Context:
         ctx = self.make_context(cid, language, cwd, env)
         await asyncio.wait([ctx.busy])
-        if not ctx.alive():
-            raise RequestError("WorkerDied", f"the {language} worker could not start")
+        if ctx.closed is not None:
+            raise ctx.closed
         return ctx
 
     async def op_create_context(self, req, target, cancel):
