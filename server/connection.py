@@ -87,23 +87,30 @@ def _batcher(send: Any) -> Any:
     if proto is None or conn is None or not hasattr(proto, "writable") or not hasattr(conn, "send_text"):
         return None
 
-    async def write_all(frames: list[Any]) -> None:
-        """Write outbox frames (``seq``, ``body``): ``{"seq":N,`` and the body's rest, one copy."""
+    async def write_all(frames: list[Any]) -> int:
+        """Write outbox frames (``seq``, ``body``): ``{"seq":N,`` and the body's rest, one copy.
+        Returns the bytes of the frames' payloads."""
         await proto.writable.wait()  # the transport's flow control, as uvicorn's own send
         if proto.close_sent or proto.transport.is_closing() or conn.state.name != "OPEN":
             raise ConnectionError("the connection is closing")
+        size = 0
         if conn.extensions:
             for f in frames:
-                conn.send_text(with_seq(f.seq, f.body))
+                wire = with_seq(f.seq, f.body)
+                conn.send_text(wire)
+                size += len(wire)
             proto.transport.write(b"".join(conn.data_to_send()))
-            return
+            return size
         parts: list[Any] = []
         for f in frames:
             head = b'{"seq":%d,' % f.seq
-            parts.append(_text_header(len(head) + len(f.body) - 1))
+            n = len(head) + len(f.body) - 1
+            parts.append(_text_header(n))
             parts.append(head)
             parts.append(memoryview(f.body)[1:])
+            size += n
         proto.transport.write(b"".join(parts))
+        return size
 
     return write_all
 
@@ -314,16 +321,16 @@ class Connection:
             except ConnectionError:
                 return
             first, last = frames[0].seq, frames[-1].seq
-            size = sum(len(f.body) for f in frames) + 8 * len(frames)  # about: the seq is spliced in
             now = clock()
             observe(now - frames[0].t)  # the oldest frame of the write
             self._sending_since = now
             try:
                 if batch is not None:
-                    await batch(frames)
+                    size = await batch(frames)
                 else:
-                    f = frames[0]
-                    await send({"type": "websocket.send", "text": with_seq(f.seq, f.body).decode()})
+                    wire = with_seq(frames[0].seq, frames[0].body)
+                    await send({"type": "websocket.send", "text": wire.decode()})
+                    size = len(wire)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -99,16 +99,7 @@ class Outbox:
 
     def put_nowait(self, frame: dict[str, Any]) -> int:
         """Queue a frame past the high water mark (control frames only)."""
-        return self.put_encoded(encode(frame))
-
-    @property
-    def room(self) -> bool:
-        """A put would not wait."""
-        return self._can_put.is_set()
-
-    def put_encoded(self, body: bytes) -> int:
-        """Queue an already serialized frame (a JSON object without ``seq``); no waiting."""
-        return self.put_encoded_many((body,))
+        return self.put_encoded_many((encode(frame),))
 
     @property
     def space(self) -> int:

@@ -392,12 +392,9 @@ class Session:
         kind = op if op in ("run_code", "exec") else None
         t0 = time.perf_counter()
         r.sb, r.agent_rid = sb, rid
-        observed = False
 
         def observe(done: dict[str, Any]) -> None:
-            nonlocal observed
-            if kind and not observed:
-                observed = True
+            if kind:
                 err = done.get("error") or {}
                 outcome = "ok" if done.get("ok") else _outcome(err)
                 language = params.get("language", "python") if kind == "run_code" else "shell"
@@ -428,7 +425,8 @@ class Session:
             raise
         finally:
             r.agent_rid = None
-        observe(done)
+        if not finish:
+            observe(done)  # with finish, on_done did (a done always passes through it first)
         return done
 
     def _streamer(self, r: _Req, tags: dict[str, Any], tail: list[str] | None):
