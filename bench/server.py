@@ -149,14 +149,18 @@ class LeanClient:
                 raise ConnectionError("the server closed the connection")
         return self.frames.popleft()
 
-    def request(self, frame: dict) -> dict:
+    def request(self, frame: dict, on_frame=None) -> dict:
         rid = frame["id"] = f"l{next(_ids)}"
         self.proto.send_text(orjson.dumps(frame))
         self._flush()
         while True:
             msg = orjson.loads(self.recv())
-            if msg.get("id") == rid and msg["type"] == "done":
+            if msg.get("id") != rid:
+                continue
+            if msg["type"] == "done":
                 return msg
+            if on_frame is not None:
+                on_frame(msg)
 
     def close(self) -> None:
         self.proto.send_close()
@@ -179,23 +183,25 @@ def lean_rtt(url: str, frame: dict, n: int) -> list[float]:
         c.close()
 
 
+class StdoutCount:
+    """A request's frame callback that counts the characters of its stdout frames."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def __call__(self, msg: dict) -> None:
+        if msg["type"] == "stdout":
+            self.chars += len(msg["text"])
+
+
 def lean_stream(url: str, code: str) -> tuple[int, float, dict]:
     """Run ``code`` and read every frame it causes: (stdout characters, seconds, done)."""
     c = LeanClient(url)
     try:
-        rid = f"l{next(_ids)}"
+        count = StdoutCount()
         t0 = time.perf_counter()
-        c.proto.send_text(orjson.dumps({"type": "run_code", "id": rid, "code": code, "timeout_s": 300}))
-        c._flush()
-        got = 0
-        while True:
-            msg = orjson.loads(c.recv())
-            if msg.get("id") != rid:
-                continue
-            if msg["type"] == "stdout":
-                got += len(msg["text"])
-            elif msg["type"] == "done":
-                return got, time.perf_counter() - t0, msg
+        done = c.request({"type": "run_code", "code": code, "timeout_s": 300}, count)
+        return count.chars, time.perf_counter() - t0, done
     finally:
         c.close()
 
@@ -243,18 +249,13 @@ async def run(table: Table, n: int, smoke: bool = False) -> None:
             first.append(seen[0])
         # streaming throughput: 1 KiB lines
         mib = 4 if smoke else 64
-        got = [0]
-
-        def count(msg):
-            if msg["type"] == "stdout":
-                got[0] += len(msg["text"])
-
+        count = StdoutCount()
         code = f"import sys\nline = 'x' * 1023 + '\\n'\nw = sys.stdout.write\nfor _ in range({mib * 1024}): w(line)"
         t0 = time.perf_counter()
         done = await c.request({"type": "run_code", "code": code, "timeout_s": 300}, count)
         elapsed = time.perf_counter() - t0
         assert done["ok"] and not done.get("truncated"), done
-        assert got[0] == mib << 20, (got[0], mib << 20)
+        assert count.chars == mib << 20, (count.chars, mib << 20)
         await c.close()
         lgot, lelapsed, ldone = await asyncio.to_thread(lean_stream, srv.url, code)
         assert ldone["ok"] and not ldone.get("truncated"), ldone
