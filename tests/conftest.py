@@ -198,3 +198,21 @@ async def run_server(settings=None, **create_app_kwargs):
 async def server():
     async with run_server() as srv:
         yield srv
+
+
+@pytest.fixture
+async def fake():
+    """A local stand-in of the Anthropic Messages streaming API (tests/fake_anthropic.py)."""
+    from fake_anthropic import FakeAnthropic
+
+    async with FakeAnthropic() as f:
+        yield f
+
+
+def rss() -> int:
+    """This process's resident memory, in bytes (the in-process server's, in the tests that run one)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")

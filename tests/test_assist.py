@@ -100,12 +100,6 @@ class SandboxExecute:
 
 
 @pytest.fixture
-async def fake():
-    async with FakeAnthropic() as f:
-        yield f
-
-
-@pytest.fixture
 async def client(fake):
     c = anthropic.AsyncAnthropic(base_url=fake.url, api_key="test", max_retries=0)
     yield c
@@ -380,6 +374,15 @@ async def test_connection_cut_mid_stream(fake, client):
 # ---------------------------------------------------------------- cancel
 
 
+async def cancel_when(event: asyncio.Event, timeout: float, run) -> None:
+    """Start ``run`` (an assist coroutine), cancel it once ``event`` is set; it must end cancelled."""
+    task = asyncio.create_task(run)
+    await asyncio.wait_for(event.wait(), timeout)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_cancel_during_generation_closes_the_stream(fake, client):
     frames = Frames()
     first_token = frames.when(lambda f: f["type"] == "token")
@@ -389,12 +392,8 @@ async def test_cancel_during_generation_closes_the_stream(fake, client):
     async def never(code, language, iteration):
         raise AssertionError("no execution expected")
 
-    task = asyncio.create_task(make_runner(client).run(rid=RID, prompt="x", language="python", max_iterations=3,
-                                                       context=None, emit=frames, execute=never))
-    await asyncio.wait_for(first_token.wait(), 30)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_when(first_token, 30, make_runner(client).run(
+        rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=never))
     await asyncio.wait_for(fake.disconnected.wait(), 10)  # the HTTP stream was closed
     assert frames.text("token") == "Let me think"
     assert fake.completed == 0
@@ -407,12 +406,8 @@ async def test_cancel_during_execution_interrupts_the_sandbox(fake, client, sand
     fake.add(text("```python\nimport time\nprint('start', flush=True)\ntime.sleep(120)\nprint('end')\n```\n",
                   "It sleeps."))
     execute = SandboxExecute(sandbox, frames)
-    task = asyncio.create_task(make_runner(client).run(rid=RID, prompt="x", language="python", max_iterations=3,
-                                                       context=None, emit=frames, execute=execute))
-    await asyncio.wait_for(started.wait(), 60)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_when(started, 60, make_runner(client).run(
+        rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=execute))
     assert frames.of("attempt") == []
     # The sleeping code was interrupted: the same context answers well before the sleep would end.
     done = await sandbox.request("run_code", {"code": "print('after')", "timeout_s": 60}, None, deadline_s=90)

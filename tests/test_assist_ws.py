@@ -8,7 +8,7 @@ import asyncio
 import anthropic
 import pytest
 from conftest import run_server, server_settings
-from fake_anthropic import FakeAnthropic, Gate, stream_error, text
+from fake_anthropic import Gate, stream_error, text
 from wsclient import WSClient
 
 from server.metrics import Metrics
@@ -21,12 +21,6 @@ def done_of(frames):
     assert frames[-1]["type"] == "done"
     assert sum(1 for f in frames if f["type"] == "done") == 1
     return frames[-1]
-
-
-@pytest.fixture
-async def fake():
-    async with FakeAnthropic() as f:
-        yield f
 
 
 @pytest.fixture

@@ -195,28 +195,33 @@ for i in range(1, 41):
 '''
 
 
+async def run_then_drop(page, session, code: str, first_line: str):
+    """Run ``code`` in the page until ``first_line`` shows, then hold the page's reconnect and cut
+    the transport from the server side (no close frame); the run (which waits for
+    /workspace/gate) is let finish while the page is away. Returns its cell and request id."""
+    await set_code(page, code)
+    await page.get_by_test_id("run").click()
+    run = await cell(page)
+    await expect(run.locator(".out-stdout")).to_have_text(first_line)
+    rid = await run.get_attribute("data-request-id")
+    await page.evaluate("() => { window.groundloop.client.autoReconnect = false; }")
+    session.conn.abort()
+    await asyncio.wait_for(session.detached.wait(), 60)
+    await wait_state(page, "offline")
+    await asyncio.wait_for(session.sb.request("exec", {"command": "touch /workspace/gate", "timeout_s": 30}), 60)
+    req = session.inflight.get(rid)
+    if req is not None and req.task is not None:
+        await asyncio.wait_for(asyncio.wait([req.task]), 60)  # the run ended while the page was away
+    return run, rid
+
+
 @docker
 async def test_resume_after_a_server_side_disconnect(server):
     """The server drops the socket mid-run; output produced meanwhile is replayed once, in order."""
     async with chromium() as browser, open_page(browser, server) as page:
         sid = (await stats(page))["sessionId"]
         session = server.state.manager.sessions[sid]
-        await set_code(page, RESUME)
-        await page.get_by_test_id("run").click()
-        run = await cell(page)
-        await expect(run.locator(".out-stdout")).to_have_text("before the drop\n")
-        rid = await run.get_attribute("data-request-id")
-
-        # Hold the page's reconnect so that frames pile up while it is away,
-        # then cut the transport from the server side (no close frame).
-        await page.evaluate("() => { window.groundloop.client.autoReconnect = false; }")
-        session.conn.abort()
-        await asyncio.wait_for(session.detached.wait(), 60)
-        await wait_state(page, "offline")
-        await asyncio.wait_for(session.sb.request("exec", {"command": "touch /workspace/gate", "timeout_s": 30}), 60)
-        req = session.inflight.get(rid)
-        if req is not None and req.task is not None:
-            await asyncio.wait_for(asyncio.wait([req.task]), 60)  # the run ended while the page was away
+        run, rid = await run_then_drop(page, session, RESUME, "before the drop\n")
         assert await run.get_attribute("data-state") == "running"
 
         await page.evaluate("() => { const c = window.groundloop.client; c.autoReconnect = true; c.connect(); }")
@@ -277,19 +282,7 @@ async def test_queued_request_small_replay_buffer_and_expired_session():
             open_page(browser, srv) as page:
         sid = (await stats(page))["sessionId"]
         session = srv.state.manager.sessions[sid]
-        await set_code(page, GAP)
-        await page.get_by_test_id("run").click()
-        run = await cell(page)
-        await expect(run.locator(".out-stdout")).to_have_text("start\n")
-        rid = await run.get_attribute("data-request-id")
-        await page.evaluate("() => { window.groundloop.client.autoReconnect = false; }")
-        session.conn.abort()
-        await asyncio.wait_for(session.detached.wait(), 60)
-        await wait_state(page, "offline")
-        await asyncio.wait_for(session.sb.request("exec", {"command": "touch /workspace/gate", "timeout_s": 30}), 60)
-        req = session.inflight.get(rid)
-        if req is not None and req.task is not None:
-            await asyncio.wait_for(asyncio.wait([req.task]), 60)
+        run, rid = await run_then_drop(page, session, GAP, "start\n")
 
         # A request made while offline waits in the page and goes out after the resume.
         await set_code(page, "print('queued while offline')")

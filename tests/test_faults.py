@@ -28,7 +28,7 @@ import orjson
 import pytest
 import pytest_asyncio
 import websockets
-from conftest import IMAGE, NAMESPACE, run_server, sandbox_settings, server_settings
+from conftest import IMAGE, NAMESPACE, rss, run_server, sandbox_settings, server_settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -39,14 +39,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 WAIT = 120.0
 RSS_BOUND = 200 << 20
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def docker_client():

@@ -30,7 +30,7 @@ import time
 
 import pytest
 import pytest_asyncio
-from conftest import run_server, sandbox_settings, server_settings
+from conftest import rss, run_server, sandbox_settings, server_settings
 from wsclient import WSClient
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
@@ -47,14 +47,6 @@ FILE_MAX = 4 << 20
 REPORT: dict[str, dict] = {}
 
 RUNTIMES = [pytest.param("runc"), pytest.param("runsc", marks=pytest.mark.runsc)]
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 class Bystander:
