@@ -101,7 +101,7 @@ async def validate_code(request: Request) -> Response:
     gl.metrics.requests.labels("validate_code", outcome).inc()
     gl.metrics.request_duration.labels("validate_code").observe(seconds)
     logs.audit(user=user, session=session.id if session else "-", type="validate_code",
-               digest=logs.sha256(code), outcome=outcome, duration_ms=seconds * 1000, language=language)
+               text=code, outcome=outcome, duration_ms=seconds * 1000, language=language)
     gl.cache.put(key, result)
     return JSONResponse({**result, "cached": False})
 

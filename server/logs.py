@@ -31,14 +31,12 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
         log.log(level, _line(name, fields))
 
 
-def audit(*, user: str, session: str, type: str, digest: str, outcome: str, duration_ms: float, **extra: Any) -> None:
+def audit(*, user: str, session: str, type: str, text: str, outcome: str, duration_ms: float, **extra: Any) -> None:
+    """One audit line: ``text`` (the code or command) appears only as its SHA-256."""
     if audit_log.isEnabledFor(logging.INFO):
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         audit_log.info(_line("audit", {"user": user, "session": session, "type": type, "sha256": digest,
                                        "outcome": outcome, "duration_ms": round(duration_ms, 3), **extra}))
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def setup(level: str = "info") -> None:

@@ -79,16 +79,18 @@ class Cancelled(Exception):
 
 
 class _Req:
-    __slots__ = ("req", "task", "t0", "agent_rid", "sb", "cancelled", "started", "first_out", "finished")
+    __slots__ = ("req", "task", "t0", "t_sent", "agent_rid", "sb", "cancelled", "started", "unsent", "first_out",
+                 "finished")
 
     def __init__(self, req: Request):
         self.req = req
         self.task: asyncio.Task | None = None
-        self.t0 = time.perf_counter()
+        self.t0 = self.t_sent = time.perf_counter()
         self.agent_rid: str | None = None
         self.sb: Sandbox | None = None
         self.cancelled = False
         self.started = False
+        self.unsent = False
         self.first_out = False
         self.finished = False
 
@@ -112,6 +114,7 @@ class Session:
         self.last_activity = self.created
         self.detached_at: float | None = None
         self._rids = itertools.count(1)
+        self._unsent = 0  # agent ops whose task has not submitted them yet
         self._tasks: set[asyncio.Task] = set()
         self._sb_ready = asyncio.Event()
         self._sb_ready.set()
@@ -249,6 +252,13 @@ class Session:
             self.outbox.put_nowait({"type": "pong", "id": req.id})
             self._finish(r, True, "ok", None, {})
             return
+        if not hasattr(self, "_op_" + req.type):  # an agent op
+            if not self._unsent and self._sb_ready.is_set():
+                self._submit(r, self.sb)  # no task: the sandbox reader queues its done
+                return
+            # It waits for the sandbox; later ops must not overtake it.
+            r.unsent = True
+            self._unsent += 1
         r.task = asyncio.create_task(self._run(r), name=f"req-{self.id[:8]}-{req.type}")
 
     async def _done_now(self, id: Any, outcome: str, error: dict | None, **extra: Any) -> None:
@@ -261,12 +271,12 @@ class Session:
         if r is None:
             return False
         r.cancelled = True
-        if not r.started or r.task is None:
+        if not r.started:
             return True  # _run sees the flag first thing
-        if r.req.type == "assist" or r.agent_rid is None:
-            r.task.cancel()
-        elif r.sb is not None:
+        if r.agent_rid is not None and r.sb is not None and r.req.type != "assist":
             r.sb.cancel(r.agent_rid)
+        elif r.task is not None:
+            r.task.cancel()
         return True
 
     # ---- running requests
@@ -286,20 +296,49 @@ class Session:
             error = result.pop("error", None)
             extra = result
             outcome = "ok" if ok else _outcome(error)
-        except (asyncio.CancelledError, Cancelled):
+        except asyncio.CancelledError:
             t = asyncio.current_task()
             if t is not None and t.cancelling():
                 t.uncancel()
-            outcome, error = "cancelled", failure("Cancelled", "the request was cancelled")
-        except SandboxError as exc:
-            outcome, error = ("lost" if isinstance(exc, SandboxLost) else "unavailable"), failure(exc.name, str(exc))
+            outcome, error = self._failed(r, Cancelled())
+        except Exception as exc:
+            outcome, error = self._failed(r, exc)
+        self._finish(r, ok, outcome, error, extra)
+
+    def _submit(self, r: _Req, sb: Sandbox) -> None:
+        """Start a sandbox op from the frame handler, with no task: the sandbox reader
+        queues its done (on_done), and a failure (the sandbox lost) ends it from the future."""
+        r.started = True
+        op, params, deadline = self._agent_params(r)
+        try:
+            fut = self._send(r, sb, op, params, deadline, {}, finish=True)
+        except Exception as exc:
+            self._finish(r, False, *self._failed(r, exc), {})
+            return
+
+        def ended(fut: asyncio.Future) -> None:
+            r.agent_rid = None
+            exc = Cancelled() if fut.cancelled() else fut.exception()
+            if exc is not None:
+                if not self.live:  # the sandbox went with the session
+                    exc = Cancelled()
+                self._finish(r, False, *self._failed(r, exc), {})
+
+        fut.add_done_callback(ended)
+
+    def _failed(self, r: _Req, exc: BaseException) -> tuple[str, dict[str, Any]]:
+        """(outcome, error) of a request that ended with ``exc``."""
+        if isinstance(exc, Cancelled):
+            return "cancelled", failure("Cancelled", "the request was cancelled")
+        if isinstance(exc, SandboxError):
             if isinstance(exc, SandboxLost):
                 self._sandbox_lost(r.sb or self.sb, str(exc))
-        except Exception as exc:  # a server bug must still end the request
-            logs.log.exception("request %s failed", req.type)
-            outcome, error = "internal", failure("InternalError", f"{type(exc).__name__}: {exc}")
-            self.metrics.errors.labels("internal").inc()
-        self._finish(r, ok, outcome, error, extra)
+                return "lost", failure(exc.name, str(exc))
+            return "unavailable", failure(exc.name, str(exc))
+        # a server bug must still end the request
+        logs.log.error("request %s failed", r.req.type, exc_info=exc)
+        self.metrics.errors.labels("internal").inc()
+        return "internal", failure("InternalError", f"{type(exc).__name__}: {exc}")
 
     def _finish(self, r: _Req, ok: bool, outcome: str, error: dict | None, extra: dict[str, Any]) -> None:
         """The request's one done: accounted, logged and queued (past the high water mark:
@@ -307,6 +346,7 @@ class Session:
         if r.finished:
             return
         r.finished = True
+        self._sent(r)  # it never will be
         req = r.req
         self.inflight.pop(req.id, None)
         self.metrics.inflight.dec()
@@ -332,7 +372,7 @@ class Session:
     def _audit(self, r: _Req, outcome: str, seconds: float) -> None:
         p = r.req.params
         text = p.get("code") or p.get("command") or p.get("prompt") or ""
-        logs.audit(user=self.user, session=self.id, type=r.req.type, digest=logs.sha256(text), outcome=outcome,
+        logs.audit(user=self.user, session=self.id, type=r.req.type, text=text, outcome=outcome,
                    duration_ms=seconds * 1000, language=p.get("language"))
 
     async def sandbox(self) -> Sandbox:
@@ -387,27 +427,8 @@ class Session:
         sb = await self.sandbox()
         if r.cancelled:
             raise Cancelled()
-        rid = f"{r.req.type}-{next(self._rids)}"
-        on_event = self._streamer(r, tags, tail)
-        kind = op if op in ("run_code", "exec") else None
-        t0 = time.perf_counter()
-        r.sb, r.agent_rid = sb, rid
-
-        def observe(done: dict[str, Any]) -> None:
-            if kind:
-                err = done.get("error") or {}
-                outcome = "ok" if done.get("ok") else _outcome(err)
-                language = params.get("language", "python") if kind == "run_code" else "shell"
-                self.metrics.execution.labels(kind, language, outcome).observe(time.perf_counter() - t0)
-
-        def on_done(done: dict[str, Any]) -> None:
-            observe(done)
-            result = _done_fields(done)
-            ok = bool(result.pop("ok", True))
-            error = result.pop("error", None)
-            self._finish(r, ok, "ok" if ok else _outcome(error), error, result)
-
-        fut = sb.submit(op, params, on_event, rid=rid, deadline_s=deadline, on_done=on_done if finish else None)
+        fut = self._send(r, sb, op, params, deadline, tags, tail, finish)
+        rid = r.agent_rid
         try:
             await sb.drain()
             done = await asyncio.shield(fut)
@@ -426,8 +447,39 @@ class Session:
         finally:
             r.agent_rid = None
         if not finish:
-            observe(done)  # with finish, on_done did (a done always passes through it first)
+            self._observe(r, op, params, done)  # with finish, on_done did (a done always passes through it first)
         return done
+
+    def _send(self, r: _Req, sb: Sandbox, op: str, params: dict[str, Any], deadline: float,
+              tags: dict[str, Any], tail: list[str] | None = None, finish: bool = False) -> asyncio.Future:
+        """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
+        self._sent(r)
+        rid = f"{r.req.type}-{next(self._rids)}"
+        on_event = self._streamer(r, tags, tail)
+        r.t_sent = time.perf_counter()
+
+        def on_done(done: dict[str, Any]) -> None:
+            self._observe(r, op, params, done)
+            result = _done_fields(done)
+            ok = bool(result.pop("ok", True))
+            error = result.pop("error", None)
+            self._finish(r, ok, "ok" if ok else _outcome(error), error, result)
+
+        fut = sb.submit(op, params, on_event, rid=rid, deadline_s=deadline, on_done=on_done if finish else None)
+        r.sb, r.agent_rid = sb, rid
+        return fut
+
+    def _sent(self, r: _Req) -> None:
+        if r.unsent:
+            r.unsent = False
+            self._unsent -= 1
+
+    def _observe(self, r: _Req, op: str, params: dict[str, Any], done: dict[str, Any]) -> None:
+        """The execution-time metric of one run_code or exec."""
+        if op in ("run_code", "exec"):
+            outcome = "ok" if done.get("ok") else _outcome(done.get("error"))
+            language = params.get("language", "python") if op == "run_code" else "shell"
+            self.metrics.execution.labels(op, language, outcome).observe(time.perf_counter() - r.t_sent)
 
     def _streamer(self, r: _Req, tags: dict[str, Any], tail: list[str] | None):
         rid = r.req.id

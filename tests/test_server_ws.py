@@ -297,6 +297,25 @@ async def test_sandbox_lost_is_replaced(server):
         assert gone["error"]["name"] == "NameError"  # state was lost, the session goes on
 
 
+async def test_requests_that_wait_for_the_sandbox_keep_their_order(server):
+    """Requests that wait for a sandbox (as during a replacement) reach it in the order they were
+    sent, before a request that arrives just as it becomes ready and needs no wait."""
+    async with await WSClient.connect(server.url, token="tok1") as c:
+        session = server.state.manager.sessions[c.session_id]
+        session._sb_ready.clear()  # what a replacement does while it runs
+        rids = [await c.send("run_code", code="xs = []")]
+        rids += [await c.send("run_code", code=f"xs.append({i})") for i in range(3)]
+        while len(session.inflight) < len(rids):
+            await asyncio.sleep(0.01)
+        session._sb_ready.set()
+        # in the same turn of the loop, before the waiting requests have moved on
+        await session.handle_frame(orjson.dumps({"type": "run_code", "id": "late", "code": "xs.append(3)"}))
+        for rid in rids + ["late"]:
+            assert done_of(await c.until_done(rid))["ok"], rid
+        frames = await c.request("run_code", code="xs")
+        assert [f["data"]["text/plain"] for f in frames if f["type"] == "result"] == ["[0, 1, 2, 3]"]
+
+
 async def test_logs_and_audit_never_show_the_token(server, caplog):
     import hashlib
     import logging
