@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from typing import Any
 
@@ -65,13 +66,17 @@ class RawSendStash:
         await self.app(scope, receive, send)
 
 
+_HEAD16 = struct.Struct("!BBH").pack
+_HEAD64 = struct.Struct("!BBQ").pack
+
+
 def _text_header(n: int) -> bytes:
     """The header of an unmasked, final text frame of n bytes (RFC 6455 section 5.2)."""
     if n < 126:
         return bytes((0x81, n))
     if n < 65536:
-        return b"\x81\x7e" + n.to_bytes(2, "big")
-    return b"\x81\x7f" + n.to_bytes(8, "big")
+        return _HEAD16(0x81, 126, n)
+    return _HEAD64(0x81, 127, n)
 
 
 def _batcher(send: Any) -> Any:
@@ -87,30 +92,35 @@ def _batcher(send: Any) -> Any:
     if proto is None or conn is None or not hasattr(proto, "writable") or not hasattr(conn, "send_text"):
         return None
 
-    async def write_all(frames: list[Any]) -> int:
-        """Write outbox frames (``seq``, ``body``): ``{"seq":N,`` and the body's rest, one copy.
-        Returns the bytes of the frames' payloads."""
+    async def write_all(frames: list[Any]) -> tuple[int, int]:
+        """Write outbox frames (``{"seq":N,`` and each one's ``rest``), with one copy. Returns the
+        bytes of the frames' payloads and of their rests."""
         await proto.writable.wait()  # the transport's flow control, as uvicorn's own send
         if proto.close_sent or proto.transport.is_closing() or conn.state.name != "OPEN":
             raise ConnectionError("the connection is closing")
-        size = 0
+        size = rests = 0
         if conn.extensions:
             for f in frames:
-                wire = with_seq(f.seq, f.body)
+                wire = f.wire()
                 conn.send_text(wire)
                 size += len(wire)
+                rests += len(f.rest)
             proto.transport.write(b"".join(conn.data_to_send()))
-            return size
+            return size, rests
         parts: list[Any] = []
+        append = parts.append
         for f in frames:
             head = b'{"seq":%d,' % f.seq
-            n = len(head) + len(f.body) - 1
-            parts.append(_text_header(n))
-            parts.append(head)
-            parts.append(memoryview(f.body)[1:])
+            rest = f.rest
+            k = len(rest)
+            n = len(head) + k
+            append(_text_header(n))
+            append(head)
+            append(rest)
             size += n
+            rests += k
         proto.transport.write(b"".join(parts))
-        return size
+        return size, rests
 
     return write_all
 
@@ -326,18 +336,18 @@ class Connection:
             self._sending_since = now
             try:
                 if batch is not None:
-                    size = await batch(frames)
+                    size, rests = await batch(frames)
                 else:
-                    wire = with_seq(frames[0].seq, frames[0].body)
+                    wire = frames[0].wire()
                     await send({"type": "websocket.send", "text": wire.decode()})
-                    size = len(wire)
+                    size, rests = len(wire), len(frames[0].rest)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 return  # the peer is gone; the reader sees the disconnect
             finally:
                 self._sending_since = None
-            outbox.mark_sent_many(first, last)
+            outbox.mark_sent_many(first, last, rests)
             frames_inc(len(frames))
             bytes_inc(size)
 

@@ -186,6 +186,9 @@ class Metrics(EngineHooks):
                               registry=r)
         self.reaped = Counter(p + "containers_reaped", "Orphan sandbox containers removed at start-up", registry=r)
         self.replayed = Counter(p + "replayed_frames", "Frames replayed to resuming clients", registry=r)
+        # label children by their (bounded) label values: labels() costs microseconds per call
+        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._execution_children: dict[tuple[str, str, str], Any] = {}
         self._initialise()
 
     def _initialise(self) -> None:
@@ -229,8 +232,11 @@ class Metrics(EngineHooks):
         """One run_code or exec finished. ``outcome`` is one of OUTCOME_LABELS (see ``outcome_of``)."""
         if kind == "exec" and not language:
             language = "shell"
-        kind = bounded(kind, KIND_LABELS)
-        self.execution.labels(kind, bounded(language, LANGUAGE_LABELS), bounded(outcome, OUTCOME_LABELS)).observe(seconds)
+        key = (bounded(kind, KIND_LABELS), bounded(language, LANGUAGE_LABELS), bounded(outcome, OUTCOME_LABELS))
+        child = self._execution_children.get(key)
+        if child is None:
+            child = self._execution_children[key] = self.execution.labels(*key)
+        child.observe(seconds)
         if truncated:
             self.truncations.inc()
 
@@ -239,9 +245,12 @@ class Metrics(EngineHooks):
 
     def request_done(self, type_: str, outcome: str, seconds: float) -> None:
         """Any client request finished (its done frame was queued)."""
-        type_ = bounded(type_, REQUEST_TYPES)
-        self.requests.labels(type_, bounded(outcome, OUTCOME_LABELS)).inc()
-        self.request_duration.labels(type_).observe(seconds)
+        key = (bounded(type_, REQUEST_TYPES), bounded(outcome, OUTCOME_LABELS))
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.requests.labels(*key), self.request_duration.labels(key[0]))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def error(self, code: str) -> None:
         """An error frame or a failed request, by protocol error code."""

@@ -1,7 +1,8 @@
 """A session's outbox: the replay buffer, the send queue and the backpressure, in one.
 
-Frames enter with ``put`` (serialized once, without ``seq``); each gets the next
-``seq``. The outbox keeps every frame in one deque, in seq order. A cursor,
+Frames enter with ``put`` (serialized once, without ``seq``, and kept without
+their opening brace, so that the wire form is ``{"seq":N,`` and the rest with no
+slicing); each gets the next ``seq``. The outbox keeps every frame in one deque, in seq order. A cursor,
 ``sent_seq``, says which frames have been written to a socket: frames after it
 are *unsent* (the send queue), frames up to it are the replay buffer.
 
@@ -35,12 +36,16 @@ class ResumeError(ValueError):
 
 
 class _Frame:
-    __slots__ = ("seq", "body", "t")
+    __slots__ = ("seq", "rest", "t")
 
-    def __init__(self, seq: int, body: bytes, t: float):
+    def __init__(self, seq: int, rest: bytes, t: float):
         self.seq = seq
-        self.body = body
+        self.rest = rest  # the encoded frame without its opening brace
         self.t = t
+
+    def wire(self) -> bytes:
+        """The frame as sent: ``{"seq":N,`` and the rest."""
+        return b'{"seq":%d,' % self.seq + self.rest
 
 
 class Outbox:
@@ -74,7 +79,7 @@ class Outbox:
 
     @property
     def buffered_bytes(self) -> int:
-        return sum(len(f.body) for f in self._frames)
+        return sum(len(f.rest) for f in self._frames)
 
     def stats(self) -> dict[str, int]:
         return {"next_seq": self.next_seq, "sent_seq": self.sent_seq, "unsent": self.unsent,
@@ -99,22 +104,23 @@ class Outbox:
 
     def put_nowait(self, frame: dict[str, Any]) -> int:
         """Queue a frame past the high water mark (control frames only)."""
-        return self.put_encoded_many((encode(frame),))
+        return self.put_encoded_many((encode(frame)[1:],))
 
     @property
     def space(self) -> int:
         """How many frames can be put before the send queue is full."""
         return self.high - self.unsent if self._can_put.is_set() else 0
 
-    def put_encoded_many(self, bodies: Any) -> int:
-        """Queue serialized frames in order; no waiting (callers respect ``space``). Returns the last seq."""
+    def put_encoded_many(self, rests: Any) -> int:
+        """Queue serialized frames, each without its opening brace, in order; no waiting (callers
+        respect ``space``). Returns the last seq."""
         if self.closed:
             raise ConnectionError("the session is closed")
         t = time.perf_counter()
         seq = self.next_seq
         append = self._frames.append
-        for body in bodies:
-            append(_Frame(seq, body, t))
+        for rest in rests:
+            append(_Frame(seq, rest, t))
             seq += 1
         self.next_seq = seq
         n = self.unsent
@@ -138,8 +144,7 @@ class Outbox:
             await self._has_unsent.wait()
 
     def peek_frames(self, limit: int) -> list[_Frame]:
-        """Up to ``limit`` unsent frames from the cursor on (``seq``, ``body`` without seq, ``t`` queued);
-        the wire form of one is ``with_seq(f.seq, f.body)``."""
+        """Up to ``limit`` unsent frames from the cursor on (``seq``, ``rest``, ``t`` queued; ``wire()``)."""
         first = self._frames[0].seq
         start = self.sent_seq + 1 - first
         out = [self._frames[i] for i in range(start, min(len(self._frames), start + limit))]
@@ -151,19 +156,21 @@ class Outbox:
         """The frame ``seq`` reached the socket: advance the cursor, evict, wake producers."""
         self.mark_sent_many(seq, seq)
 
-    def mark_sent_many(self, first: int, last: int) -> None:
-        """Frames ``first`` to ``last`` (seq numbers read before the write) reached the socket."""
+    def mark_sent_many(self, first: int, last: int, nbytes: int | None = None) -> None:
+        """Frames ``first`` to ``last`` (seq numbers read before the write) reached the socket;
+        ``nbytes``, when the writer counted it, is the sum of their ``rest`` lengths."""
         if first != self.sent_seq + 1 or last < first:
             return  # the outbox was rewound meanwhile
-        frames = self._frames
-        base = frames[0].seq
-        for i in range(first - base, last - base + 1):
-            self._sent_bytes += len(frames[i].body)
+        if nbytes is None:
+            frames = self._frames
+            base = frames[0].seq
+            nbytes = sum(len(frames[i].rest) for i in range(first - base, last - base + 1))
+        self._sent_bytes += nbytes
         self.sent_seq = last
         self._sent_count += last - first + 1
         while self._sent_count and (self._sent_count > self.replay_frames or self._sent_bytes > self.replay_bytes):
             old = self._frames.popleft()
-            self._sent_bytes -= len(old.body)
+            self._sent_bytes -= len(old.rest)
             self._sent_count -= 1
             self.evicted += 1
         if self.unsent <= self.low:
@@ -185,9 +192,9 @@ class Outbox:
         first_kept = self._frames[0].seq if self._frames else self.next_seq
         missed = first_kept - last_seq - 1
         now = time.perf_counter()
-        head = [_Frame(0, encode(ready), now)]
+        head = [_Frame(0, encode(ready)[1:], now)]
         if missed > 0:
-            head.append(_Frame(0, encode(gap_frame(missed, last_seq + 1, first_kept - 1)), now))
+            head.append(_Frame(0, encode(gap_frame(missed, last_seq + 1, first_kept - 1))[1:], now))
         replayed = len(self._frames)
         self._frames.extendleft(reversed(head))
         seq = last_seq

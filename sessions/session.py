@@ -352,8 +352,7 @@ class Session:
         self.metrics.inflight.dec()
         self.last_activity = time.monotonic()
         seconds = time.perf_counter() - r.t0
-        self.metrics.requests.labels(req.type, outcome).inc()
-        self.metrics.request_duration.labels(req.type).observe(seconds)
+        self.metrics.request_done(req.type, outcome, seconds)
         if extra.get("truncated"):
             self.metrics.truncations.inc()
         if req.type in EXECUTIONS:
@@ -479,7 +478,7 @@ class Session:
         if op in ("run_code", "exec"):
             outcome = "ok" if done.get("ok") else _outcome(done.get("error"))
             language = params.get("language", "python") if op == "run_code" else "shell"
-            self.metrics.execution.labels(op, language, outcome).observe(time.perf_counter() - r.t_sent)
+            self.metrics.execution_done(op, language, outcome, time.perf_counter() - r.t_sent)
 
     def _streamer(self, r: _Req, tags: dict[str, Any], tail: list[str] | None):
         rid = r.req.id
@@ -488,9 +487,9 @@ class Session:
         metrics = self.metrics
         kind = r.req.type
         # A line's frame is {"type":<stream>,"id":<id>,"text":<line>,<tags>}: everything but
-        # the line is serialized once per request and stream, the line once.
-        rid_json = orjson.dumps(rid)
-        head = {st: b'{"type":"%s","id":%s,"text":' % (st.encode(), rid_json) for st in ("stdout", "stderr")}
+        # the line is serialized once per request and stream, the line once (the outbox keeps
+        # frames without their opening brace).
+        head: dict[str, bytes] = {}  # by stream, made at its first line
         tail_bytes = b"," + orjson.dumps(tags)[1:] if tags else b"}"
 
         async def on_event(ev: dict[str, Any]) -> None:
@@ -510,6 +509,8 @@ class Session:
                 if tail is not None:
                     tail.extend(lines)
                 prefix = head.get(stream)
+                if prefix is None and stream in ("stdout", "stderr"):
+                    prefix = head[stream] = b'"type":"%s","id":%s,"text":' % (stream.encode(), orjson.dumps(rid))
                 if prefix is None:
                     for line in lines:
                         await put(output_frame(stream, rid, line, **tags))
@@ -521,7 +522,7 @@ class Session:
                     if space <= 0:
                         await outbox.wait_room()
                         continue
-                    outbox.put_encoded_many([b"".join((prefix, dumps(line), tail_bytes))
+                    outbox.put_encoded_many([prefix + dumps(line) + tail_bytes
                                              for line in lines[i:i + space]])
                     i += space
             elif what == "result":

@@ -7,7 +7,6 @@ import asyncio
 import orjson
 import pytest
 
-from server.protocol import with_seq
 from sessions.manager import TokenBucket
 from sessions.outbox import Outbox, ResumeError
 
@@ -22,7 +21,7 @@ async def next_frame(ob: Outbox) -> tuple[int, bytes, float]:
     """What the writer does for one frame: wait for it, take it, frame it with its seq."""
     await ob.wait_unsent()
     f = ob.peek_frames(1)[0]
-    return f.seq, with_seq(f.seq, f.body), f.t
+    return f.seq, f.wire(), f.t
 
 
 async def send_all(ob: Outbox) -> list[dict]:
@@ -133,7 +132,7 @@ async def test_peek_frames_for_batched_writes():
     ob.mark_sent(seq)
     batch = ob.peek_frames(3)
     assert [f.seq for f in batch] == [2, 3, 4]
-    assert [orjson.loads(with_seq(f.seq, f.body)) for f in batch] == [
+    assert [orjson.loads(f.wire()) for f in batch] == [
         {"seq": n + 1, "type": "stdout", "text": str(n)} for n in (1, 2, 3)]
     assert ob.attempted_seq == 4 and ob.sent_seq == 1  # handed to the socket, not yet written
     for f in batch:
