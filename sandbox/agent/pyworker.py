@@ -139,12 +139,13 @@ def run(code, n):
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body.pop().value)
-        body = compile(tree, filename, "exec", flags=flags)
+        body = compile(tree, filename, "exec", flags=flags) if tree.body else None
         tail = compile(last, filename, "eval", flags=flags) if last is not None else None
     except (SyntaxError, ValueError, OverflowError) as exc:
         raise CellError(error_of(exc, filename)) from None
     try:
-        _exec(body)
+        if body is not None:
+            _exec(body)
         value = _exec(tail) if tail is not None else None
     except BaseException as exc:  # KeyboardInterrupt and SystemExit included
         raise CellError(error_of(exc, filename)) from None
