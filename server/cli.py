@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from sandbox.settings import SettingsError
@@ -28,6 +29,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"groundloop: {exc}", file=sys.stderr)
         return 2
     config = uvicorn_config(app, settings, log_level=settings.log_level, log_config=uvicorn.config.LOGGING_CONFIG)
+    # Everything imported so far lives as long as the process: keep it out of the
+    # collector's full passes, which otherwise walk it all (tens of ms under load).
+    gc.collect()
+    gc.freeze()
     uvicorn.Server(config).run()
     return 0
 
