@@ -151,7 +151,7 @@ class LeanClient:
         self.sock.sendall(b"".join(self.proto.data_to_send()))
 
     def _parse(self) -> None:
-        """Move every whole frame of ``buf`` to ``frames`` (text) or answer it (ping, close)."""
+        """Move every whole text frame of ``buf`` to ``frames``; answer pings; a close ends the client."""
         buf, pos, n = self.buf, 0, len(self.buf)
         while n - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]

@@ -1,10 +1,11 @@
 """A session's outbox: the replay buffer, the send queue and the backpressure, in one.
 
 Frames enter with ``put`` (serialized once, without ``seq``, and kept without
-their opening brace, so that the wire form is ``{"seq":N,`` and the rest with no
-slicing); each gets the next ``seq``. The outbox keeps every frame in one deque, in seq order. A cursor,
-``sent_seq``, says which frames have been written to a socket: frames after it
-are *unsent* (the send queue), frames up to it are the replay buffer.
+their opening brace: the wire form is ``{"seq":N,`` and that rest, no slicing);
+each gets the next ``seq``. The outbox keeps every frame in one deque, in seq
+order. A cursor, ``sent_seq``, says which frames have been written to a socket:
+frames after it are *unsent* (the send queue), frames up to it are the replay
+buffer.
 
 - The one writer of the attached socket waits with ``wait_unsent``, takes the
   queued frames with ``peek_frames`` and reports each written one with

@@ -79,7 +79,7 @@ class Cancelled(Exception):
 
 
 class _Req:
-    __slots__ = ("req", "task", "t0", "t_sent", "agent_rid", "sb", "cancelled", "started", "unsent", "first_out",
+    __slots__ = ("req", "task", "t0", "t_sent", "agent_rid", "sb", "cancelled", "started", "waiting", "first_out",
                  "finished")
 
     def __init__(self, req: Request):
@@ -90,7 +90,7 @@ class _Req:
         self.sb: Sandbox | None = None
         self.cancelled = False
         self.started = False
-        self.unsent = False
+        self.waiting = False
         self.first_out = False
         self.finished = False
 
@@ -114,7 +114,7 @@ class Session:
         self.last_activity = self.created
         self.detached_at: float | None = None
         self._rids = itertools.count(1)
-        self._unsent = 0  # agent ops whose task has not submitted them yet
+        self._waiting = 0  # agent ops whose task waits for a sandbox: later ops queue behind them
         self._tasks: set[asyncio.Task] = set()
         self._sb_ready = asyncio.Event()
         self._sb_ready.set()
@@ -253,12 +253,11 @@ class Session:
             self._finish(r, True, "ok", None, {})
             return
         if not hasattr(self, "_op_" + req.type):  # an agent op
-            if not self._unsent and self._sb_ready.is_set():
+            if not self._waiting and self._sb_ready.is_set():
                 self._submit(r, self.sb)  # no task: the sandbox reader queues its done
                 return
-            # It waits for the sandbox; later ops must not overtake it.
-            r.unsent = True
-            self._unsent += 1
+            r.waiting = True
+            self._waiting += 1
         r.task = asyncio.create_task(self._run(r), name=f"req-{self.id[:8]}-{req.type}")
 
     async def _done_now(self, id: Any, outcome: str, error: dict | None, **extra: Any) -> None:
@@ -327,7 +326,7 @@ class Session:
         fut.add_done_callback(ended)
 
     def _failed(self, r: _Req, exc: BaseException) -> tuple[str, dict[str, Any]]:
-        """(outcome, error) of a request that ended with ``exc``."""
+        """(outcome, error) of a request that ended with ``exc``; a lost sandbox starts its replacement."""
         if isinstance(exc, Cancelled):
             return "cancelled", failure("Cancelled", "the request was cancelled")
         if isinstance(exc, SandboxError):
@@ -346,7 +345,7 @@ class Session:
         if r.finished:
             return
         r.finished = True
-        self._sent(r)  # it never will be
+        self._submitted(r)  # or never will be
         req = r.req
         self.inflight.pop(req.id, None)
         self.metrics.inflight.dec()
@@ -452,7 +451,7 @@ class Session:
     def _send(self, r: _Req, sb: Sandbox, op: str, params: dict[str, Any], deadline: float,
               tags: dict[str, Any], tail: list[str] | None = None, finish: bool = False) -> asyncio.Future:
         """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
-        self._sent(r)
+        self._submitted(r)
         rid = f"{r.req.type}-{next(self._rids)}"
         on_event = self._streamer(r, tags, tail)
         r.t_sent = time.perf_counter()
@@ -468,10 +467,10 @@ class Session:
         r.sb, r.agent_rid = sb, rid
         return fut
 
-    def _sent(self, r: _Req) -> None:
-        if r.unsent:
-            r.unsent = False
-            self._unsent -= 1
+    def _submitted(self, r: _Req) -> None:
+        if r.waiting:
+            r.waiting = False
+            self._waiting -= 1
 
     def _observe(self, r: _Req, op: str, params: dict[str, Any], done: dict[str, Any]) -> None:
         """The execution-time metric of one run_code or exec."""
