@@ -87,6 +87,18 @@ class Server:
         return cpu, hwm
 
 
+def _route(msg: dict, rid: str, on_frame) -> dict | None:
+    """A frame read while request ``rid`` runs: its done is returned; its other frames go to
+    ``on_frame``; frames of other requests are skipped."""
+    if msg.get("id") != rid:
+        return None
+    if msg["type"] == "done":
+        return msg
+    if on_frame is not None:
+        on_frame(msg)
+    return None
+
+
 class Client:
     def __init__(self, ws):
         self.ws = ws
@@ -103,13 +115,9 @@ class Client:
         frame["id"] = rid
         await self.ws.send(orjson.dumps(frame).decode())
         while True:
-            msg = orjson.loads(await self.ws.recv())
-            if msg.get("id") != rid:
-                continue
-            if msg["type"] == "done":
-                return msg
-            if on_frame is not None:
-                on_frame(msg)
+            done = _route(orjson.loads(await self.ws.recv()), rid, on_frame)
+            if done is not None:
+                return done
 
     async def close(self) -> None:
         await self.ws.close()
@@ -192,13 +200,9 @@ class LeanClient:
         self.proto.send_text(orjson.dumps(frame))
         self._flush()
         while True:
-            msg = orjson.loads(self.recv())
-            if msg.get("id") != rid:
-                continue
-            if msg["type"] == "done":
-                return msg
-            if on_frame is not None:
-                on_frame(msg)
+            done = _route(orjson.loads(self.recv()), rid, on_frame)
+            if done is not None:
+                return done
 
     def close(self) -> None:
         self.proto.send_close()
@@ -244,14 +248,21 @@ def lean_stream(url: str, code: str) -> tuple[int, float, dict]:
         c.close()
 
 
-async def rtt(client: Client, n: int) -> list[float]:
+async def rtt(client: Client, n: int, frame: dict | None = None) -> list[float]:
+    """``n`` sequential round trips of ``frame`` (a ``1 + 1`` run by default)."""
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        done = await client.request({"type": "run_code", "code": "1 + 1"})
+        done = await client.request(dict(frame) if frame else {"type": "run_code", "code": "1 + 1"})
         out.append(time.perf_counter() - t0)
         assert done["ok"], done
     return out
+
+
+def check_stream(chars: int, done: dict, expected: int) -> None:
+    """A throughput run ended well and its client read every character."""
+    assert done["ok"] and not done.get("truncated"), done
+    assert chars == expected, (chars, expected)
 
 
 async def run(table: Table, n: int, smoke: bool = False) -> None:
@@ -268,11 +279,7 @@ async def run(table: Table, n: int, smoke: bool = False) -> None:
         c, _ = await Client.open(srv.url)
         await c.request({"type": "run_code", "code": "1 + 1"})
         warm = await rtt(c, n)
-        ping = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await c.request({"type": "ping"})
-            ping.append(time.perf_counter() - t0)
+        ping = await rtt(c, n, {"type": "ping"})
         # time to first stdout line
         first = []
         for _ in range(10 if smoke else 100):
@@ -292,12 +299,10 @@ async def run(table: Table, n: int, smoke: bool = False) -> None:
         t0 = time.perf_counter()
         done = await c.request({"type": "run_code", "code": code, "timeout_s": 300}, count)
         elapsed = time.perf_counter() - t0
-        assert done["ok"] and not done.get("truncated"), done
-        assert count.chars == mib << 20, (count.chars, mib << 20)
+        check_stream(count.chars, done, mib << 20)
         await c.close()
         lgot, lelapsed, ldone = await asyncio.to_thread(lean_stream, srv.url, code)
-        assert ldone["ok"] and not ldone.get("truncated"), ldone
-        assert lgot == mib << 20, (lgot, mib << 20)
+        check_stream(lgot, ldone, mib << 20)
 
         lean = await asyncio.to_thread(lean_rtt, srv.url, {"type": "run_code", "code": "1 + 1"}, n)
         lean_ping = await asyncio.to_thread(lean_rtt, srv.url, {"type": "ping"}, n)
