@@ -73,6 +73,14 @@ class RequestError(Exception):
         self.message = message
         self.extra = extra
 
+    @classmethod
+    def of_answer(cls, ev: dict) -> RequestError | None:
+        """The error of a worker's ``done`` answer; None when it is ok."""
+        if ev.get("ok"):
+            return None
+        err = ev.get("error") or {}
+        return cls(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
+
 
 # --------------------------------------------------------------------------
 # Writing frames, with flow control towards the server.
@@ -685,11 +693,7 @@ class Context:
                 self._wake(("done", ev))
             elif run is not None:
                 self._end(run)
-                error = None
-                if not ev.get("ok"):
-                    err = ev.get("error") or {}
-                    error = RequestError(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
-                self.agent.finish(run, {"context": self.id}, error)
+                self.agent.finish(run, {"context": self.id}, RequestError.of_answer(ev))
                 self._next()
 
     def _wake(self, value) -> None:
@@ -734,10 +738,9 @@ class Context:
             # that would answer on its pipes) was part of the interrupted run.
             kill_group_except(self.proc.pid, self.proc.pid)
             self._end(run)
-            err = value.get("error") or {}
-            if not value.get("ok") and err.get("name") != "KeyboardInterrupt":
-                self.agent.finish(run, extra, RequestError(err.get("name", "Error"), err.get("message", ""),
-                                                           traceback=err.get("traceback")))
+            error = RequestError.of_answer(value)
+            if error is not None and error.name != "KeyboardInterrupt":
+                self.agent.finish(run, extra, error)
             else:
                 self.agent.finish(run, extra, RequestError(
                     reason, message + " (interrupted; the context's state is kept)", state_lost=False))
