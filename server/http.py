@@ -98,8 +98,7 @@ async def validate_code(request: Request) -> Response:
     seconds = time.perf_counter() - t0
     result["duration_ms"] = round(seconds * 1000, 3)
     outcome = "ok" if result["ok"] else "error"
-    gl.metrics.requests.labels("validate_code", outcome).inc()
-    gl.metrics.request_duration.labels("validate_code").observe(seconds)
+    gl.metrics.request_done("validate_code", outcome, seconds)
     logs.audit(user=user, session=session.id if session else "-", type="validate_code",
                text=code, outcome=outcome, duration_ms=seconds * 1000, language=language)
     gl.cache.put(key, result)
