@@ -624,8 +624,7 @@ class Context:
             except OSError:
                 pass  # the worker is gone: its end of the answer pipe says so
         else:
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(None, _write_all, self.ctrl_w, data)
+            fut = self.agent.loop.run_in_executor(None, _write_all, self.ctrl_w, data)
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         if run.timeout:
             run.timer = self.agent.loop.call_later(run.timeout, self._stop, run, "Timeout")
@@ -717,7 +716,7 @@ class Context:
 
     async def _interrupt(self, run: Run, reason: str) -> None:
         """SIGINT the worker's process group; kill and restart it if it does not stop."""
-        loop = asyncio.get_running_loop()
+        loop = self.agent.loop
         timeout = run.timeout
         if reason == "Timeout":
             message = f"execution exceeded the timeout of {timeout:g} s"
@@ -778,7 +777,7 @@ class Context:
             fd = getattr(self, attr)
             if fd is not None:
                 if attr == "ctrl_r":
-                    asyncio.get_running_loop().remove_reader(fd)
+                    self.agent.loop.remove_reader(fd)
                 try:
                     os.close(fd)
                 except OSError:
@@ -888,7 +887,7 @@ class Agent:
 
     # main loop
     async def main(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         out_fd = os.dup(1)
         # Anything printed by accident goes to stderr, never into the frame stream.
         os.dup2(2, 1)
