@@ -18,11 +18,9 @@ import dataclasses
 import os
 import time
 
-import orjson
-import websockets
-
 from sandbox.settings import SandboxSettings, load
 
+from .server import Client
 from .stats import Table, summary_ms
 
 TOKENS = ["bench-hostile:mallory", "bench-bystander:bob"]
@@ -80,32 +78,6 @@ async def serve(runtime: str):
         yield f"ws://127.0.0.1:{server.groundloop_port}/v1/ws"
 
 
-class Client:
-    def __init__(self, ws):
-        self.ws = ws
-        self.n = 0
-
-    @classmethod
-    async def connect(cls, url: str, token: str) -> Client:
-        ws = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                                      compression=None, max_size=None, open_timeout=WAIT)
-        first = orjson.loads(await asyncio.wait_for(ws.recv(), WAIT))
-        if first.get("type") != "ready":
-            await ws.close()
-            raise RuntimeError(f"expected ready, got {first}")
-        return cls(ws)
-
-    async def request(self, type: str, **fields) -> dict:
-        """Send one request and read frames to its done (others are skipped)."""
-        self.n += 1
-        rid = f"b{self.n}"
-        await self.ws.send(orjson.dumps({"type": type, "id": rid, **fields}).decode())
-        while True:
-            frame = orjson.loads(await asyncio.wait_for(self.ws.recv(), WAIT))
-            if frame.get("type") == "done" and frame.get("id") == rid:
-                return frame
-
-
 class Bystander:
     def __init__(self, client: Client):
         self.c = client
@@ -116,7 +88,7 @@ class Bystander:
     async def loop(self) -> None:
         while not self.stop:
             t0 = time.perf_counter()
-            done = await self.c.request("run_code", code="1 + 1")
+            done = await self.c.request({"type": "run_code", "code": "1 + 1"})
             self.samples.append(time.perf_counter() - t0)
             if not done.get("ok"):
                 self.failures += 1
@@ -124,8 +96,8 @@ class Bystander:
 
 async def _one_runtime(table: Table, n: int, smoke: bool, runtime: str) -> None:
     async with serve(runtime) as url:
-        by = Bystander(await Client.connect(url, "bench-bystander"))
-        await by.c.request("run_code", code="1 + 1")  # start the worker
+        by = Bystander((await Client.open(url, "bench-bystander", WAIT))[0])
+        await by.c.request({"type": "run_code", "code": "1 + 1"})  # start the worker
         task = asyncio.create_task(by.loop())
         try:
             baseline = max(20, min(n, 1000))
@@ -136,17 +108,17 @@ async def _one_runtime(table: Table, n: int, smoke: bool, runtime: str) -> None:
             for name, kind, payload, timeout_s in PROGRAMS:
                 if smoke and name not in SMOKE:
                     continue
-                hostile = await Client.connect(url, "bench-hostile")
+                hostile, _ = await Client.open(url, "bench-hostile", WAIT)
                 try:
-                    await hostile.request("run_code", code="1 + 1")
+                    await hostile.request({"type": "run_code", "code": "1 + 1"})
                     mark, failures = len(by.samples), by.failures
                     t0 = time.perf_counter()
                     field = "code" if kind == "run_code" else "command"
-                    done = await hostile.request(kind, **{field: payload, "timeout_s": timeout_s})
+                    done = await hostile.request({"type": kind, field: payload, "timeout_s": timeout_s})
                     took = time.perf_counter() - t0
-                    after = await hostile.request("run_code", code="1 + 1")
+                    after = await hostile.request({"type": "run_code", "code": "1 + 1"})
                 finally:
-                    await hostile.ws.close()
+                    await hostile.close()
                 during = by.samples[mark:]
                 s = summary_ms(during)
                 outcome = "ok" if done.get("ok") else (done.get("error") or {}).get("name", "error")
@@ -158,7 +130,7 @@ async def _one_runtime(table: Table, n: int, smoke: bool, runtime: str) -> None:
         finally:
             by.stop = True
             await asyncio.wait_for(task, WAIT)
-            await by.c.ws.close()
+            await by.c.close()
 
 
 async def run(table: Table, n: int, smoke: bool = False) -> None:

@@ -100,22 +100,33 @@ def _route(msg: dict, rid: str, on_frame) -> dict | None:
 
 
 class Client:
-    def __init__(self, ws):
+    """The websockets asyncio client. ``timeout``, when set, bounds the wait for each frame
+    (the latency benchmarks leave it unset: a timer per frame would be measured too)."""
+
+    def __init__(self, ws, timeout: float | None = None):
         self.ws = ws
+        self.timeout = timeout
 
     @classmethod
-    async def open(cls, url: str) -> tuple[Client, dict]:
-        ws = await connect(url, max_size=None, compression=None, open_timeout=120)
-        ready = orjson.loads(await ws.recv())
-        assert ready["type"] == "ready", ready
-        return cls(ws), ready
+    async def open(cls, url: str, token: str | None = None, timeout: float | None = None) -> tuple[Client, dict]:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        ws = await connect(url, additional_headers=headers, max_size=None, compression=None,
+                           open_timeout=timeout or 120)
+        ready = orjson.loads(await asyncio.wait_for(ws.recv(), timeout or 120))
+        if ready.get("type") != "ready":
+            await ws.close()
+            raise RuntimeError(f"expected ready, got {ready}")
+        return cls(ws, timeout), ready
 
     async def request(self, frame: dict, on_frame=None) -> dict:
+        """Send ``frame`` with a new id; its frames go to ``on_frame``, its done is returned."""
         rid = f"b{next(_ids)}"
         frame["id"] = rid
         await self.ws.send(orjson.dumps(frame).decode())
+        recv, timeout = self.ws.recv, self.timeout
         while True:
-            done = _route(orjson.loads(await self.ws.recv()), rid, on_frame)
+            raw = await (recv() if timeout is None else asyncio.wait_for(recv(), timeout))
+            done = _route(orjson.loads(raw), rid, on_frame)
             if done is not None:
                 return done
 
