@@ -7,7 +7,7 @@ import asyncio
 import os
 import platform
 
-from . import baselines, engine, hostile
+from . import baselines, engine, floors, hostile
 from .stats import Table
 
 
@@ -19,7 +19,9 @@ def main() -> None:
     args = parser.parse_args()
     n = 20 if args.smoke else args.n
     table = Table()
-    print(f"groundloop bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}")
+    idle = floors.machine()
+    print(f"groundloop bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
+          + (f", {idle}" if idle else ""))
     run = asyncio.run
     try:  # the clients' own event loop: as fast as the server's
         import uvloop
@@ -29,6 +31,7 @@ def main() -> None:
         pass
     if args.only in (None, "engine"):
         run(engine.run(table, n))
+        floors.attach_echo(table, n)
         baselines.jupyter(table, min(n, 1000))
     if args.only in (None, "server"):
         try:
@@ -36,6 +39,7 @@ def main() -> None:
         except ImportError as exc:  # pragma: no cover
             print(f"server benchmarks unavailable: {exc}")
         else:
+            floors.ws_echo(table, n)
             run(server.run(table, n, smoke=args.smoke))
     if args.only in (None, "hostile"):
         run(hostile.run(table, n, smoke=args.smoke))

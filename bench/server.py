@@ -142,7 +142,8 @@ class LeanClient:
     generic parser costs more CPU per frame than the server spends making it, on the same
     two cores."""
 
-    def __init__(self, url: str, timeout: float = 60):
+    def __init__(self, url: str, timeout: float = 60, ready: bool = True):
+        """Connect; with ``ready``, read the server's ``ready`` frame (a groundloop server)."""
         uri = parse_uri(url)
         self.sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -163,8 +164,9 @@ class LeanClient:
                 raise ConnectionError(f"the handshake failed: {ev.status_code}")
         self.frames: collections.deque[bytes] = collections.deque()
         self._parse()
-        ready = orjson.loads(self.recv())
-        assert ready["type"] == "ready", ready
+        if ready:
+            first = orjson.loads(self.recv())
+            assert first["type"] == "ready", first
 
     def _flush(self) -> None:
         self.sock.sendall(b"".join(self.proto.data_to_send()))
@@ -206,10 +208,13 @@ class LeanClient:
             self._parse()
         return self.frames.popleft()
 
+    def send(self, text: bytes) -> None:
+        self.proto.send_text(text)
+        self._flush()
+
     def request(self, frame: dict, on_frame=None) -> dict:
         rid = frame["id"] = f"l{next(_ids)}"
-        self.proto.send_text(orjson.dumps(frame))
-        self._flush()
+        self.send(orjson.dumps(frame))
         while True:
             done = _route(orjson.loads(self.recv()), rid, on_frame)
             if done is not None:

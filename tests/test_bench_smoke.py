@@ -19,6 +19,7 @@ def test_bench_smoke_prints_the_table():
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     for row in ("engine: run_code 1 + 1 round trip", "docker exec python3", "engine: pool acquire",
                 "engine: cold container start", "engine: time to first streamed line", "local Jupyter kernel",
+                "floor: echo through a container's attach stream", "floor: WebSocket echo",
                 "ws: run_code 1 + 1 round trip (warm, lean client)",
                 "ws: run_code 1 + 1 round trip (warm, asyncio client)", "ws: ping round trip (lean client)",
                 "ws: connect to ready", "ws: time to first stdout line",

@@ -1,0 +1,171 @@
+"""The floors under a round trip, measured in the same run as everything else.
+
+A warm ``run_code`` crosses two hops that groundloop does not write: a WebSocket
+server (uvicorn, uvloop, websockets' sans-I/O protocol and Starlette, as the
+server runs them) and Docker's attach stream. Each is measured here doing nothing
+but echo, so a table can be read against its own machine on its own day (the
+timing of this machine moves by tens of percent from one run to the next):
+
+- ``ws_echo``: a Starlette WebSocket endpoint that sends back every text frame,
+  in its own uvicorn process, driven by the lean client;
+- ``attach_echo``: ``cat`` in a container hardened like a sandbox, one short
+  line written to its attached stdin and read back from its stdout.
+
+``python -m bench.floors serve PORT`` runs the echo server (the bench starts it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from .stats import Table, summary_ms
+
+_ATTACH_HEADER = struct.Struct(">BxxxL")
+
+
+def _echo_app():
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    from server.connection import RawSendStash, _set_nodelay
+
+    async def echo(ws: WebSocket) -> None:
+        _set_nodelay(ws)  # as the server does: uvicorn leaves Nagle on
+        await ws.accept()
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            await ws.send_text(msg.get("text") or "")
+
+    return RawSendStash(Starlette(routes=[WebSocketRoute("/echo", echo)]))
+
+
+def serve(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(_echo_app(), host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning",
+                lifespan="off")
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the echo server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the echo server did not start")
+
+
+def ws_echo(table: Table, n: int) -> None:
+    from .server import LeanClient, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floors", "serve", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        c = LeanClient(f"ws://127.0.0.1:{port}/echo", ready=False)
+        try:
+            text = b'{"type":"ping","id":"e1"}'
+            samples = []
+            for i in range(n + 20):
+                t0 = time.perf_counter()
+                c.send(text)
+                got = c.recv()
+                if i >= 20:
+                    samples.append(time.perf_counter() - t0)
+                assert got == text, got
+        finally:
+            c.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    s = summary_ms(samples)
+    table.add("floor: WebSocket echo (uvicorn + Starlette, lean client)", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms")
+
+
+def attach_echo(table: Table, n: int) -> None:
+    from sandbox.docker_backend import SANDBOX_USER, DockerBackend, hardening
+
+    from .engine import settings
+
+    backend = DockerBackend(settings())
+    api = backend.client.api
+    created = api.create_container(backend.settings.image, command=["cat"], stdin_open=True, tty=False,
+                                   user=SANDBOX_USER, network_disabled=True, labels=backend.labels("bench-floor"),
+                                   host_config=api.create_host_config(**hardening(backend.settings)))
+    cid = created["Id"]
+    try:
+        raw = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        sock = socket.socket(fileno=os.dup(getattr(raw, "_sock", raw).fileno()))
+        raw.close()
+        api.start(cid)
+        sock.settimeout(30)
+        line = b"1 + 1\n"
+        samples = []
+        try:
+            for i in range(n + 20):
+                t0 = time.perf_counter()
+                sock.sendall(line)
+                got = b""
+                while not got.endswith(b"\n"):
+                    got += _read_chunk(sock)
+                if i >= 20:
+                    samples.append(time.perf_counter() - t0)
+                assert got == line, got
+        finally:
+            sock.close()
+    finally:
+        api.remove_container(cid, force=True)
+        backend.client.close()
+    s = summary_ms(samples)
+    table.add("floor: echo through a container's attach stream (cat)", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        data = sock.recv(n - len(out))
+        if not data:
+            raise ConnectionError("the attach stream ended")
+        out += data
+    return out
+
+
+def _read_chunk(sock: socket.socket) -> bytes:
+    """One chunk of Docker's multiplexed attach stream (an 8-byte header, then the payload)."""
+    stream, size = _ATTACH_HEADER.unpack(_recv_exactly(sock, 8))
+    payload = _recv_exactly(sock, size)
+    if stream != 1:
+        raise RuntimeError(f"cat wrote to stream {stream}: {payload[:200]!r}")
+    return payload
+
+
+def machine() -> str:
+    """How this machine idles its CPUs: on a virtual machine, a halted virtual CPU costs a
+    wake-up through the hypervisor at every hand-off between processes."""
+    parts = []
+    with contextlib.suppress(OSError):
+        with open("/sys/devices/system/cpu/cpuidle/current_driver") as f:
+            parts.append(f"cpuidle {f.read().strip()}")
+    with contextlib.suppress(OSError):
+        with open("/sys/module/haltpoll/parameters/guest_halt_poll_ns") as f:
+            parts.append(f"guest_halt_poll_ns {f.read().strip()}")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "serve":
+        serve(int(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m bench.floors serve PORT")
