@@ -17,16 +17,12 @@ timing of this machine moves by tens of percent from one run to the next):
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import struct
 import subprocess
 import sys
 import time
 
 from .stats import Table, summary_ms
-
-_ATTACH_HEADER = struct.Struct(">BxxxL")
 
 
 def _echo_app():
@@ -95,60 +91,39 @@ def ws_echo(table: Table, n: int) -> None:
 
 
 def attach_echo(table: Table, n: int) -> None:
-    from sandbox.docker_backend import SANDBOX_USER, DockerBackend, hardening
+    from sandbox import framing
+    from sandbox.docker_backend import DockerBackend
 
     from .engine import settings
 
     backend = DockerBackend(settings())
-    api = backend.client.api
-    created = api.create_container(backend.settings.image, command=["cat"], stdin_open=True, tty=False,
-                                   user=SANDBOX_USER, network_disabled=True, labels=backend.labels("bench-floor"),
-                                   host_config=api.create_host_config(**hardening(backend.settings)))
-    cid = created["Id"]
+    cid, sock = backend.create_and_attach("bench-floor", ["cat"])  # a sandbox's container, cat for the agent
     try:
-        raw = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-        sock = socket.socket(fileno=os.dup(getattr(raw, "_sock", raw).fileno()))
-        raw.close()
-        api.start(cid)
         sock.settimeout(30)
+        demux = framing.DockerDemux()
         line = b"1 + 1\n"
         samples = []
-        try:
-            for i in range(n + 20):
-                t0 = time.perf_counter()
-                sock.sendall(line)
-                got = b""
-                while not got.endswith(b"\n"):
-                    got += _read_chunk(sock)
-                if i >= 20:
-                    samples.append(time.perf_counter() - t0)
-                assert got == line, got
-        finally:
-            sock.close()
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            sock.sendall(line)
+            got = b""
+            while not got.endswith(b"\n"):
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the attach stream ended")
+                for stream, payload in demux.feed(data):
+                    if stream != framing.STDOUT:
+                        raise RuntimeError(f"cat wrote to stream {stream}: {payload[:200]!r}")
+                    got += payload
+            if i >= 20:
+                samples.append(time.perf_counter() - t0)
+            assert got == line, got
     finally:
-        api.remove_container(cid, force=True)
+        sock.close()
+        backend.remove(cid)
         backend.client.close()
     s = summary_ms(samples)
     table.add("floor: echo through a container's attach stream (cat)", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms")
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        data = sock.recv(n - len(out))
-        if not data:
-            raise ConnectionError("the attach stream ended")
-        out += data
-    return out
-
-
-def _read_chunk(sock: socket.socket) -> bytes:
-    """One chunk of Docker's multiplexed attach stream (an 8-byte header, then the payload)."""
-    stream, size = _ATTACH_HEADER.unpack(_recv_exactly(sock, 8))
-    payload = _recv_exactly(sock, size)
-    if stream != 1:
-        raise RuntimeError(f"cat wrote to stream {stream}: {payload[:200]!r}")
-    return payload
 
 
 def machine() -> str:

@@ -112,11 +112,11 @@ class DockerBackend:
         for c in self.client.api.containers(all=True, filters=filters):
             if exclude_instance and c["Labels"].get("groundloop.instance") == exclude_instance:
                 continue
-            self._remove(c["Id"])
+            self.remove(c["Id"])
             n += 1
         return n
 
-    def _remove(self, cid: str) -> None:
+    def remove(self, cid: str) -> None:
         import docker.errors
 
         try:
@@ -127,12 +127,14 @@ class DockerBackend:
             if exc.status_code != 409:  # 409: removal already in progress (auto_remove)
                 raise
 
-    def _create_and_attach(self, session_id: str) -> tuple[str, socket.socket]:
+    def create_and_attach(self, session_id: str, command: list[str] = AGENT_CMD) -> tuple[str, socket.socket]:
+        """Create a hardened container running ``command``, attach a non-blocking socket to its
+        stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way."""
         api = self.client.api
         host_config = api.create_host_config(**hardening(self.settings))
         created = api.create_container(
             self.settings.image,
-            command=AGENT_CMD,
+            command=command,
             stdin_open=True,
             detach=False,
             tty=False,
@@ -158,14 +160,14 @@ class DockerBackend:
             sock.setblocking(False)
             api.start(cid)
         except BaseException:
-            self._remove(cid)
+            self.remove(cid)
             raise
         return cid, sock
 
     async def start(self, session_id: str) -> Sandbox:
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
         # so no container or socket is left without an owner.
-        work = asyncio.ensure_future(asyncio.to_thread(self._create_and_attach, session_id))
+        work = asyncio.ensure_future(asyncio.to_thread(self.create_and_attach, session_id))
         try:
             cid, sock = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -174,7 +176,7 @@ class DockerBackend:
             except Exception:
                 raise asyncio.CancelledError from None
             sock.close()
-            await asyncio.to_thread(self._remove, cid)
+            await asyncio.to_thread(self.remove, cid)
             raise
         except Exception as exc:
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
@@ -191,7 +193,7 @@ class DockerBackend:
 
     async def _close_sandbox(self, sb: Sandbox) -> None:
         try:
-            await asyncio.to_thread(self._remove, sb.id)
+            await asyncio.to_thread(self.remove, sb.id)
         except Exception as exc:
             log.warning("could not remove container %s: %s", sb.id[:12], exc)
 
