@@ -209,9 +209,11 @@ async def run_then_drop(page, session, code: str, first_line: str):
     await asyncio.wait_for(session.detached.wait(), 60)
     await wait_state(page, "offline")
     await asyncio.wait_for(session.sb.request("exec", {"command": "touch /workspace/gate", "timeout_s": 30}), 60)
-    req = session.inflight.get(rid)
-    if req is not None and req.task is not None:
-        await asyncio.wait_for(asyncio.wait([req.task]), 60)  # the run ended while the page was away
+    async def ended() -> None:  # a run has no task of its own: it ends when it leaves inflight
+        while rid in session.inflight:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(ended(), 60)  # the run ended while the page was away
     return run, rid
 
 
