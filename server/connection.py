@@ -44,7 +44,7 @@ from .errors import (
     AuthError,
     LimitError,
 )
-from .protocol import encode, error_frame, with_seq
+from .protocol import SEQ_HEAD, encode, error_frame, with_seq
 
 CLOSE_WAIT_S = 2.0
 WRITE_BATCH_FRAMES = 256
@@ -110,7 +110,7 @@ def _batcher(send: Any) -> Any:
         parts: list[Any] = []
         append = parts.append
         for f in frames:
-            head = b'{"seq":%d,' % f.seq
+            head = SEQ_HEAD % f.seq
             rest = f.rest
             k = len(rest)
             n = len(head) + k

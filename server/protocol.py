@@ -138,9 +138,14 @@ def encode(frame: dict[str, Any]) -> bytes:
     return orjson.dumps(frame)
 
 
+SEQ_HEAD = b'{"seq":%d,'
+"""What every frame starts with on the wire (``SEQ_HEAD % seq``); its rest is the encoded frame without
+its opening brace."""
+
+
 def with_seq(seq: int, body: bytes) -> bytes:
     """``{"seq":N,...rest of body}``: body must be an encoded non-empty object."""
-    return b'{"seq":%d,' % seq + body[1:]
+    return SEQ_HEAD % seq + body[1:]
 
 
 def ready_frame(session_id: str, resumed: bool, sandbox: dict[str, Any], limits: dict[str, Any],

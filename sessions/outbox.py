@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import Any
 
-from server.protocol import encode, gap_frame
+from server.protocol import SEQ_HEAD, encode, gap_frame
 
 
 class ResumeError(ValueError):
@@ -46,7 +46,7 @@ class _Frame:
 
     def wire(self) -> bytes:
         """The frame as sent: ``{"seq":N,`` and the rest."""
-        return b'{"seq":%d,' % self.seq + self.rest
+        return SEQ_HEAD % self.seq + self.rest
 
 
 class Outbox:
