@@ -182,6 +182,16 @@ def output_frame(stream: str, id: Any, text: str, **extra: Any) -> dict[str, Any
     return {"type": stream, "id": id, "text": text, **extra}
 
 
+def output_frame_parts(stream: str, id: Any, **extra: Any) -> tuple[bytes, bytes]:
+    """An output frame, encoded without its opening brace, cut around its line: ``before +
+    orjson.dumps(line) + after == encode(output_frame(stream, id, line, **extra))[1:]``. So the
+    many lines of one request go out with the rest of their frame serialized once."""
+    rest = encode(output_frame(stream, id, "\0", **extra))[1:]
+    # Unambiguous: inside an encoded string, quotes are escaped; only the text key has this form.
+    before, after = rest.split(b'"text":"\\u0000"', 1)
+    return before + b'"text":', after
+
+
 def gap_frame(missed: int, first: int, last: int) -> dict[str, Any]:
     return {"type": "gap", "missed": missed,
             "message": f"{missed} frames after last_seq were evicted from the replay buffer and are lost",

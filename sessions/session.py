@@ -40,6 +40,7 @@ from server.protocol import (
     error_frame,
     failure,
     output_frame,
+    output_frame_parts,
     parse_request,
     ready_frame,
 )
@@ -485,11 +486,7 @@ class Session:
         put = outbox.put
         metrics = self.metrics
         kind = r.req.type
-        # A line's frame is {"type":<stream>,"id":<id>,"text":<line>,<tags>}: everything but
-        # the line is serialized once per request and stream, the line once (the outbox keeps
-        # frames without their opening brace).
-        head: dict[str, bytes] = {}  # by stream, made at its first line
-        tail_bytes = b"," + orjson.dumps(tags)[1:] if tags else b"}"
+        parts: dict[str, tuple[bytes, bytes]] = {}  # a line's frame around it, by stream, made at its first line
 
         async def on_event(ev: dict[str, Any]) -> None:
             try:
@@ -507,13 +504,10 @@ class Session:
                 lines = ev.get("lines") or ()
                 if tail is not None:
                     tail.extend(lines)
-                prefix = head.get(stream)
-                if prefix is None and stream in ("stdout", "stderr"):
-                    prefix = head[stream] = b'"type":"%s","id":%s,"text":' % (stream.encode(), orjson.dumps(rid))
-                if prefix is None:
-                    for line in lines:
-                        await put(output_frame(stream, rid, line, **tags))
-                    return
+                around = parts.get(stream)
+                if around is None:
+                    around = parts[stream] = output_frame_parts(stream, rid, **tags)
+                before, after = around
                 dumps = orjson.dumps
                 i = 0
                 while i < len(lines):
@@ -521,8 +515,7 @@ class Session:
                     if space <= 0:
                         await outbox.wait_room()
                         continue
-                    outbox.put_encoded_many([prefix + dumps(line) + tail_bytes
-                                             for line in lines[i:i + space]])
+                    outbox.put_encoded_many([before + dumps(line) + after for line in lines[i:i + space]])
                     i += space
             elif what == "result":
                 await put({"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")),

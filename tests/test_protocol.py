@@ -12,6 +12,8 @@ from server.protocol import (
     encode,
     error_frame,
     gap_frame,
+    output_frame,
+    output_frame_parts,
     parse_request,
     ready_frame,
     with_seq,
@@ -88,3 +90,15 @@ def test_frames_and_seq_splice():
     assert ready["protocol"] == "groundloop.v1" and ready["type"] == "ready"
     gap = gap_frame(3, 5, 7)
     assert gap["type"] == "gap" and gap["missed"] == 3
+
+
+@pytest.mark.parametrize("stream,id,extra,line", [
+    ("stdout", "a1", {}, "hello"),
+    ("stderr", 7, {"iteration": 2}, 'quote " and \\ and \x00 and \u00e9'),
+    ("stdout", '"text":"\x00"', {"iteration": 1}, ""),  # an id that looks like the cut
+])
+def test_output_frame_parts_rebuild_the_frame_of_any_line(stream, id, extra, line):
+    before, after = output_frame_parts(stream, id, **extra)
+    rest = before + orjson.dumps(line) + after
+    assert rest == encode(output_frame(stream, id, line, **extra))[1:]
+    assert orjson.loads(with_seq(3, b"{" + rest)) == {"seq": 3, "type": stream, "id": id, "text": line, **extra}
