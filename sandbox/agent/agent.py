@@ -118,8 +118,13 @@ class Out(asyncio.Protocol):
     def connection_lost(self, exc):
         self.agent.stdout_lost()
 
+    @staticmethod
+    def encode(obj: dict) -> bytes:
+        """One frame: compact JSON and its newline."""
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n"
+
     def send(self, obj: dict) -> None:
-        self.send_raw(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n")
+        self.send_raw(self.encode(obj))
 
     def send_raw(self, data: bytes) -> None:
         """Send one frame already encoded (a JSON object and its newline)."""
@@ -206,12 +211,15 @@ class Target:
         if len(region.translate(None, JSON_SPECIAL)) != len(region):
             return False
         self.sent += len(region)
-        if self.rid is not None:
-            head = b'{"ev":"out","rid":%s,"s":"%s","lines":["' % (json.dumps(self.rid).encode(), stream.encode())
-        else:
-            head = b'{"ev":"pout","proc":%s,"s":"%s","lines":["' % (json.dumps(self.proc).encode(), stream.encode())
+        head = Out.encode(self.frame(stream, []))[:-3] + b'"'  # the frame up to its first line: ...,"lines":["
         self.agent.out.send_raw(head + region.replace(b"\n", b'\\n","')[:-2] + b"]}\n")
         return True
+
+    def frame(self, stream: str, lines: list[str]) -> dict:
+        """The ``out`` (of a request) or ``pout`` (of a process) frame of ``lines``."""
+        if self.rid is not None:
+            return {"ev": "out", "rid": self.rid, "s": stream, "lines": lines}
+        return {"ev": "pout", "proc": self.proc, "s": stream, "lines": lines}
 
     def emit(self, stream: str, lines: list[str], sizes: list[int] | None = None) -> None:
         """Send lines on; ``sizes`` are their lengths in bytes as read (counted against the cap)."""
@@ -231,12 +239,8 @@ class Target:
                     break
                 self.sent += n
                 keep.append(line)
-        if not keep:
-            return
-        if self.rid is not None:
-            self.agent.out.send({"ev": "out", "rid": self.rid, "s": stream, "lines": keep})
-        else:
-            self.agent.out.send({"ev": "pout", "proc": self.proc, "s": stream, "lines": keep})
+        if keep:
+            self.agent.out.send(self.frame(stream, keep))
 
 
 class Pipe:
