@@ -186,9 +186,7 @@ class Metrics(EngineHooks):
                               registry=r)
         self.reaped = Counter(p + "containers_reaped", "Orphan sandbox containers removed at start-up", registry=r)
         self.replayed = Counter(p + "replayed_frames", "Frames replayed to resuming clients", registry=r)
-        # label children by their (bounded) label values: labels() costs microseconds per call
-        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._execution_children: dict[tuple[str, str, str], Any] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see _child
         self._initialise()
 
     def _initialise(self) -> None:
@@ -232,25 +230,28 @@ class Metrics(EngineHooks):
         """One run_code or exec finished. ``outcome`` is one of OUTCOME_LABELS (see ``outcome_of``)."""
         if kind == "exec" and not language:
             language = "shell"
-        key = (bounded(kind, KIND_LABELS), bounded(language, LANGUAGE_LABELS), bounded(outcome, OUTCOME_LABELS))
-        child = self._execution_children.get(key)
-        if child is None:
-            child = self._execution_children[key] = self.execution.labels(*key)
-        child.observe(seconds)
+        self._child(self.execution, bounded(kind, KIND_LABELS), bounded(language, LANGUAGE_LABELS),
+                    bounded(outcome, OUTCOME_LABELS)).observe(seconds)
         if truncated:
             self.truncations.inc()
 
     def first_output_seen(self, kind: str, seconds: float) -> None:
-        self.first_output.labels(bounded(kind, KIND_LABELS)).observe(seconds)
+        self._child(self.first_output, bounded(kind, KIND_LABELS)).observe(seconds)
 
     def request_done(self, type_: str, outcome: str, seconds: float) -> None:
         """Any client request finished (its done frame was queued)."""
-        key = (bounded(type_, REQUEST_TYPES), bounded(outcome, OUTCOME_LABELS))
-        children = self._request_children.get(key)
-        if children is None:
-            children = self._request_children[key] = (self.requests.labels(*key), self.request_duration.labels(key[0]))
-        children[0].inc()
-        children[1].observe(seconds)
+        type_ = bounded(type_, REQUEST_TYPES)
+        self._child(self.requests, type_, bounded(outcome, OUTCOME_LABELS)).inc()
+        self._child(self.request_duration, type_).observe(seconds)
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: labels() costs microseconds a call, and the values
+        here are bounded, so the cache is too."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def error(self, code: str) -> None:
         """An error frame or a failed request, by protocol error code."""
