@@ -8,8 +8,8 @@ frames after it are *unsent* (the send queue), frames up to it are the replay
 buffer.
 
 - The one writer of the attached socket waits with ``wait_unsent``, takes the
-  queued frames with ``peek_frames`` and reports each written one with
-  ``mark_sent``.
+  queued frames with ``peek_frames`` and reports the ones it wrote with
+  ``mark_sent_many`` (``mark_sent`` for one).
 - Only sent frames are evicted, oldest first, beyond ``replay_frames`` or
   ``replay_bytes``.
 - ``put`` blocks while the unsent count is at ``high`` until it falls to
