@@ -1,10 +1,21 @@
 """HTTP endpoints: /healthz, /readyz, /metrics, POST /v1/validate-code.
 
-``validate-code`` runs the code once in a fresh context of the caller's
-sandbox (a live session of that user when there is one, otherwise a
-short-lived sandbox from the pool), deletes the context, and answers
+``validate-code`` runs the code once in a pristine sandbox of its own (taken
+from the warm pool and removed afterwards, never one of the caller's live
+sessions) and answers
 ``{"ok","output","error","results","formats","duration_ms","cached"}``.
-Results are cached by ``code_key(language, code)``; a hit says ``"cached": true``.
+
+Because the sandbox is pristine, a result depends only on the language, the
+code and the image, never on anyone's files or variables: that is what makes
+the one cache, keyed by ``code_key(language, code)``, safe to share between
+users (a hit says ``"cached": true``). Serving it from a live session would
+let one user read or poison another's result.
+
+The endpoint is held to the same limits as a session (``SessionManager.
+validation``): the user's token bucket, the per-user session cap (a running
+validation holds a sandbox like a session does) and a server-wide cap on
+concurrent validations, so that no user can drain the warm pool. The body is
+read in chunks and refused as soon as it passes ``max_message_bytes``.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from sandbox.base import Sandbox, SandboxError
 from sessions.cache import code_key
 
 from . import logs
-from .errors import AuthError
+from .errors import AuthError, LimitError
 from .metrics import CONTENT_TYPE
 from .protocol import LANGUAGES
 
@@ -64,9 +75,11 @@ async def validate_code(request: Request) -> Response:
     except AuthError as exc:
         gl.metrics.errors.labels(exc.code).inc()
         return _error(exc.status, exc.code, exc.message)
-    body = await request.body()
-    if len(body) > gl.settings.max_message_bytes:
-        return _error(413, "too_large", f"the body is over {gl.settings.max_message_bytes} bytes")
+    limit = gl.settings.max_message_bytes
+    body = await _read_body(request, limit)
+    if body is None:
+        gl.metrics.errors.labels("too_large").inc()
+        return _error(413, "too_large", f"the body is over {limit} bytes")
     try:
         req = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -83,15 +96,15 @@ async def validate_code(request: Request) -> Response:
         return JSONResponse({**hit, "cached": True})
     t0 = time.perf_counter()
     try:
-        session = gl.manager.any_session(user)
-        if session is not None:
-            result = await run_once(gl, await session.sandbox(), code, language)
-        else:
+        async with gl.manager.validation(user):
             sb = await gl.engine.acquire()
             try:
                 result = await run_once(gl, sb, code, language)
             finally:
                 await gl.engine.release(sb)
+    except LimitError as exc:
+        gl.metrics.errors.labels(exc.code).inc()
+        return _error(429, exc.code, exc.message)
     except SandboxError as exc:
         gl.metrics.errors.labels("sandbox_unavailable").inc()
         return _error(503, "sandbox_unavailable", str(exc))
@@ -99,10 +112,30 @@ async def validate_code(request: Request) -> Response:
     result["duration_ms"] = round(seconds * 1000, 3)
     outcome = "ok" if result["ok"] else "error"
     gl.metrics.request_done("validate_code", outcome, seconds)
-    logs.audit(user=user, session=session.id if session else "-", type="validate_code",
-               text=code, outcome=outcome, duration_ms=seconds * 1000, language=language)
+    logs.audit(user=user, session="-", type="validate_code", text=code, outcome=outcome,
+               duration_ms=seconds * 1000, language=language)
     gl.cache.put(key, result)
     return JSONResponse({**result, "cached": False})
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to be over ``limit`` bytes.
+
+    Starlette's ``request.body()`` reads the whole body before anyone can look
+    at its size; this stops at the first chunk past the limit, so a huge body
+    costs the server at most ``limit`` bytes plus one chunk.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def run_once(gl: Any, sb: Sandbox, code: str, language: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class Settings:
     send_timeout_s: float = env("GROUNDLOOP_SEND_TIMEOUT_S", 30.0, "a client that accepts nothing for this long is disconnected (the session stays resumable)")
     model: str = env("GROUNDLOOP_MODEL", "claude-sonnet-4-6", "Anthropic model for `assist`")
     max_tokens: int = env("GROUNDLOOP_MAX_TOKENS", 4096, "max_tokens per model call")
+    validate_concurrency: int = env("GROUNDLOOP_VALIDATE_CONCURRENCY", 2, "validate-code runs at once, server-wide (each holds a pristine sandbox)")
     max_iterations: int = env("GROUNDLOOP_MAX_ITERATIONS", 5, "cap on a client's `max_iterations`")
     policy_patterns: list = env("GROUNDLOOP_POLICY_PATTERNS", [], "regular expressions that `assist` refuses to run (off when empty)")
     cache_entries: int = env("GROUNDLOOP_CACHE_ENTRIES", 512, "validate-code/assist result cache size")

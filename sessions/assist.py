@@ -40,9 +40,13 @@ executed try succeeded; a reply without any code at all is ``ok: true``),
 None), ``output`` (its output tail), ``error`` (when not ok), ``usage``
 (``input_tokens``, ``output_tokens``), ``timings`` (``ttft_ms`` of the first
 call, ``generation_ms`` and ``execution_ms`` summed over the run), and
-``cached: true`` on a cache hit (only with a ``cache`` given, only for runs
-without a ``context``, only successful results: a hit replays the final
-code frame but runs nothing).
+``cached: true`` on a cache hit. The cache (only with a ``cache`` given,
+only for runs without a ``context``) holds the final code of a successful
+run, keyed by the user (``scope``), the language and the prompt: a hit skips
+the model but runs that code again in the caller's own session, so its
+output is never another session's (the code was written from this user's
+own feedback, and it reads this session's files). A hit whose run fails is
+answered as it is and evicted, so the next request asks the model.
 
 Model errors (overloaded, rate limited, authentication, network), after the
 SDK's own retries, end the run with ``ok: false`` and an error named
@@ -227,7 +231,7 @@ class AssistRunner:
     # ---- one request
 
     async def run(self, *, rid: str, prompt: str, language: str, max_iterations: int | None, context: str | None,
-                  emit: Emit, execute: Execute) -> dict[str, Any]:
+                  emit: Emit, execute: Execute, scope: str = "") -> dict[str, Any]:
         language = normalize_language(language or "", "python") or ""
         if language not in LANG_TAGS:
             raise ValueError("assist supports language python or javascript")
@@ -235,14 +239,11 @@ class AssistRunner:
         cap = max(1, int(self.settings.max_iterations))
         tries = max(1, min(int(max_iterations or DEFAULT_ITERATIONS), cap))
 
-        key = code_key(language, prompt, "assist")
+        key = code_key(language, prompt, "assist", scope)
         if self.cache is not None and context is None:
             hit = self.cache.get(key)
             if hit is not None:
-                await emit({"type": "code", "id": rid, "code": hit["code"], "language": language,
-                            "iteration": hit["iterations"], "cached": True})
-                return dict(hit, cached=True, usage={"input_tokens": 0, "output_tokens": 0},
-                            timings={"ttft_ms": None, "generation_ms": 0.0, "execution_ms": 0.0})
+                return await self._rerun(key, hit, language, rid, emit, execute)
 
         usage = {"input_tokens": 0, "output_tokens": 0}
         timings = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": 0.0}
@@ -283,7 +284,26 @@ class AssistRunner:
         self._iterations_metric(iterations)
         fields = self._fields(ok, iterations, last, None if ok else last and last.get("error"), usage, timings)
         if ok and last is not None and self.cache is not None and context is None:
-            self.cache.put(key, {k: v for k, v in fields.items() if k not in ("usage", "timings")})
+            self.cache.put(key, {"code": last["code"], "iterations": iterations})
+        return fields
+
+    async def _rerun(self, key: str, hit: dict[str, Any], language: str, rid: str, emit: Emit,
+                     execute: Execute) -> dict[str, Any]:
+        """A cache hit: the cached code runs again in the caller's session, the model is skipped."""
+        iteration = hit["iterations"]
+        await emit({"type": "code", "id": rid, "code": hit["code"], "language": language, "iteration": iteration,
+                    "cached": True})
+        res = await self._check_and_execute(None, hit["code"], language, iteration, execute)
+        attempt: dict[str, Any] = {"type": "attempt", "id": rid, "iteration": iteration, "ok": res["ok"],
+                                   "duration_ms": round(res.get("duration_ms") or 0.0, 3)}
+        if not res["ok"]:
+            attempt["error"] = res.get("error") or {"name": "Error", "message": "the code failed"}
+            self.cache.pop(key)
+        await emit(attempt)
+        timings = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": res.get("duration_ms") or 0.0}
+        fields = self._fields(res["ok"], iteration, res, None if res["ok"] else attempt["error"],
+                              {"input_tokens": 0, "output_tokens": 0}, timings)
+        fields["cached"] = True
         return fields
 
     @staticmethod

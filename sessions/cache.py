@@ -47,5 +47,8 @@ class ResultCache:
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
+    def pop(self, key: str) -> None:
+        self._data.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._data)

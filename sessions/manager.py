@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from sandbox.engine import Engine
@@ -55,7 +57,8 @@ class SessionManager:
         self.assist = assist
         self.sessions: dict[str, Session] = {}
         self._buckets: dict[str, TokenBucket] = {}
-        self._pending: dict[str, int] = {}  # sessions being created, per user
+        self._pending: dict[str, int] = {}  # sessions being created, and validations running, per user
+        self._validating = 0  # validate-code runs in progress, server-wide
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
         self.closing = False
@@ -80,13 +83,8 @@ class SessionManager:
         if n >= self.settings.max_sessions_per_user:
             raise LimitError(f"user has {n} sessions, the limit is {self.settings.max_sessions_per_user}",
                              code="busy")
-        self._pending[user] = self._pending.get(user, 0) + 1
-        try:
+        with self._holding(user):
             sb = await self.engine.acquire()
-        finally:
-            self._pending[user] -= 1
-            if not self._pending[user]:
-                del self._pending[user]
         if self.closing:
             await self.engine.release(sb)
             raise LimitError("the server is shutting down", code="busy")
@@ -102,10 +100,43 @@ class SessionManager:
             return None
         return s
 
-    def any_session(self, user: str) -> Session | None:
-        for s in self.user_sessions(user):
-            return s
-        return None
+    @contextmanager
+    def _holding(self, user: str) -> Iterator[None]:
+        """Count a sandbox being acquired or used outside a session against ``user``'s session cap."""
+        self._pending[user] = self._pending.get(user, 0) + 1
+        try:
+            yield
+        finally:
+            self._pending[user] -= 1
+            if not self._pending[user]:
+                del self._pending[user]
+
+    @asynccontextmanager
+    async def validation(self, user: str) -> AsyncIterator[None]:
+        """The limits of one ``validate-code`` run, held while it runs.
+
+        It takes a token from the user's bucket, counts as one of the user's
+        sessions (it holds a sandbox), and is one of at most
+        ``validate_concurrency`` runs server-wide. Raises LimitError.
+        """
+        s = self.settings
+        if self.closing:
+            raise LimitError("the server is shutting down", code="busy")
+        if not self._bucket(user).take(time.monotonic()):
+            raise LimitError(f"over {s.rate_per_s:g} requests/s (burst {s.rate_burst})", code="rate_limited")
+        n = len(self.user_sessions(user)) + self._pending.get(user, 0)
+        if n >= s.max_sessions_per_user:
+            raise LimitError(f"user has {n} sessions and validations running, the limit is "
+                             f"{s.max_sessions_per_user}", code="busy")
+        if self._validating >= s.validate_concurrency:
+            raise LimitError(f"{self._validating} validations are running, the server's limit is "
+                             f"{s.validate_concurrency}; try again", code="busy")
+        self._validating += 1
+        try:
+            with self._holding(user):
+                yield
+        finally:
+            self._validating -= 1
 
     async def close_session(self, session: Session, reason: str, code: int = CLOSE_SESSION_CLOSED) -> None:
         try:
@@ -120,13 +151,16 @@ class SessionManager:
         if len(session.inflight) >= self.settings.max_inflight:
             return LimitError(f"{len(session.inflight)} requests in flight, the limit is {self.settings.max_inflight}",
                               code="busy", id=req.id)
-        bucket = self._buckets.get(session.user)
-        if bucket is None:
-            bucket = self._buckets[session.user] = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst)
-        if not bucket.take(time.monotonic()):
+        if not self._bucket(session.user).take(time.monotonic()):
             return LimitError(f"over {self.settings.rate_per_s:g} requests/s (burst {self.settings.rate_burst})",
                               code="rate_limited", id=req.id)
         return None
+
+    def _bucket(self, user: str) -> TokenBucket:
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            bucket = self._buckets[user] = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst)
+        return bucket
 
     # ---- reaping
 

@@ -558,7 +558,7 @@ class Session:
         max_it = min(p.get("max_iterations", 3), self.settings.max_iterations)
         try:
             result = await runner.run(rid=r.req.id, prompt=p["prompt"], language=language, max_iterations=max_it,
-                                      context=context, emit=emit, execute=execute)
+                                      context=context, emit=emit, execute=execute, scope=self.user)
         except Exception as exc:
             if getattr(exc, "code", None) != "llm_unavailable":
                 raise

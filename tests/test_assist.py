@@ -112,11 +112,11 @@ def make_runner(client, **overrides) -> AssistRunner:
 
 
 async def assist(runner: AssistRunner, sandbox, prompt: str = "do it", *, language: str = "python",
-                 max_iterations: int | None = 3) -> tuple[dict[str, Any], Frames, SandboxExecute]:
+                 max_iterations: int | None = 3, scope: str = "") -> tuple[dict[str, Any], Frames, SandboxExecute]:
     frames = Frames()
     execute = SandboxExecute(sandbox, frames)
     fields = await runner.run(rid=RID, prompt=prompt, language=language, max_iterations=max_iterations,
-                              context=None, emit=frames, execute=execute)
+                              context=None, emit=frames, execute=execute, scope=scope)
     return fields, frames, execute
 
 
@@ -442,13 +442,39 @@ async def test_unavailable_without_a_key(monkeypatch):
 
 
 @pytest.mark.docker
-async def test_cache_hit_skips_model_and_sandbox(fake, client, sandbox):
-    fake.add(text("```python\nprint(6 * 7)\n```\n"))
+async def test_cache_hit_skips_the_model_and_runs_again_in_the_callers_sandbox(fake, client, sandbox):
+    """A hit replays the model's code, never another run's output: the code runs again here, so what it prints
+    comes from this sandbox's state (issue 21, item 1: a cached result served across users and sessions)."""
+    fake.add(text("```python\nprint(open('/workspace/who.txt').read())\n```\n"))
     runner = AssistRunner(Settings.from_env({}, model="claude-test"), Metrics(), client=client,
                           cache=ResultCache(8, 60))
-    first, _, _ = await assist(runner, sandbox, "six times seven")
-    second, frames, execute = await assist(runner, sandbox, "six times seven")
-    assert first["ok"] and "cached" not in first
-    assert second["cached"] is True and second["output"] == "42\n" and second["code"] == first["code"]
-    assert len(fake.requests) == 1 and execute.calls == []
-    assert frames.of("code")[0]["cached"] is True
+    assert (await sandbox.request("write_file", {"path": "who.txt", "content": "alice"}))["ok"]
+    first, _, _ = await assist(runner, sandbox, "who am i", scope="alice")
+    assert first["ok"] and first["output"] == "alice\n" and "cached" not in first
+    assert (await sandbox.request("write_file", {"path": "who.txt", "content": "carol"}))["ok"]
+    second, frames, execute = await assist(runner, sandbox, "who am i", scope="alice")
+    assert second["cached"] is True and second["code"] == first["code"]
+    assert second["output"] == "carol\n" and frames.text() == "carol\n"  # run again, not replayed
+    assert len(fake.requests) == 1 and len(execute.calls) == 1
+    assert frames.of("code")[0]["cached"] is True and [f["ok"] for f in frames.of("attempt")] == [True]
+
+
+@pytest.mark.docker
+async def test_cache_is_per_user_and_a_failed_hit_is_evicted(fake, client, sandbox):
+    fake.add(text("```python\nprint(open('/workspace/mine.txt').read())\n```\n"))
+    fake.add(text("```python\nprint('bob asked the model')\n```\n"))
+    fake.add(text("```python\nprint('asked again')\n```\n"))
+    runner = AssistRunner(Settings.from_env({}, model="claude-test"), Metrics(), client=client,
+                          cache=ResultCache(8, 60))
+    assert (await sandbox.request("write_file", {"path": "mine.txt", "content": "secret"}))["ok"]
+    first, _, _ = await assist(runner, sandbox, "read it", scope="alice")
+    assert first["ok"] and first["output"] == "secret\n"
+    # Another user with the same prompt is a miss: the model is asked, nothing of alice's comes back.
+    bob, bob_frames, _ = await assist(runner, sandbox, "read it", scope="bob")
+    assert "cached" not in bob and bob["output"] == "bob asked the model\n" and len(fake.requests) == 2
+    # A hit whose run fails is answered as it is and evicted.
+    assert (await sandbox.request("delete_file", {"path": "mine.txt"}))["ok"]
+    again, _, _ = await assist(runner, sandbox, "read it", scope="alice")
+    assert again["cached"] is True and again["ok"] is False and again["error"]["name"] == "FileNotFoundError"
+    third, _, _ = await assist(runner, sandbox, "read it", scope="alice")
+    assert "cached" not in third and third["output"] == "asked again\n" and len(fake.requests) == 3

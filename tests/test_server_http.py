@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from conftest import run_server, server_settings
@@ -10,6 +12,7 @@ from wsclient import WSClient
 pytestmark = pytest.mark.docker
 
 AUTH = {"Authorization": "Bearer tok1"}
+BOB = {"Authorization": "Bearer tok2"}
 
 
 async def test_health_ready_metrics(server):
@@ -37,16 +40,68 @@ async def test_validate_code(server):
         assert r["results"][-1]["text/plain"] == "42" and "text/plain" in r["formats"]
         again = (await h.post("/v1/validate-code", json={"code": "print('hi')\n6*7"}, headers=AUTH)).json()
         assert again["cached"] is True and again["output"] == "hi\n"
-        # with a session: runs in a fresh context of that sandbox, leaving the default context alone
-        async with await WSClient.connect(server.url, token="tok1") as c:
-            assert (await c.call("run_code", code="secret = 1"))["ok"]
-            r = (await h.post("/v1/validate-code", json={"code": "secret"}, headers=AUTH)).json()
-            assert r["ok"] is False and r["error"]["name"] == "NameError"
-            contexts = (await c.call("list_contexts"))["contexts"]
+        js = (await h.post("/v1/validate-code", json={"code": "console.log(2)", "language": "javascript"},
+                           headers=AUTH)).json()
+        assert js["ok"] and js["output"] == "2\n"
+
+
+async def test_validate_code_never_sees_a_users_state(server):
+    """Issue 21, item 1: the cache is shared, so the run must not depend on anyone's session. Alice's files and
+    variables are invisible to validate-code (hers and bob's), and her workspace cannot shadow a module."""
+    async with httpx.AsyncClient(base_url=server.http, timeout=120) as h:
+        async with await WSClient.connect(server.url, token="tok1") as alice:
+            assert (await alice.call("write_file", path="secret.txt", content="alice-secret"))["ok"]
+            assert (await alice.call("write_file", path="statistics.py", content="def mean(x):\n    return 666\n"))["ok"]
+            assert (await alice.call("run_code", code="secret = 1"))["ok"]
+            read = "import os\nprint(os.path.exists('/workspace/secret.txt'))"
+            mine = (await h.post("/v1/validate-code", json={"code": read}, headers=AUTH)).json()
+            assert mine["ok"] and mine["output"] == "False\n" and mine["cached"] is False
+            theirs = (await h.post("/v1/validate-code", json={"code": read}, headers=BOB)).json()
+            assert theirs["output"] == "False\n"
+            poisoned = "import statistics\nprint(statistics.mean([1, 2, 3]))"
+            for who in (AUTH, BOB):
+                r = (await h.post("/v1/validate-code", json={"code": poisoned}, headers=who)).json()
+                assert r["ok"] and r["output"] == "2\n", r
+            name = (await h.post("/v1/validate-code", json={"code": "secret"}, headers=AUTH)).json()
+            assert name["ok"] is False and name["error"]["name"] == "NameError"
+            # alice's session is untouched: no context was added to it, her state is still there
+            contexts = (await alice.call("list_contexts"))["contexts"]
             assert [ctx["context_id"] for ctx in contexts] == ["default-python"]
-            js = (await h.post("/v1/validate-code", json={"code": "console.log(2)", "language": "javascript"},
-                               headers=AUTH)).json()
-            assert js["ok"] and js["output"] == "2\n"
+            assert WSClient.text(await alice.request("run_code", code="print(secret)")) == "1\n"
+
+
+async def test_validate_code_limits():
+    """Issue 21, item 2: validate-code is held to the user's limits and cannot drain the pool, and a huge body
+    is refused before it is read whole."""
+    settings = server_settings(validate_concurrency=2, max_sessions_per_user=2, max_message_bytes=1 << 20,
+                               rate_per_s=0.001, rate_burst=6)
+    async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.http, timeout=120) as h:
+        sleep = {"code": "import time\ntime.sleep(3)\nprint('slept')"}
+        runs = [asyncio.create_task(h.post("/v1/validate-code", json={**sleep, "n": i}, headers=AUTH))
+                for i in range(4)]
+        await asyncio.sleep(1.5)
+        in_use = srv.state.engine.counts()["in_use"]
+        answers = await asyncio.gather(*runs)
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 200, 429, 429], codes
+        assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {"busy"}
+        assert [a.json()["output"] for a in answers if a.status_code == 200] == ["slept\n"] * 2
+        assert in_use == 2  # two sandboxes held, no more: the pool everyone draws from was not drained
+        # the burst of 6 is spent (4 above, 2 below): the next one is rate limited
+        assert (await h.post("/v1/validate-code", json={"code": "1"}, headers=AUTH)).status_code == 200
+        assert (await h.post("/v1/validate-code", json={"code": "2"}, headers=AUTH)).status_code == 200
+        limited = await h.post("/v1/validate-code", json={"code": "3"}, headers=AUTH)
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+        # a body over the limit: 413 from the declared length, and from the stream when none is declared
+        big = b'{"code": "' + b"x" * (2 << 20) + b'"}'
+        assert (await h.post("/v1/validate-code", content=big, headers=AUTH)).status_code == 413
+
+        async def chunks():
+            for _ in range(64):
+                yield b"x" * (64 << 10)
+
+        streamed = await h.post("/v1/validate-code", content=chunks(), headers=AUTH)
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "too_large"
 
 
 async def test_static_page(tmp_path):
