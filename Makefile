@@ -22,7 +22,7 @@ docker-up:
 	@docker info >/dev/null 2>&1 || ./deploy/docker-up.sh
 
 image: venv docker-up
-	$(BIN)/python -c "from sandbox import image; import sys; print('built' if image.ensure('$(IMAGE)') else 'current', '$(IMAGE)')"
+	$(BIN)/python -c "from groundloop.sandbox import image; import sys; print('built' if image.ensure('$(IMAGE)') else 'current', '$(IMAGE)')"
 
 install: venv image
 

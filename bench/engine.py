@@ -7,9 +7,9 @@ import dataclasses
 import subprocess
 import time
 
-from sandbox.docker_backend import DockerBackend
-from sandbox.engine import Engine
-from sandbox.settings import SandboxSettings, load
+from groundloop.sandbox.docker_backend import DockerBackend
+from groundloop.sandbox.engine import Engine
+from groundloop.sandbox.settings import SandboxSettings, load
 
 from .stats import Table, summary_ms
 

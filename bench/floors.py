@@ -26,11 +26,10 @@ from .stats import Table, summary_ms
 
 
 def _echo_app():
+    from groundloop.server.connection import RawSendStash, _set_nodelay
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
     from starlette.websockets import WebSocket
-
-    from server.connection import RawSendStash, _set_nodelay
 
     async def echo(ws: WebSocket) -> None:
         _set_nodelay(ws)  # as the server does: uvicorn leaves Nagle on
@@ -91,8 +90,8 @@ def ws_echo(table: Table, n: int) -> None:
 
 
 def attach_echo(table: Table, n: int) -> None:
-    from sandbox import framing
-    from sandbox.docker_backend import DockerBackend
+    from groundloop.sandbox import framing
+    from groundloop.sandbox.docker_backend import DockerBackend
 
     from .engine import settings
 

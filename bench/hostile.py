@@ -18,7 +18,7 @@ import dataclasses
 import os
 import time
 
-from sandbox.settings import SandboxSettings, load
+from groundloop.sandbox.settings import SandboxSettings, load
 
 from .server import Client
 from .stats import Table, summary_ms
@@ -64,8 +64,8 @@ def _runtimes() -> list[str]:
 @contextlib.asynccontextmanager
 async def serve(runtime: str):
     """A real server on a free loopback port, in this event loop."""
-    from server.app import create_app, serve_in_process
-    from server.settings import Settings
+    from groundloop.server.app import create_app, serve_in_process
+    from groundloop.server.settings import Settings
 
     sb = dataclasses.replace(load(SandboxSettings), namespace="bench", runtime=runtime, pool_size=2, memory="256m",
                              pids_limit=128, tmp_size="32m", workspace_size="32m", max_file_bytes=4 << 20,

@@ -47,7 +47,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     async def __aenter__(self) -> Server:
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "groundloop.server.cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(self.port)], env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         await self.wait_ready(120)

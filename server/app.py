@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from groundloop.sandbox.engine import Engine, make_backend
+from groundloop.sessions import logs
+from groundloop.sessions.cache import ResultCache
+from groundloop.sessions.manager import SessionManager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from sandbox.engine import Engine, make_backend
-from sessions.cache import ResultCache
-from sessions.manager import SessionManager
-
-from . import http, logs
+from . import http
 from .auth import Authenticator
 from .connection import RawSendStash, websocket_endpoint
 from .metrics import Metrics
@@ -55,7 +55,7 @@ class AppState:
 
 def _default_assist(settings: Settings, metrics: Metrics) -> Any:
     try:
-        from sessions.assist import AssistRunner
+        from groundloop.sessions.assist import AssistRunner
     except ImportError:
         return None
     try:

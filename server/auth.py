@@ -20,10 +20,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sandbox.settings import SettingsError
-
-from .errors import AuthError
-from .protocol import PROTOCOL
+from groundloop.sandbox.settings import SettingsError
+from groundloop.sessions.errors import AuthError
+from groundloop.sessions.protocol import PROTOCOL
 
 ANONYMOUS = "local"
 BEARER_PREFIX = "bearer."

@@ -6,13 +6,13 @@ import argparse
 import gc
 import sys
 
-from sandbox.settings import SettingsError
+from groundloop.sandbox.settings import SettingsError
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from groundloop.sessions import logs
 
-    from . import logs
     from .app import create_app, uvicorn_config
     from .settings import Settings
 
@@ -40,8 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _image_build(args: argparse.Namespace) -> int:
     import logging
 
-    from sandbox import image
-    from sandbox.settings import SandboxSettings, load
+    from groundloop.sandbox import image
+    from groundloop.sandbox.settings import SandboxSettings, load
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tag = args.tag or load(SandboxSettings).image
@@ -51,7 +51,7 @@ def _image_build(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from sandbox.settings import describe
+    from groundloop.sandbox.settings import describe
 
     from .settings import Settings
 

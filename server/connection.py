@@ -24,15 +24,9 @@ import struct
 import time
 from typing import Any
 
-from starlette.responses import PlainTextResponse
-from starlette.websockets import WebSocket
-
-from sandbox.base import SandboxError
-from sessions.outbox import ResumeError
-from sessions.session import Session, SessionClosed
-
-from . import logs
-from .errors import (
+from groundloop.sandbox.base import SandboxError
+from groundloop.sessions import logs
+from groundloop.sessions.errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
@@ -44,7 +38,11 @@ from .errors import (
     AuthError,
     LimitError,
 )
-from .protocol import SEQ_HEAD, encode, error_frame, with_seq
+from groundloop.sessions.outbox import ResumeError
+from groundloop.sessions.protocol import SEQ_HEAD, encode, error_frame, with_seq
+from groundloop.sessions.session import Session, SessionClosed
+from starlette.responses import PlainTextResponse
+from starlette.websockets import WebSocket
 
 CLOSE_WAIT_S = 2.0
 WRITE_BATCH_FRAMES = 256

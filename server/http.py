@@ -25,16 +25,15 @@ import time
 from typing import Any
 
 import orjson
+from groundloop.sandbox.base import Sandbox, SandboxError
+from groundloop.sessions import logs
+from groundloop.sessions.cache import code_key
+from groundloop.sessions.errors import AuthError, LimitError
+from groundloop.sessions.protocol import LANGUAGES
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sandbox.base import Sandbox, SandboxError
-from sessions.cache import code_key
-
-from . import logs
-from .errors import AuthError, LimitError
 from .metrics import CONTENT_TYPE
-from .protocol import LANGUAGES
 
 OUTPUT_MAX = 64 << 10
 

@@ -51,10 +51,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from groundloop.sandbox.engine import EngineHooks
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-from sandbox.engine import EngineHooks
 
 PREFIX = "groundloop_"
 

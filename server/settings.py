@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.settings import SandboxSettings, SettingsError, env, load
+from groundloop.sandbox.settings import SandboxSettings, SettingsError, env, load
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from sandbox.engine import Engine
-from server import logs
-from server.errors import CLOSE_RESTART, CLOSE_SESSION_CLOSED, LimitError
-from server.protocol import Request
+from groundloop.sandbox.engine import Engine
 
+from . import logs
+from .errors import CLOSE_RESTART, CLOSE_SESSION_CLOSED, LimitError
+from .protocol import Request
 from .session import Session
 
 

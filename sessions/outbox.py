@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import Any
 
-from server.protocol import SEQ_HEAD, encode, gap_frame
+from .protocol import SEQ_HEAD, encode, gap_frame
 
 
 class ResumeError(ValueError):

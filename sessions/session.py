@@ -29,11 +29,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from groundloop.sandbox.base import Sandbox, SandboxError, SandboxLost
 
-from sandbox.base import Sandbox, SandboxError, SandboxLost
-from server import logs
-from server.errors import CLOSE_SESSION_CLOSED, ProtocolError
-from server.protocol import (
+from . import logs
+from .errors import CLOSE_SESSION_CLOSED, ProtocolError
+from .outbox import Outbox
+from .protocol import (
     EXECUTIONS,
     Request,
     done_frame,
@@ -44,8 +45,6 @@ from server.protocol import (
     parse_request,
     ready_frame,
 )
-
-from .outbox import Outbox
 
 if TYPE_CHECKING:
     from .manager import SessionManager

@@ -14,8 +14,7 @@ import os
 import secrets
 
 import pytest
-
-from sandbox.settings import SandboxSettings, load
+from groundloop.sandbox.settings import SandboxSettings, load
 
 NAMESPACE = f"test-{secrets.token_hex(4)}"
 REQUIRE_DOCKER = os.environ.get("GROUNDLOOP_REQUIRE_DOCKER") == "1"
@@ -105,8 +104,8 @@ def sb_settings() -> SandboxSettings:
 @pytest.fixture
 async def engine(sb_settings):
     """A started docker engine with a pool of one."""
-    from sandbox.docker_backend import DockerBackend
-    from sandbox.engine import Engine
+    from groundloop.sandbox.docker_backend import DockerBackend
+    from groundloop.sandbox.engine import Engine
 
     eng = Engine(DockerBackend(sb_settings), sb_settings)
     await eng.start()
@@ -162,7 +161,7 @@ TEST_TOKENS = ["tok1:alice", "tok2:bob"]
 
 def server_settings(*, sandbox=None, **overrides):
     """Server settings for tests: environment ignored, this run's sandbox namespace."""
-    from server.settings import Settings
+    from groundloop.server.settings import Settings
 
     values = {"host": "127.0.0.1", "port": 0, "tokens": list(TEST_TOKENS),
               "sandbox": sandbox if sandbox is not None else sandbox_settings(pool_size=1)}
@@ -186,7 +185,7 @@ class RunningServer:
 
 @contextlib.asynccontextmanager
 async def run_server(settings=None, **create_app_kwargs):
-    from server.app import create_app, serve_in_process
+    from groundloop.server.app import create_app, serve_in_process
 
     settings = settings if settings is not None else server_settings()
     app = create_app(settings, **create_app_kwargs)

@@ -18,10 +18,9 @@ from typing import Any
 import anthropic
 import pytest
 from fake_anthropic import FakeAnthropic, Gate, dropped, http_error, stream_error, text
-
-from server.metrics import Metrics
-from server.settings import Settings
-from sessions.assist import (
+from groundloop.server.metrics import Metrics
+from groundloop.server.settings import Settings
+from groundloop.sessions.assist import (
     FEEDBACK_BYTES,
     FEEDBACK_CODE_BYTES,
     FEEDBACK_TRACEBACK_BYTES,
@@ -30,7 +29,7 @@ from sessions.assist import (
     feedback_message,
     tail,
 )
-from sessions.cache import ResultCache
+from groundloop.sessions.cache import ResultCache
 
 RID = "a1"
 

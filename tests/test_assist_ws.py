@@ -9,10 +9,9 @@ import anthropic
 import pytest
 from conftest import run_server, server_settings
 from fake_anthropic import Gate, stream_error, text
+from groundloop.server.metrics import Metrics
+from groundloop.sessions.assist import AssistRunner
 from wsclient import WSClient
-
-from server.metrics import Metrics
-from sessions.assist import AssistRunner
 
 pytestmark = pytest.mark.docker
 

@@ -427,9 +427,8 @@ async def test_html_result_cannot_reach_the_page(server):
 async def test_assist_streams_tokens_and_interleaves_code_output():
     import anthropic
     from fake_anthropic import FakeAnthropic, Gate, text
-
-    from server.metrics import Metrics
-    from sessions.assist import AssistRunner
+    from groundloop.server.metrics import Metrics
+    from groundloop.sessions.assist import AssistRunner
 
     gate = asyncio.Event()
     async with FakeAnthropic() as fake:

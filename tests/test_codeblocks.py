@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from sessions.codeblocks import CodeBlock, CodeBlockParser, normalize_language
-from sessions.policy import Policy, PolicyError
+from groundloop.sessions.codeblocks import CodeBlock, CodeBlockParser, normalize_language
+from groundloop.sessions.policy import Policy, PolicyError
 
 
 def parse_whole(text: str) -> list[CodeBlock]:

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from groundloop.server.metrics import Metrics
 from test_metrics import dashboard_queries
-
-from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -8,10 +8,9 @@ import base64
 import pytest
 import pytest_asyncio
 from conftest import sandbox_settings
-
-from sandbox.base import SandboxLost
-from sandbox.docker_backend import DockerBackend
-from sandbox.engine import Engine
+from groundloop.sandbox.base import SandboxLost
+from groundloop.sandbox.docker_backend import DockerBackend
+from groundloop.sandbox.engine import Engine
 
 # One engine (and warm pool) for the module; each test takes a fresh sandbox.
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]

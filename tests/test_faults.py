@@ -206,10 +206,9 @@ async def first_frame(url: str, token: str) -> tuple[dict, websockets.ClientConn
 
 async def test_docker_api_unreachable():
     import docker
-
-    from sandbox.docker_backend import DockerBackend
-    from sandbox.engine import Engine
-    from server.metrics import Metrics
+    from groundloop.sandbox.docker_backend import DockerBackend
+    from groundloop.sandbox.engine import Engine
+    from groundloop.server.metrics import Metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         proxy = DockerProxy(os.path.join(tmp, "docker.sock"))
@@ -283,7 +282,7 @@ class ServerProcess:
                     "GROUNDLOOP_HOST": "127.0.0.1", "GROUNDLOOP_PORT": str(self.port),
                     "GROUNDLOOP_SANDBOX_IMAGE": IMAGE, "GROUNDLOOP_LOG_LEVEL": "warning"})
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "groundloop.server.cli", "serve"], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.http = f"http://127.0.0.1:{self.port}"
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"

@@ -1,8 +1,7 @@
 """The agent framing, with literal bytes: no I/O."""
 
 import pytest
-
-from sandbox import framing
+from groundloop.sandbox import framing
 
 
 def test_demux_single_and_split_frames():

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import sandbox_settings
+from groundloop.server.metrics import ERROR_CODES, OTHER, Metrics, bounded, outcome_of
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-
-from server.metrics import ERROR_CODES, OTHER, Metrics, bounded, outcome_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "groundloop.json"
@@ -265,8 +264,8 @@ class WatchedMetrics(Metrics):
 
 @pytest.mark.docker
 async def test_engine_work_moves_the_histograms(collect):
-    from sandbox.docker_backend import DockerBackend
-    from sandbox.engine import Engine
+    from groundloop.sandbox.docker_backend import DockerBackend
+    from groundloop.sandbox.engine import Engine
 
     settings = sandbox_settings(pool_size=1)
     metrics = WatchedMetrics(pool_size=1)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
-
-from server.errors import ProtocolError
-from server.protocol import (
+from groundloop.sessions.errors import ProtocolError
+from groundloop.sessions.protocol import (
     REQUEST_TYPES,
     done_frame,
     encode,

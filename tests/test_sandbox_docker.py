@@ -8,9 +8,8 @@ import contextlib
 import docker
 import pytest
 from conftest import NAMESPACE, sandbox_settings
-
-from sandbox.docker_backend import DockerBackend
-from sandbox.engine import Engine
+from groundloop.sandbox.docker_backend import DockerBackend
+from groundloop.sandbox.engine import Engine
 
 pytestmark = pytest.mark.docker
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.cli import main
+from groundloop.server.cli import main
 
 
 def test_config_prints_the_table(capsys):
@@ -22,8 +22,7 @@ def test_serve_refuses_a_public_bind_without_tokens(monkeypatch, capsys):
 
 def test_tokens_file(tmp_path):
     from conftest import server_settings
-
-    from server.auth import Authenticator
+    from groundloop.server.auth import Authenticator
 
     path = tmp_path / "tokens"
     path.write_text("# comment\nsecret-a:ann\n\nsecret-b:ben\n")

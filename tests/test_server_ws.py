@@ -180,8 +180,8 @@ async def test_allowed_origins_and_anonymous_loopback():
 
 
 def test_non_loopback_bind_without_tokens_is_refused():
-    from sandbox.settings import SettingsError
-    from server.app import create_app
+    from groundloop.sandbox.settings import SettingsError
+    from groundloop.server.app import create_app
 
     with pytest.raises(SettingsError):
         create_app(server_settings(host="0.0.0.0", tokens=[]))
@@ -236,7 +236,7 @@ class ScriptedRunner:
     def __init__(self, codes):
         self.codes = codes
 
-    async def run(self, *, rid, prompt, language, max_iterations, context, emit, execute):
+    async def run(self, *, rid, prompt, language, max_iterations, context, emit, execute, scope=""):
         last = None
         for i, code in enumerate(self.codes[:max_iterations], start=1):
             await emit({"type": "token", "text": f"try {i}", "iteration": i})

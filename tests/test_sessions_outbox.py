@@ -6,9 +6,8 @@ import asyncio
 
 import orjson
 import pytest
-
-from sessions.manager import TokenBucket
-from sessions.outbox import Outbox, ResumeError
+from groundloop.sessions.manager import TokenBucket
+from groundloop.sessions.outbox import Outbox, ResumeError
 
 
 def box(**kw):
