@@ -20,8 +20,10 @@ def main() -> None:
     n = 20 if args.smoke else args.n
     table = Table()
     idle = floors.machine()
-    print(f"groundloop bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
-          + (f", {idle}" if idle else ""))
+    print(
+        f"groundloop bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
+        + (f", {idle}" if idle else "")
+    )
     run = asyncio.run
     try:  # the clients' own event loop: as fast as the server's
         import uvloop

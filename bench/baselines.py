@@ -27,7 +27,9 @@ def jupyter(table: Table, n: int) -> None:
                 samples.append(time.perf_counter() - t0)
             assert reply["content"]["status"] == "ok"
         s = summary_ms(samples)
-        table.add("local Jupyter kernel: 1 + 1 round trip (no isolation)", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms")
+        table.add(
+            "local Jupyter kernel: 1 + 1 round trip (no isolation)", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms"
+        )
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

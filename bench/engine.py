@@ -54,8 +54,9 @@ async def run(table: Table, n: int) -> None:
         ex = []
         for _ in range(max(5, n // 50)):
             t0 = time.perf_counter()
-            subprocess.run(["docker", "exec", sb.id, "python3", "-c", "print(1 + 1)"], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["docker", "exec", sb.id, "python3", "-c", "print(1 + 1)"], check=True, stdout=subprocess.DEVNULL
+            )
             ex.append(time.perf_counter() - t0)
         ex_sh = []
         for _ in range(max(5, n // 50)):
@@ -77,8 +78,11 @@ async def run(table: Table, n: int) -> None:
         r, p, e, f = summary_ms(rt), summary_ms(ping), summary_ms(ex), summary_ms(first)
         table.add("engine: run_code 1 + 1 round trip", f"p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms", "p50 <= 1 ms")
         table.add("engine: ping round trip (agent only)", f"p50 {p['p50']:.3f} ms, p99 {p['p99']:.3f} ms")
-        table.add("docker exec python3 -c 'print(1 + 1)'", f"p50 {e['p50']:.1f} ms, p99 {e['p99']:.1f} ms",
-                  f">= 20x slower: {e['p50'] / r['p50']:.0f}x")
+        table.add(
+            "docker exec python3 -c 'print(1 + 1)'",
+            f"p50 {e['p50']:.1f} ms, p99 {e['p99']:.1f} ms",
+            f">= 20x slower: {e['p50'] / r['p50']:.0f}x",
+        )
         table.add("docker exec true", f"p50 {summary_ms(ex_sh)['p50']:.1f} ms")
         table.add("engine: pool acquire", f"p50 {summary_ms(acquire)['p50']:.3f} ms", "<= 20 ms")
         table.add("engine: cold container start (create+attach+start+hello)", f"p50 {summary_ms(cold)['p50']:.0f} ms")

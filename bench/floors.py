@@ -46,8 +46,7 @@ def _echo_app():
 def serve(port: int) -> None:
     import uvicorn
 
-    uvicorn.run(_echo_app(), host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning",
-                lifespan="off")
+    uvicorn.run(_echo_app(), host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning", lifespan="off")
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -65,8 +64,9 @@ def ws_echo(table: Table, n: int) -> None:
     from .server import LeanClient, free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.floors", "serve", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.floors", "serve", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_port(port, proc)
         c = LeanClient(f"ws://127.0.0.1:{port}/echo", ready=False)
@@ -86,7 +86,9 @@ def ws_echo(table: Table, n: int) -> None:
         proc.terminate()
         proc.wait(30)
     s = summary_ms(samples)
-    table.add("floor: WebSocket echo (uvicorn + Starlette, lean client)", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms")
+    table.add(
+        "floor: WebSocket echo (uvicorn + Starlette, lean client)", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms"
+    )
 
 
 def attach_echo(table: Table, n: int) -> None:

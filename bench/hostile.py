@@ -28,19 +28,37 @@ WAIT = 120.0
 
 # (name, request type, payload, timeout_s)
 PROGRAMS = [
-    ("fork bomb (python, exec)", "exec",
-     "python3 -c 'import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass'", 3),
+    (
+        "fork bomb (python, exec)",
+        "exec",
+        "python3 -c 'import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass'",
+        3,
+    ),
     ("fork bomb (shell)", "exec", "bomb() { bomb | bomb & }; bomb", 3),
-    ("memory bomb", "run_code", "hog = []\nwhile True:\n    hog.append(bytearray(8 << 20))\n"
-                                "    hog[-1][::4096] = b'x' * len(hog[-1][::4096])", 20),
-    ("thread bomb", "run_code", "import threading, time\nwhile True:\n"
-                                "    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()", 3),
+    (
+        "memory bomb",
+        "run_code",
+        "hog = []\nwhile True:\n    hog.append(bytearray(8 << 20))\n    hog[-1][::4096] = b'x' * len(hog[-1][::4096])",
+        20,
+    ),
+    (
+        "thread bomb",
+        "run_code",
+        "import threading, time\nwhile True:\n"
+        "    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()",
+        3,
+    ),
     ("endless print", "run_code", "while True:\n    print('spam ' * 20)", 3),
     ("enormous line", "run_code", "import sys\nsys.stdout.write('x' * (64 << 20))\nsys.stdout.flush()", 20),
     ("busy loop", "run_code", "while True:\n    pass", 3),
     ("fill /tmp", "exec", "i=0; while dd if=/dev/zero of=/tmp/f$i bs=1M count=1 2>/dev/null; do i=$((i+1)); done", 20),
-    ("ignores SIGINT/SIGTERM", "run_code", "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                                           "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass", 3),
+    (
+        "ignores SIGINT/SIGTERM",
+        "run_code",
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass",
+        3,
+    ),
 ]
 SMOKE = {"fork bomb (shell)", "endless print", "busy loop"}
 
@@ -67,11 +85,28 @@ async def serve(runtime: str):
     from groundloop.server.app import create_app, serve_in_process
     from groundloop.server.settings import Settings
 
-    sb = dataclasses.replace(load(SandboxSettings), namespace="bench", runtime=runtime, pool_size=2, memory="256m",
-                             pids_limit=128, tmp_size="32m", workspace_size="32m", max_file_bytes=4 << 20,
-                             max_output_bytes=1 << 20)
-    settings = Settings.from_env(environ={}, host="127.0.0.1", port=0, tokens=list(TOKENS), sandbox=sb,
-                                 resume_grace_s=1.0, rate_per_s=10000.0, rate_burst=10000)
+    sb = dataclasses.replace(
+        load(SandboxSettings),
+        namespace="bench",
+        runtime=runtime,
+        pool_size=2,
+        memory="256m",
+        pids_limit=128,
+        tmp_size="32m",
+        workspace_size="32m",
+        max_file_bytes=4 << 20,
+        max_output_bytes=1 << 20,
+    )
+    settings = Settings.from_env(
+        environ={},
+        host="127.0.0.1",
+        port=0,
+        tokens=list(TOKENS),
+        sandbox=sb,
+        resume_grace_s=1.0,
+        rate_per_s=10000.0,
+        rate_burst=10000,
+    )
     app = create_app(settings)
     async with serve_in_process(app, settings, log_level="error") as server:
         await asyncio.wait_for(app.state.groundloop.engine.wait_filled(), WAIT)
@@ -122,11 +157,13 @@ async def _one_runtime(table: Table, n: int, smoke: bool, runtime: str) -> None:
                 during = by.samples[mark:]
                 s = summary_ms(during)
                 outcome = "ok" if done.get("ok") else (done.get("error") or {}).get("name", "error")
-                table.add(f"hostile[{runtime}]: bystander during {name}",
-                          f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms (n={len(during)})",
-                          f"p99 <= 100 ms; hostile: {outcome} in {took:.1f} s, then "
-                          f"{'usable' if after.get('ok') else 'NOT usable'}; "
-                          f"bystander failures {by.failures - failures}")
+                table.add(
+                    f"hostile[{runtime}]: bystander during {name}",
+                    f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms (n={len(during)})",
+                    f"p99 <= 100 ms; hostile: {outcome} in {took:.1f} s, then "
+                    f"{'usable' if after.get('ok') else 'NOT usable'}; "
+                    f"bystander failures {by.failures - failures}",
+                )
         finally:
             by.stop = True
             await asyncio.wait_for(task, WAIT)

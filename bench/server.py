@@ -39,17 +39,27 @@ class Server:
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
         self.http = f"http://127.0.0.1:{self.port}"
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")},
-                    "GROUNDLOOP_NAMESPACE": "bench", "GROUNDLOOP_POOL_SIZE": str(pool_size),
-                    "GROUNDLOOP_MAX_SESSIONS_PER_USER": "1000", "GROUNDLOOP_RATE_PER_S": "1000000",
-                    "GROUNDLOOP_RATE_BURST": "1000000", "GROUNDLOOP_MAX_INFLIGHT": "1000",
-                    "GROUNDLOOP_MAX_OUTPUT_BYTES": str(512 << 20), "GROUNDLOOP_LOG_LEVEL": "warning", **env}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")},
+            "GROUNDLOOP_NAMESPACE": "bench",
+            "GROUNDLOOP_POOL_SIZE": str(pool_size),
+            "GROUNDLOOP_MAX_SESSIONS_PER_USER": "1000",
+            "GROUNDLOOP_RATE_PER_S": "1000000",
+            "GROUNDLOOP_RATE_BURST": "1000000",
+            "GROUNDLOOP_MAX_INFLIGHT": "1000",
+            "GROUNDLOOP_MAX_OUTPUT_BYTES": str(512 << 20),
+            "GROUNDLOOP_LOG_LEVEL": "warning",
+            **env,
+        }
         self.proc: subprocess.Popen | None = None
 
     async def __aenter__(self) -> Server:
-        self.proc = subprocess.Popen([sys.executable, "-m", "groundloop.server.cli", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "groundloop.server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         await self.wait_ready(120)
         return self
 
@@ -110,8 +120,9 @@ class Client:
     @classmethod
     async def open(cls, url: str, token: str | None = None, timeout: float | None = None) -> tuple[Client, dict]:
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        ws = await connect(url, additional_headers=headers, max_size=None, compression=None,
-                           open_timeout=timeout or 120)
+        ws = await connect(
+            url, additional_headers=headers, max_size=None, compression=None, open_timeout=timeout or 120
+        )
         ready = orjson.loads(await asyncio.wait_for(ws.recv(), timeout or 120))
         if ready.get("type") != "ready":
             await ws.close()
@@ -180,16 +191,16 @@ class LeanClient:
             if size == 126:
                 if n - pos < 4:
                     break
-                size, at = int.from_bytes(buf[at:at + 2], "big"), at + 2
+                size, at = int.from_bytes(buf[at : at + 2], "big"), at + 2
             elif size == 127:
                 if n - pos < 10:
                     break
-                size, at = int.from_bytes(buf[at:at + 8], "big"), at + 8
+                size, at = int.from_bytes(buf[at : at + 8], "big"), at + 8
             if b1 & 0x80 or not b0 & 0x80:
                 raise ConnectionError("a masked or fragmented server frame: not for this client")
             if at + size > n:
                 break
-            payload, pos, opcode = buf[at:at + size], at + size, b0 & 0x0F
+            payload, pos, opcode = buf[at : at + size], at + size, b0 & 0x0F
             if opcode == 1:
                 self.frames.append(payload)
             elif opcode == 9:
@@ -325,21 +336,36 @@ async def run(table: Table, n: int, smoke: bool = False) -> None:
 
         w, p, f = summary_ms(warm), summary_ms(ping), summary_ms(first)
         lw, lp = summary_ms(lean), summary_ms(lean_ping)
-        table.add("ws: run_code 1 + 1 round trip (warm, lean client)",
-                  f"p50 {lw['p50']:.3f} ms, p99 {lw['p99']:.3f} ms", "p50 <= 1 ms, p99 <= 3 ms")
-        table.add("ws: run_code 1 + 1 round trip (warm, asyncio client)",
-                  f"p50 {w['p50']:.3f} ms, p99 {w['p99']:.3f} ms", "p50 <= 1 ms, p99 <= 3 ms")
+        table.add(
+            "ws: run_code 1 + 1 round trip (warm, lean client)",
+            f"p50 {lw['p50']:.3f} ms, p99 {lw['p99']:.3f} ms",
+            "p50 <= 1 ms, p99 <= 3 ms",
+        )
+        table.add(
+            "ws: run_code 1 + 1 round trip (warm, asyncio client)",
+            f"p50 {w['p50']:.3f} ms, p99 {w['p99']:.3f} ms",
+            "p50 <= 1 ms, p99 <= 3 ms",
+        )
         table.add("ws: ping round trip (lean client)", f"p50 {lp['p50']:.3f} ms, p99 {lp['p99']:.3f} ms")
         table.add("ws: ping round trip (asyncio client)", f"p50 {p['p50']:.3f} ms, p99 {p['p99']:.3f} ms")
-        table.add("ws: connect to ready (warm pool)", f"p50 {summary_ms(connect_times)['p50']:.1f} ms, "
-                  f"max {max(connect_times) * 1e3:.1f} ms", "<= 50 ms")
+        table.add(
+            "ws: connect to ready (warm pool)",
+            f"p50 {summary_ms(connect_times)['p50']:.1f} ms, max {max(connect_times) * 1e3:.1f} ms",
+            "<= 50 ms",
+        )
         table.add("ws: time to first stdout line", f"p50 {f['p50']:.3f} ms, p99 {f['p99']:.3f} ms", "<= 5 ms")
-        table.add(f"ws: stream throughput ({mib} MiB in 1 KiB lines, lean client)", f"{mib / lelapsed:.1f} MiB/s",
-                  ">= 50 MiB/s")
-        table.add(f"ws: stream throughput ({mib} MiB in 1 KiB lines, asyncio client)", f"{mib / elapsed:.1f} MiB/s",
-                  ">= 50 MiB/s")
+        table.add(
+            f"ws: stream throughput ({mib} MiB in 1 KiB lines, lean client)",
+            f"{mib / lelapsed:.1f} MiB/s",
+            ">= 50 MiB/s",
+        )
+        table.add(
+            f"ws: stream throughput ({mib} MiB in 1 KiB lines, asyncio client)",
+            f"{mib / elapsed:.1f} MiB/s",
+            ">= 50 MiB/s",
+        )
 
-    for sessions in ((4,) if smoke else (40, 200)):
+    for sessions in (4,) if smoke else (40, 200):
         await concurrent(table, sessions, per_session=5 if smoke else (50 if sessions == 40 else 10))
 
 
@@ -359,10 +385,17 @@ async def concurrent(table: Table, sessions: int, per_session: int) -> None:
         errors += [r for r in results if isinstance(r, BaseException)]
         cpu1, hwm = srv.usage()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-        table.add(f"ws: {sessions} concurrent sessions, run_code 1 + 1",
-                  f"p50 {pct(lat, 50) * 1e3:.2f} ms, p99 {pct(lat, 99) * 1e3:.2f} ms, {len(lat) / wall:.0f} req/s",
-                  "p99 <= 50 ms" if sessions == 40 else "")
-        table.add(f"ws: {sessions} sessions held at once", f"{len(clients)} open, {len(errors)} errors, "
-                  f"all connected in {connect_all:.1f} s", "no errors")
-        table.add(f"server CPU and peak memory per session ({sessions})",
-                  f"{(cpu1 - cpu0) / max(1, len(clients)) * 1e3:.0f} ms CPU, {hwm / max(1, len(clients)) / 1024:.0f} KiB")
+        table.add(
+            f"ws: {sessions} concurrent sessions, run_code 1 + 1",
+            f"p50 {pct(lat, 50) * 1e3:.2f} ms, p99 {pct(lat, 99) * 1e3:.2f} ms, {len(lat) / wall:.0f} req/s",
+            "p99 <= 50 ms" if sessions == 40 else "",
+        )
+        table.add(
+            f"ws: {sessions} sessions held at once",
+            f"{len(clients)} open, {len(errors)} errors, all connected in {connect_all:.1f} s",
+            "no errors",
+        )
+        table.add(
+            f"server CPU and peak memory per session ({sessions})",
+            f"{(cpu1 - cpu0) / max(1, len(clients)) * 1e3:.0f} ms CPU, {hwm / max(1, len(clients)) / 1024:.0f} KiB",
+        )

@@ -15,8 +15,12 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def summary_ms(samples: list[float]) -> dict[str, float]:
-    return {"p50": pct(samples, 50) * 1e3, "p99": pct(samples, 99) * 1e3,
-            "mean": statistics.fmean(samples) * 1e3 if samples else float("nan"), "n": len(samples)}
+    return {
+        "p50": pct(samples, 50) * 1e3,
+        "p99": pct(samples, 99) * 1e3,
+        "mean": statistics.fmean(samples) * 1e3 if samples else float("nan"),
+        "n": len(samples),
+    }
 
 
 class Table:

@@ -68,9 +68,19 @@ class _Pending:
 class Sandbox:
     """One agent connection. Created by a backend, handed out by the pool."""
 
-    def __init__(self, *, sandbox_id: str, session_id: str, backend: str, runtime: str, image: str,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter, docker_mux: bool,
-                 closer: Callable[[Sandbox], Awaitable[None]] | None = None):
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        session_id: str,
+        backend: str,
+        runtime: str,
+        image: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        docker_mux: bool,
+        closer: Callable[[Sandbox], Awaitable[None]] | None = None,
+    ):
         self.id = sandbox_id
         self.session_id = session_id
         self.backend = backend
@@ -145,8 +155,15 @@ class Sandbox:
 
     # ---- requests
 
-    async def request(self, op: str, params: dict[str, Any] | None = None, on_event: EventHandler | None = None,
-                      *, rid: str | None = None, deadline_s: float | None = None) -> dict[str, Any]:
+    async def request(
+        self,
+        op: str,
+        params: dict[str, Any] | None = None,
+        on_event: EventHandler | None = None,
+        *,
+        rid: str | None = None,
+        deadline_s: float | None = None,
+    ) -> dict[str, Any]:
         """Run one op. ``on_event`` gets its out/result events; returns its done.
 
         ``deadline_s`` is the server's own guard: an agent that has not
@@ -156,9 +173,16 @@ class Sandbox:
         await self.drain()
         return await fut
 
-    def submit(self, op: str, params: dict[str, Any] | None = None, on_event: EventHandler | None = None,
-               *, rid: str | None = None, deadline_s: float | None = None,
-               on_done: Callable[[dict[str, Any]], None] | None = None) -> asyncio.Future[dict[str, Any]]:
+    def submit(
+        self,
+        op: str,
+        params: dict[str, Any] | None = None,
+        on_event: EventHandler | None = None,
+        *,
+        rid: str | None = None,
+        deadline_s: float | None = None,
+        on_done: Callable[[dict[str, Any]], None] | None = None,
+    ) -> asyncio.Future[dict[str, Any]]:
         """Send one op now; the returned future gets its done (or SandboxLost).
 
         ``on_done``, if given, is called with the done by the reader itself, in
@@ -178,8 +202,11 @@ class Sandbox:
             raise SandboxLost(f"the sandbox stream is closed: {exc}") from None
         self._pending[rid] = pending
         fut = pending.future
-        timer = (asyncio.get_running_loop().call_later(deadline_s, self._hung, fut, op, deadline_s)
-                 if deadline_s is not None else None)
+        timer = (
+            asyncio.get_running_loop().call_later(deadline_s, self._hung, fut, op, deadline_s)
+            if deadline_s is not None
+            else None
+        )
 
         def forget(_: asyncio.Future) -> None:
             if timer is not None:

@@ -99,8 +99,9 @@ class DockerBackend:
 
     async def reap_orphans(self) -> int:
         """Remove this namespace's containers left by a server that is gone."""
-        return await asyncio.to_thread(self._reap, {"groundloop.namespace": self.settings.namespace},
-                                       exclude_instance=self.instance)
+        return await asyncio.to_thread(
+            self._reap, {"groundloop.namespace": self.settings.namespace}, exclude_instance=self.instance
+        )
 
     async def reap_all(self) -> int:
         """Remove every container of this server instance."""
@@ -181,9 +182,17 @@ class DockerBackend:
         except Exception as exc:
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-        sb = Sandbox(sandbox_id=cid, session_id=session_id, backend=self.name, runtime=self.runtime,
-                     image=self.settings.image, reader=reader, writer=writer, docker_mux=True,
-                     closer=self._close_sandbox)
+        sb = Sandbox(
+            sandbox_id=cid,
+            session_id=session_id,
+            backend=self.name,
+            runtime=self.runtime,
+            image=self.settings.image,
+            reader=reader,
+            writer=writer,
+            docker_mux=True,
+            closer=self._close_sandbox,
+        )
         try:
             await sb.handshake(self.settings.start_timeout_s)
         except BaseException:

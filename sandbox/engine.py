@@ -38,7 +38,9 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(18)
 
 
-async def make_backend(settings: SandboxSettings, *, bind_host: str = "127.0.0.1", instance: str | None = None) -> Backend:
+async def make_backend(
+    settings: SandboxSettings, *, bind_host: str = "127.0.0.1", instance: str | None = None
+) -> Backend:
     """Choose the backend: docker unless local is asked for (or allowed as a fallback)."""
     if settings.backend == "local":
         from .local_backend import LocalBackend
@@ -69,8 +71,13 @@ def _is_loopback(host: str) -> bool:
 
 
 class Engine:
-    def __init__(self, backend: Backend, settings: SandboxSettings, hooks: EngineHooks | None = None,
-                 pool_size: int | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        settings: SandboxSettings,
+        hooks: EngineHooks | None = None,
+        pool_size: int | None = None,
+    ):
         self.backend = backend
         self.settings = settings
         self.hooks = hooks or EngineHooks()
@@ -115,13 +122,20 @@ class Engine:
 
     async def ready(self) -> bool:
         """Reachable backend and a filled pool."""
-        return (not self._closed and len(self._ready) >= self.pool_size and await self.backend.ping())
+        return not self._closed and len(self._ready) >= self.pool_size and await self.backend.ping()
 
     def status(self) -> dict[str, Any]:
         counts = self.counts()
-        return {"backend": self.backend.name, "runtime": self.backend.runtime, "pool_size": self.pool_size,
-                "pool_free": len(self._ready), "starting": self._starting, "live": len(self._live),
-                "states": counts, "last_error": self.last_error}
+        return {
+            "backend": self.backend.name,
+            "runtime": self.backend.runtime,
+            "pool_size": self.pool_size,
+            "pool_free": len(self._ready),
+            "starting": self._starting,
+            "live": len(self._live),
+            "states": counts,
+            "last_error": self.last_error,
+        }
 
     def counts(self) -> dict[str, int]:
         counts = {"warm": len(self._ready), "starting": self._starting, "in_use": 0}
@@ -217,4 +231,3 @@ class Engine:
                 backoff = 0.5
                 self._ready.append(sb)
                 self._changed()
-

@@ -48,7 +48,7 @@ class DockerDemux:
                 raise FramingError(f"expected a stream id of 0, 1 or 2 in the attach header, got {stream}")
             if len(buf) - pos - 8 < size:
                 break
-            out.append((stream, bytes(buf[pos + 8:pos + 8 + size])))
+            out.append((stream, bytes(buf[pos + 8 : pos + 8 + size])))
             pos += 8 + size
         del buf[:pos]
         return out
@@ -85,7 +85,7 @@ class LineSplitter:
         else:
             lines = data[:last].split(b"\n")
         if last + 1 < len(data):
-            buf += data[last + 1:]
+            buf += data[last + 1 :]
         return lines
 
     @property

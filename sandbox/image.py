@@ -82,8 +82,11 @@ def build_offline_base(client, suite: str = "bookworm") -> None:
         with tempfile.TemporaryDirectory(prefix="groundloop-rootfs-") as tmp:
             rootfs = Path(tmp) / "rootfs"
             log.info("debootstrap %s into %s (about a minute)", suite, rootfs)
-            subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", suite, str(rootfs)],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", suite, str(rootfs)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             # Trim what a sandbox never needs.
             for sub in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
                 subprocess.run(["rm", "-rf", str(rootfs / sub)], check=True)
@@ -92,8 +95,9 @@ def build_offline_base(client, suite: str = "bookworm") -> None:
             partial.rename(tarball)
     log.info("docker import %s as %s", tarball, OFFLINE_BASE)
     with open(tarball, "rb") as f:
-        client.api.import_image_from_data(f.read(), repository=OFFLINE_BASE.split(":")[0],
-                                          tag=OFFLINE_BASE.split(":")[1])
+        client.api.import_image_from_data(
+            f.read(), repository=OFFLINE_BASE.split(":")[0], tag=OFFLINE_BASE.split(":")[1]
+        )
 
 
 def build_context() -> bytes:
@@ -117,9 +121,16 @@ def build(tag: str, *, from_registry: bool | None = None, client=None) -> str:
         if not _has_image(client, OFFLINE_BASE):
             build_offline_base(client)
     log.info("building %s on %s", tag, base)
-    client.images.build(fileobj=io.BytesIO(build_context()), custom_context=True, tag=tag, rm=True,
-                        forcerm=True, buildargs={"BASE": base}, labels={AGENT_LABEL: agent_digest()},
-                        network_mode="none" if not from_registry else None)
+    client.images.build(
+        fileobj=io.BytesIO(build_context()),
+        custom_context=True,
+        tag=tag,
+        rm=True,
+        forcerm=True,
+        buildargs={"BASE": base},
+        labels={AGENT_LABEL: agent_digest()},
+        network_mode="none" if not from_registry else None,
+    )
     return base
 
 

@@ -30,8 +30,11 @@ class LocalBackend:
     def __init__(self, settings: SandboxSettings):
         self.settings = settings
         self._procs: dict[str, tuple[asyncio.subprocess.Process, str]] = {}
-        log.warning("LOCAL SANDBOX BACKEND: code runs unisolated as %s on this machine; "
-                    "never use it where the code is not trusted", os.environ.get("USER", "this user"))
+        log.warning(
+            "LOCAL SANDBOX BACKEND: code runs unisolated as %s on this machine; "
+            "never use it where the code is not trusted",
+            os.environ.get("USER", "this user"),
+        )
 
     async def ping(self) -> bool:
         return True
@@ -41,22 +44,43 @@ class LocalBackend:
 
     async def start(self, session_id: str) -> Sandbox:
         workdir = tempfile.mkdtemp(prefix="groundloop-")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir,
-               "GROUNDLOOP_WORKDIR": workdir, "LANG": "C.UTF-8"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": workdir,
+            "GROUNDLOOP_WORKDIR": workdir,
+            "LANG": "C.UTF-8",
+        }
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-u", "-B", AGENT, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=None, env=env, cwd=workdir,
-                start_new_session=True, limit=1 << 20)
+                sys.executable,
+                "-u",
+                "-B",
+                AGENT,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=None,
+                env=env,
+                cwd=workdir,
+                start_new_session=True,
+                limit=1 << 20,
+            )
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise SandboxUnavailable(f"could not start the local agent: {exc}") from exc
         sid = f"local-{uuid.uuid4().hex}"
         self._procs[sid] = (proc, workdir)
         assert proc.stdout is not None and proc.stdin is not None
-        sb = Sandbox(sandbox_id=sid, session_id=session_id, backend=self.name, runtime=self.runtime,
-                     image="local", reader=proc.stdout, writer=proc.stdin, docker_mux=False,
-                     closer=self._close_sandbox)
+        sb = Sandbox(
+            sandbox_id=sid,
+            session_id=session_id,
+            backend=self.name,
+            runtime=self.runtime,
+            image="local",
+            reader=proc.stdout,
+            writer=proc.stdin,
+            docker_mux=False,
+            closer=self._close_sandbox,
+        )
         try:
             await sb.handshake(self.settings.start_timeout_s)
         except BaseException:

@@ -100,7 +100,9 @@ def describe(cls: type) -> list[tuple[str, Any, str]]:
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    backend: str = env("GROUNDLOOP_SANDBOX_BACKEND", "docker", "`docker` (default) or `local` (development only: no isolation)")
+    backend: str = env(
+        "GROUNDLOOP_SANDBOX_BACKEND", "docker", "`docker` (default) or `local` (development only: no isolation)"
+    )
     image: str = env("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest", "sandbox image tag")
     runtime: str = env("GROUNDLOOP_SANDBOX_RUNTIME", "runc", "OCI runtime: `runc`, or `runsc` for gVisor")
     pool_size: int = env("GROUNDLOOP_POOL_SIZE", 2, "warm containers kept ready ahead of demand")
@@ -112,9 +114,23 @@ class SandboxSettings:
     workspace_size: str = env("GROUNDLOOP_SANDBOX_WORKSPACE_SIZE", "256m", "size of the /workspace tmpfs")
     exec_timeout_s: float = env("GROUNDLOOP_EXEC_TIMEOUT_S", 30.0, "default timeout of run_code and exec")
     max_exec_timeout_s: float = env("GROUNDLOOP_MAX_EXEC_TIMEOUT_S", 300.0, "largest timeout_s a client may ask for")
-    max_output_bytes: int = env("GROUNDLOOP_MAX_OUTPUT_BYTES", 8 << 20, "output kept per request; the rest is dropped with `truncated`")
-    max_file_bytes: int = env("GROUNDLOOP_MAX_FILE_BYTES", 16 << 20, "largest file written or read, and the fsize ulimit")
+    max_output_bytes: int = env(
+        "GROUNDLOOP_MAX_OUTPUT_BYTES", 8 << 20, "output kept per request; the rest is dropped with `truncated`"
+    )
+    max_file_bytes: int = env(
+        "GROUNDLOOP_MAX_FILE_BYTES", 16 << 20, "largest file written or read, and the fsize ulimit"
+    )
     line_max_bytes: int = env("GROUNDLOOP_LINE_MAX_BYTES", 16 << 10, "longer output lines are split")
-    start_timeout_s: float = env("GROUNDLOOP_SANDBOX_START_TIMEOUT_S", 30.0, "a container that does not say hello by then is removed")
-    namespace: str = env("GROUNDLOOP_NAMESPACE", "default", "label value grouping one deployment's containers (orphans of the same namespace are reaped at start-up)")
-    allow_local: bool = env("GROUNDLOOP_ALLOW_LOCAL_BACKEND", False, "fall back to the local backend when Docker is unreachable (loopback only)")
+    start_timeout_s: float = env(
+        "GROUNDLOOP_SANDBOX_START_TIMEOUT_S", 30.0, "a container that does not say hello by then is removed"
+    )
+    namespace: str = env(
+        "GROUNDLOOP_NAMESPACE",
+        "default",
+        "label value grouping one deployment's containers (orphans of the same namespace are reaped at start-up)",
+    )
+    allow_local: bool = env(
+        "GROUNDLOOP_ALLOW_LOCAL_BACKEND",
+        False,
+        "fall back to the local backend when Docker is unreachable (loopback only)",
+    )

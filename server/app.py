@@ -71,14 +71,21 @@ def transport_max_size(settings: Settings) -> int:
     return 2 * settings.max_message_bytes + (64 << 10)
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None,
-               assist: Any = None) -> Starlette:
+def create_app(
+    settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None, assist: Any = None
+) -> Starlette:
     auth = Authenticator(settings)
     metrics = metrics if metrics is not None else Metrics()
     if assist is None:
         assist = _default_assist(settings, metrics)
-    state = AppState(settings=settings, metrics=metrics, auth=auth, assist=assist,
-                     cache=ResultCache(settings.cache_entries, settings.cache_ttl_s), engine=engine)
+    state = AppState(
+        settings=settings,
+        metrics=metrics,
+        auth=auth,
+        assist=assist,
+        cache=ResultCache(settings.cache_entries, settings.cache_ttl_s),
+        engine=engine,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -93,8 +100,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None, metrics: Met
         metrics.pool_size.set(eng.pool_size)
         state.manager = SessionManager(settings, eng, metrics, assist)
         state.manager.start()
-        logs.event("started", host=settings.host, port=settings.port, backend=eng.backend.name,
-                   runtime=eng.backend.runtime, anonymous=auth.anonymous)
+        logs.event(
+            "started",
+            host=settings.host,
+            port=settings.port,
+            backend=eng.backend.name,
+            runtime=eng.backend.runtime,
+            anonymous=auth.anonymous,
+        )
         state.started.set()
         try:
             yield
@@ -121,19 +134,25 @@ def create_app(settings: Settings, *, engine: Engine | None = None, metrics: Met
     return app
 
 
-def uvicorn_config(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None,
-                   **overrides: Any) -> Any:
+def uvicorn_config(
+    app: Any, settings: Settings, *, host: str | None = None, port: int | None = None, **overrides: Any
+) -> Any:
     """The uvicorn configuration groundloop runs with (also used by the tests)."""
     import uvicorn
 
     if settings.loop not in ("auto", "uvloop", "asyncio"):
         raise SettingsError(f"GROUNDLOOP_LOOP: expected auto, uvloop or asyncio, got {settings.loop!r}")
-    kw: dict[str, Any] = dict(host=settings.host if host is None else host,
-                              loop=settings.loop,
-                              port=settings.port if port is None else port,
-                              ws="websockets-sansio", ws_max_size=transport_max_size(settings),
-                              ws_per_message_deflate=False, lifespan="on", log_config=None,
-                              timeout_graceful_shutdown=10)
+    kw: dict[str, Any] = dict(
+        host=settings.host if host is None else host,
+        loop=settings.loop,
+        port=settings.port if port is None else port,
+        ws="websockets-sansio",
+        ws_max_size=transport_max_size(settings),
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
     kw.update(overrides)
     return uvicorn.Config(app, **kw)
 

@@ -65,8 +65,10 @@ def check_startup(settings: Any, host: str | None = None) -> None:
     """Refuse a non-loopback bind without tokens."""
     host = settings.host if host is None else host
     if not load_tokens(settings) and not is_loopback(host):
-        raise SettingsError(f"refusing to bind {host} without tokens: set GROUNDLOOP_TOKENS or "
-                            "GROUNDLOOP_TOKENS_FILE (anonymous access is for loopback only)")
+        raise SettingsError(
+            f"refusing to bind {host} without tokens: set GROUNDLOOP_TOKENS or "
+            "GROUNDLOOP_TOKENS_FILE (anonymous access is for loopback only)"
+        )
 
 
 class Authenticator:
@@ -106,7 +108,7 @@ class Authenticator:
         if token is None:
             for sp in subprotocols:
                 if sp.startswith(BEARER_PREFIX):
-                    token = sp[len(BEARER_PREFIX):]
+                    token = sp[len(BEARER_PREFIX) :]
                     break
         user = self.user_for(token)
         return user, (PROTOCOL if PROTOCOL in subprotocols else None)

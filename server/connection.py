@@ -210,8 +210,13 @@ class Connection:
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
             session.detach(self)
-            logs.event("disconnect", user=self.user, session=session.id, code=self.close_code,
-                       seconds=round(time.monotonic() - self.t0, 3))
+            logs.event(
+                "disconnect",
+                user=self.user,
+                session=session.id,
+                code=self.close_code,
+                seconds=round(time.monotonic() - self.t0, 3),
+            )
 
     async def _new(self) -> bool:
         try:
@@ -358,6 +363,12 @@ class Connection:
             since = self._sending_since
             if since is not None and time.perf_counter() - since > timeout:
                 break
-        logs.event("slow_consumer", logging.WARNING, user=self.user, session=session.id,
-                   unsent=session.outbox.unsent, send_timeout_s=timeout)
+        logs.event(
+            "slow_consumer",
+            logging.WARNING,
+            user=self.user,
+            session=session.id,
+            unsent=session.outbox.unsent,
+            send_timeout_s=timeout,
+        )
         await self.close(CLOSE_SLOW_CONSUMER, "the client did not read; resume to go on")

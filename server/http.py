@@ -111,8 +111,15 @@ async def validate_code(request: Request) -> Response:
     result["duration_ms"] = round(seconds * 1000, 3)
     outcome = "ok" if result["ok"] else "error"
     gl.metrics.request_done("validate_code", outcome, seconds)
-    logs.audit(user=user, session="-", type="validate_code", text=code, outcome=outcome,
-               duration_ms=seconds * 1000, language=language)
+    logs.audit(
+        user=user,
+        session="-",
+        type="validate_code",
+        text=code,
+        outcome=outcome,
+        duration_ms=seconds * 1000,
+        language=language,
+    )
     gl.cache.put(key, result)
     return JSONResponse({**result, "cached": False})
 
@@ -160,15 +167,30 @@ async def run_once(gl: Any, sb: Sandbox, code: str, language: str) -> dict[str, 
     if not created.get("ok"):
         return {"ok": False, "output": "", "error": created.get("error"), "results": [], "formats": []}
     try:
-        done = await sb.request("run_code", {"code": code, "language": language, "context": cid,
-                                             "timeout_s": s.exec_timeout_s, "max_output_bytes": OUTPUT_MAX},
-                                on_event, deadline_s=deadline)
+        done = await sb.request(
+            "run_code",
+            {
+                "code": code,
+                "language": language,
+                "context": cid,
+                "timeout_s": s.exec_timeout_s,
+                "max_output_bytes": OUTPUT_MAX,
+            },
+            on_event,
+            deadline_s=deadline,
+        )
     finally:
         if sb.alive:
             await _quiet(sb.request("delete_context", {"context": cid}, deadline_s=deadline))
     formats = sorted({k for data in results for k in data})
-    return {"ok": bool(done.get("ok")), "output": "".join(out)[:OUTPUT_MAX], "error": done.get("error"),
-            "results": results, "formats": formats, "truncated": bool(done.get("truncated"))}
+    return {
+        "ok": bool(done.get("ok")),
+        "output": "".join(out)[:OUTPUT_MAX],
+        "error": done.get("error"),
+        "results": results,
+        "formats": formats,
+        "truncated": bool(done.get("truncated")),
+    }
 
 
 async def _quiet(aw: Any) -> None:

@@ -59,8 +59,31 @@ PREFIX = "groundloop_"
 
 # Sub-millisecond work must be visible: a warm pool pop or a queued frame takes
 # microseconds, a trivial run_code about a millisecond. From 50 us to 60 s.
-FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.0075, 0.01,
-                0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FAST_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 # Container starts and model calls: tens of milliseconds to minutes.
 SLOW_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 ITERATION_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10)
@@ -77,15 +100,41 @@ OUTCOME_LABELS = ("ok", "error", "timeout", "cancelled", "lost", "unavailable", 
 SOURCE_LABELS = ("pool", "cold")
 STATE_LABELS = ("warm", "starting", "in_use")
 DIRECTION_LABELS = ("input", "output")
-REQUEST_TYPES = ("run_code", "exec", "create_context", "delete_context", "list_contexts", "write_file",
-                 "read_file", "list_files", "delete_file", "mkdir", "start_process", "kill_process",
-                 "list_processes", "cancel", "assist", "ping", "validate_code", "rejected")
-ERROR_CODES = ("bad_request", "unauthorized", "forbidden", "not_found", "rate_limited", "too_large", "busy",
-               "sandbox_unavailable", "llm_unavailable", "internal")
+REQUEST_TYPES = (
+    "run_code",
+    "exec",
+    "create_context",
+    "delete_context",
+    "list_contexts",
+    "write_file",
+    "read_file",
+    "list_files",
+    "delete_file",
+    "mkdir",
+    "start_process",
+    "kill_process",
+    "list_processes",
+    "cancel",
+    "assist",
+    "ping",
+    "validate_code",
+    "rejected",
+)
+ERROR_CODES = (
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "rate_limited",
+    "too_large",
+    "busy",
+    "sandbox_unavailable",
+    "llm_unavailable",
+    "internal",
+)
 
 # Agent / sandbox error names that are not plain failures of the user's code.
-_OUTCOME_BY_ERROR = {"Timeout": "timeout", "Cancelled": "cancelled", "SandboxLost": "lost",
-                     "WorkerDied": "lost"}
+_OUTCOME_BY_ERROR = {"Timeout": "timeout", "Cancelled": "cancelled", "SandboxLost": "lost", "WorkerDied": "lost"}
 
 
 def bounded(value: Any, allowed: Iterable[str]) -> str:
@@ -138,51 +187,86 @@ class Metrics(EngineHooks):
         self.execution = Histogram(
             p + "execution_seconds",
             "Server-side duration of run_code and exec requests, from dispatch to the agent's done",
-            ["kind", "language", "outcome"], buckets=FAST_BUCKETS, registry=r)
+            ["kind", "language", "outcome"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         self.first_output = Histogram(
-            p + "first_output_seconds", "Time from dispatching a request to its first output line or result",
-            ["kind"], buckets=FAST_BUCKETS, registry=r)
+            p + "first_output_seconds",
+            "Time from dispatching a request to its first output line or result",
+            ["kind"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         self.acquire = Histogram(
-            p + "sandbox_acquire_seconds", "Time to hand a started sandbox to a session, by source (pool or cold)",
-            ["source"], buckets=FAST_BUCKETS, registry=r)
+            p + "sandbox_acquire_seconds",
+            "Time to hand a started sandbox to a session, by source (pool or cold)",
+            ["source"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         self.cold_start = Histogram(
-            p + "sandbox_start_seconds", "Time to create, start and handshake one sandbox container",
-            buckets=SLOW_BUCKETS, registry=r)
+            p + "sandbox_start_seconds",
+            "Time to create, start and handshake one sandbox container",
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
         self.model_ttft = Histogram(
-            p + "model_first_token_seconds", "Time from sending a model request to its first streamed token",
-            buckets=SLOW_BUCKETS, registry=r)
+            p + "model_first_token_seconds",
+            "Time from sending a model request to its first streamed token",
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
         self.model_generation = Histogram(
-            p + "model_generation_seconds", "Duration of one model call, from request to the end of its stream",
-            buckets=SLOW_BUCKETS, registry=r)
+            p + "model_generation_seconds",
+            "Duration of one model call, from request to the end of its stream",
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
         self.assist_iterations = Histogram(
-            p + "assist_iterations", "Model/execution iterations per assist request",
-            buckets=ITERATION_BUCKETS, registry=r)
+            p + "assist_iterations",
+            "Model/execution iterations per assist request",
+            buckets=ITERATION_BUCKETS,
+            registry=r,
+        )
         self.send_wait = Histogram(
-            p + "ws_send_queue_wait_seconds", "Time the oldest frame of each socket write waited in the WebSocket send queue",
-            buckets=FAST_BUCKETS, registry=r)
+            p + "ws_send_queue_wait_seconds",
+            "Time the oldest frame of each socket write waited in the WebSocket send queue",
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         self.request_duration = Histogram(
-            p + "request_duration_seconds", "Duration of every client request, from receipt to its done frame",
-            ["type"], buckets=FAST_BUCKETS, registry=r)
+            p + "request_duration_seconds",
+            "Duration of every client request, from receipt to its done frame",
+            ["type"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         # ---- gauges
         self.connections = Gauge(p + "connections", "Open WebSocket connections", registry=r)
         self.sessions = Gauge(p + "sessions", "Live sessions, attached or waiting for resume", registry=r)
-        self.sandboxes = Gauge(p + "sandboxes", "Sandboxes of this server by state (warm, starting, in_use)",
-                               ["state"], registry=r)
+        self.sandboxes = Gauge(
+            p + "sandboxes", "Sandboxes of this server by state (warm, starting, in_use)", ["state"], registry=r
+        )
         self.pool_size = Gauge(p + "sandbox_pool_size", "Configured warm pool size", registry=r)
         self.pool_free = Gauge(p + "sandbox_pool_free", "Warm sandboxes ready to hand out", registry=r)
         self.inflight = Gauge(p + "requests_in_flight", "Client requests in flight, all sessions", registry=r)
         self.build_info = Gauge(p + "build_info", "groundloop version (always 1)", ["version"], registry=r)
         # ---- counters (exposed with the _total suffix)
-        self.requests = Counter(p + "requests", "Client requests finished, by type and outcome",
-                                ["type", "outcome"], registry=r)
-        self.errors = Counter(p + "errors", "Error frames sent and failed requests, by protocol error code",
-                              ["code"], registry=r)
+        self.requests = Counter(
+            p + "requests", "Client requests finished, by type and outcome", ["type", "outcome"], registry=r
+        )
+        self.errors = Counter(
+            p + "errors", "Error frames sent and failed requests, by protocol error code", ["code"], registry=r
+        )
         self.frames_out = Counter(p + "ws_frames_sent", "Frames sent to clients (replays included)", registry=r)
         self.bytes_out = Counter(p + "ws_sent_bytes", "Bytes of frames sent to clients", registry=r)
-        self.truncations = Counter(p + "output_truncations", "Requests whose output was cut at max_output_bytes",
-                                   registry=r)
-        self.tokens = Counter(p + "model_tokens", "Model tokens, by direction (input, output)", ["direction"],
-                              registry=r)
+        self.truncations = Counter(
+            p + "output_truncations", "Requests whose output was cut at max_output_bytes", registry=r
+        )
+        self.tokens = Counter(
+            p + "model_tokens", "Model tokens, by direction (input, output)", ["direction"], registry=r
+        )
         self.reaped = Counter(p + "containers_reaped", "Orphan sandbox containers removed at start-up", registry=r)
         self.replayed = Counter(p + "replayed_frames", "Frames replayed to resuming clients", registry=r)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see _child
@@ -224,13 +308,18 @@ class Metrics(EngineHooks):
         """Record the configured pool size (call once the engine exists: ``engine.pool_size``)."""
         self.pool_size.set(n)
 
-    def execution_done(self, kind: str, language: str | None, outcome: str, seconds: float,
-                       truncated: bool = False) -> None:
+    def execution_done(
+        self, kind: str, language: str | None, outcome: str, seconds: float, truncated: bool = False
+    ) -> None:
         """One run_code or exec finished. ``outcome`` is one of OUTCOME_LABELS (see ``outcome_of``)."""
         if kind == "exec" and not language:
             language = "shell"
-        self._child(self.execution, bounded(kind, KIND_LABELS), bounded(language, LANGUAGE_LABELS),
-                    bounded(outcome, OUTCOME_LABELS)).observe(seconds)
+        self._child(
+            self.execution,
+            bounded(kind, KIND_LABELS),
+            bounded(language, LANGUAGE_LABELS),
+            bounded(outcome, OUTCOME_LABELS),
+        ).observe(seconds)
         if truncated:
             self.truncations.inc()
 
@@ -267,8 +356,9 @@ class Metrics(EngineHooks):
         if n > 0:
             self.replayed.inc(n)
 
-    def model_call_done(self, first_token_s: float | None, generation_s: float, input_tokens: int = 0,
-                        output_tokens: int = 0) -> None:
+    def model_call_done(
+        self, first_token_s: float | None, generation_s: float, input_tokens: int = 0, output_tokens: int = 0
+    ) -> None:
         """One model call ended (``first_token_s`` is None when no token came)."""
         if first_token_s is not None:
             self.model_ttft.observe(first_token_s)
@@ -296,5 +386,16 @@ class Metrics(EngineHooks):
         return out
 
 
-__all__ = ["Metrics", "CONTENT_TYPE", "FAST_BUCKETS", "SLOW_BUCKETS", "bounded", "outcome_of", "REQUEST_TYPES",
-           "ERROR_CODES", "OUTCOME_LABELS", "KIND_LABELS", "LANGUAGE_LABELS"]
+__all__ = [
+    "Metrics",
+    "CONTENT_TYPE",
+    "FAST_BUCKETS",
+    "SLOW_BUCKETS",
+    "bounded",
+    "outcome_of",
+    "REQUEST_TYPES",
+    "ERROR_CODES",
+    "OUTCOME_LABELS",
+    "KIND_LABELS",
+    "LANGUAGE_LABELS",
+]

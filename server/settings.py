@@ -20,8 +20,12 @@ class Settings:
     port: int = env("GROUNDLOOP_PORT", 8000, "bind port")
     tokens: list = env("GROUNDLOOP_TOKENS", [], "`token:user` pairs, comma-separated")
     tokens_file: str = env("GROUNDLOOP_TOKENS_FILE", "", "a file of `token:user` lines")
-    allowed_origins: list = env("GROUNDLOOP_ALLOWED_ORIGINS", [], "browser origins allowed to connect (default: the server's own)")
-    resume_grace_s: float = env("GROUNDLOOP_RESUME_GRACE_S", 60.0, "how long a disconnected session waits for its client")
+    allowed_origins: list = env(
+        "GROUNDLOOP_ALLOWED_ORIGINS", [], "browser origins allowed to connect (default: the server's own)"
+    )
+    resume_grace_s: float = env(
+        "GROUNDLOOP_RESUME_GRACE_S", 60.0, "how long a disconnected session waits for its client"
+    )
     idle_timeout_s: float = env("GROUNDLOOP_IDLE_TIMEOUT_S", 600.0, "a session with no request for this long is closed")
     max_sessions_per_user: int = env("GROUNDLOOP_MAX_SESSIONS_PER_USER", 8, "live sessions per user")
     max_inflight: int = env("GROUNDLOOP_MAX_INFLIGHT", 32, "requests in flight per session")
@@ -30,13 +34,23 @@ class Settings:
     max_message_bytes: int = env("GROUNDLOOP_MAX_MESSAGE_BYTES", 32 << 20, "largest client frame")
     replay_frames: int = env("GROUNDLOOP_REPLAY_FRAMES", 4096, "frames kept per session for resume")
     replay_bytes: int = env("GROUNDLOOP_REPLAY_BYTES", 16 << 20, "bytes kept per session for resume")
-    send_queue_frames: int = env("GROUNDLOOP_SEND_QUEUE_FRAMES", 1024, "unsent frames per session before the sandbox stream is paused")
-    send_timeout_s: float = env("GROUNDLOOP_SEND_TIMEOUT_S", 30.0, "a client that accepts nothing for this long is disconnected (the session stays resumable)")
+    send_queue_frames: int = env(
+        "GROUNDLOOP_SEND_QUEUE_FRAMES", 1024, "unsent frames per session before the sandbox stream is paused"
+    )
+    send_timeout_s: float = env(
+        "GROUNDLOOP_SEND_TIMEOUT_S",
+        30.0,
+        "a client that accepts nothing for this long is disconnected (the session stays resumable)",
+    )
     model: str = env("GROUNDLOOP_MODEL", "claude-sonnet-4-6", "Anthropic model for `assist`")
     max_tokens: int = env("GROUNDLOOP_MAX_TOKENS", 4096, "max_tokens per model call")
-    validate_concurrency: int = env("GROUNDLOOP_VALIDATE_CONCURRENCY", 2, "validate-code runs at once, server-wide (each holds a pristine sandbox)")
+    validate_concurrency: int = env(
+        "GROUNDLOOP_VALIDATE_CONCURRENCY", 2, "validate-code runs at once, server-wide (each holds a pristine sandbox)"
+    )
     max_iterations: int = env("GROUNDLOOP_MAX_ITERATIONS", 5, "cap on a client's `max_iterations`")
-    policy_patterns: list = env("GROUNDLOOP_POLICY_PATTERNS", [], "regular expressions that `assist` refuses to run (off when empty)")
+    policy_patterns: list = env(
+        "GROUNDLOOP_POLICY_PATTERNS", [], "regular expressions that `assist` refuses to run (off when empty)"
+    )
     cache_entries: int = env("GROUNDLOOP_CACHE_ENTRIES", 512, "validate-code/assist result cache size")
     cache_ttl_s: float = env("GROUNDLOOP_CACHE_TTL_S", 600.0, "validate-code/assist result cache TTL")
     loop: str = env("GROUNDLOOP_LOOP", "auto", "event loop: `auto` (uvloop when installed), `uvloop` or `asyncio`")

@@ -83,8 +83,10 @@ DEFAULT_ITERATIONS = 3
 FEEDBACK_BYTES = 4096  # output tail fed back to the model
 FEEDBACK_CODE_BYTES = 16384
 FEEDBACK_TRACEBACK_BYTES = 2048
-UNAVAILABLE_MESSAGE = ("assist needs a model: set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for another "
-                       "Anthropic-compatible endpoint) in the server's environment and restart it")
+UNAVAILABLE_MESSAGE = (
+    "assist needs a model: set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for another "
+    "Anthropic-compatible endpoint) in the server's environment and restart it"
+)
 LANG_TAGS = {"python": "python", "javascript": "javascript"}
 LANG_NAMES = {"python": "Python 3", "javascript": "JavaScript (Node.js)"}
 
@@ -127,8 +129,14 @@ _MODEL_ERRORS = {
     "request_too_large": ("ModelBadRequest", "the request is too large for the model API"),
     "api_error": ("ModelError", "the model API failed"),
 }
-_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+_STATUS_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
 
 
 def model_error(exc: BaseException) -> ModelError:
@@ -165,8 +173,9 @@ def feedback_message(code: str, language: str, result: dict[str, Any]) -> str:
     if err:
         parts.append(f"Error: {err.get('name', 'Error')}: {err.get('message', '')}")
         if err.get("traceback"):
-            parts.append("Traceback:\n```\n" + tail(str(err["traceback"]), FEEDBACK_TRACEBACK_BYTES).rstrip("\n")
-                         + "\n```")
+            parts.append(
+                "Traceback:\n```\n" + tail(str(err["traceback"]), FEEDBACK_TRACEBACK_BYTES).rstrip("\n") + "\n```"
+            )
     output = result.get("output") or ""
     if output:
         parts.append("End of its output:\n```\n" + tail(output, FEEDBACK_BYTES).rstrip("\n") + "\n```")
@@ -230,8 +239,18 @@ class AssistRunner:
 
     # ---- one request
 
-    async def run(self, *, rid: str, prompt: str, language: str, max_iterations: int | None, context: str | None,
-                  emit: Emit, execute: Execute, scope: str = "") -> dict[str, Any]:
+    async def run(
+        self,
+        *,
+        rid: str,
+        prompt: str,
+        language: str,
+        max_iterations: int | None,
+        context: str | None,
+        emit: Emit,
+        execute: Execute,
+        scope: str = "",
+    ) -> dict[str, Any]:
         language = normalize_language(language or "", "python") or ""
         if language not in LANG_TAGS:
             raise ValueError("assist supports language python or javascript")
@@ -257,8 +276,9 @@ class AssistRunner:
                 iterations = iteration
                 current = _Try(iteration)
                 try:
-                    reply = await self._generate(client, system, messages, language, current, rid, emit, execute,
-                                                 usage, timings)
+                    reply = await self._generate(
+                        client, system, messages, language, current, rid, emit, execute, usage, timings
+                    )
                 except ModelError as exc:
                     await self._reap(current)
                     self._iterations_metric(iteration)
@@ -268,8 +288,13 @@ class AssistRunner:
                 results = await asyncio.gather(*current.tasks)
                 last = results[-1]
                 timings["execution_ms"] += sum(r.get("duration_ms") or 0.0 for r in results)
-                attempt: dict[str, Any] = {"type": "attempt", "id": rid, "iteration": iteration, "ok": last["ok"],
-                                           "duration_ms": round(last.get("duration_ms") or 0.0, 3)}
+                attempt: dict[str, Any] = {
+                    "type": "attempt",
+                    "id": rid,
+                    "iteration": iteration,
+                    "ok": last["ok"],
+                    "duration_ms": round(last.get("duration_ms") or 0.0, 3),
+                }
                 if not last["ok"]:
                     attempt["error"] = last.get("error") or {"name": "Error", "message": "the code failed"}
                 await emit(attempt)
@@ -287,28 +312,54 @@ class AssistRunner:
             self.cache.put(key, {"code": last["code"], "iterations": iterations})
         return fields
 
-    async def _rerun(self, key: str, hit: dict[str, Any], language: str, rid: str, emit: Emit,
-                     execute: Execute) -> dict[str, Any]:
+    async def _rerun(
+        self, key: str, hit: dict[str, Any], language: str, rid: str, emit: Emit, execute: Execute
+    ) -> dict[str, Any]:
         """A cache hit: the cached code runs again in the caller's session, the model is skipped."""
         iteration = hit["iterations"]
-        await emit({"type": "code", "id": rid, "code": hit["code"], "language": language, "iteration": iteration,
-                    "cached": True})
+        await emit(
+            {
+                "type": "code",
+                "id": rid,
+                "code": hit["code"],
+                "language": language,
+                "iteration": iteration,
+                "cached": True,
+            }
+        )
         res = await self._check_and_execute(None, hit["code"], language, iteration, execute)
-        attempt: dict[str, Any] = {"type": "attempt", "id": rid, "iteration": iteration, "ok": res["ok"],
-                                   "duration_ms": round(res.get("duration_ms") or 0.0, 3)}
+        attempt: dict[str, Any] = {
+            "type": "attempt",
+            "id": rid,
+            "iteration": iteration,
+            "ok": res["ok"],
+            "duration_ms": round(res.get("duration_ms") or 0.0, 3),
+        }
         if not res["ok"]:
             attempt["error"] = res.get("error") or {"name": "Error", "message": "the code failed"}
             self.cache.pop(key)
         await emit(attempt)
         timings = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": res.get("duration_ms") or 0.0}
-        fields = self._fields(res["ok"], iteration, res, None if res["ok"] else attempt["error"],
-                              {"input_tokens": 0, "output_tokens": 0}, timings)
+        fields = self._fields(
+            res["ok"],
+            iteration,
+            res,
+            None if res["ok"] else attempt["error"],
+            {"input_tokens": 0, "output_tokens": 0},
+            timings,
+        )
         fields["cached"] = True
         return fields
 
     @staticmethod
-    def _fields(ok: bool, iterations: int, last: dict[str, Any] | None, error: dict[str, Any] | None,
-                usage: dict[str, int], timings: dict[str, Any]) -> dict[str, Any]:
+    def _fields(
+        ok: bool,
+        iterations: int,
+        last: dict[str, Any] | None,
+        error: dict[str, Any] | None,
+        usage: dict[str, int],
+        timings: dict[str, Any],
+    ) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "ok": ok,
             "iterations": iterations,
@@ -325,17 +376,28 @@ class AssistRunner:
 
     # ---- one model call
 
-    async def _generate(self, client: Any, system: str, messages: list[dict[str, Any]], language: str,
-                        current: _Try, rid: str, emit: Emit, execute: Execute,
-                        usage: dict[str, int], timings: dict[str, Any]) -> str:
+    async def _generate(
+        self,
+        client: Any,
+        system: str,
+        messages: list[dict[str, Any]],
+        language: str,
+        current: _Try,
+        rid: str,
+        emit: Emit,
+        execute: Execute,
+        usage: dict[str, int],
+        timings: dict[str, Any],
+    ) -> str:
         """Stream one reply; start executions as blocks close; return the reply's text."""
         parser = CodeBlockParser()
         iteration = current.iteration
         pieces: list[str] = []
         t0 = time.monotonic()
         first: float | None = None
-        manager = client.messages.stream(model=self.settings.model, max_tokens=self.settings.max_tokens,
-                                         system=system, messages=messages)
+        manager = client.messages.stream(
+            model=self.settings.model, max_tokens=self.settings.max_tokens, system=system, messages=messages
+        )
         # SDK errors are told apart from errors of emit/execute: only the former are model errors.
         try:
             try:
@@ -397,37 +459,60 @@ class AssistRunner:
         else:
             self.metrics.assist_iterations.observe(n)
 
-    async def _on_block(self, block: CodeBlock, language: str, current: _Try, rid: str, emit: Emit,
-                        execute: Execute) -> None:
+    async def _on_block(
+        self, block: CodeBlock, language: str, current: _Try, rid: str, emit: Emit, execute: Execute
+    ) -> None:
         if normalize_language(block.tag, language) != language or not block.code.strip():
             return  # another language, output samples, shell snippets: shown, not run
-        await emit({"type": "code", "id": rid, "code": block.code, "language": language,
-                    "iteration": current.iteration, "block": block.index})
+        await emit(
+            {
+                "type": "code",
+                "id": rid,
+                "code": block.code,
+                "language": language,
+                "iteration": current.iteration,
+                "block": block.index,
+            }
+        )
         prev = current.tasks[-1] if current.tasks else None
         current.blocks.append(block)
-        current.tasks.append(asyncio.create_task(
-            self._check_and_execute(prev, block.code, language, current.iteration, execute),
-            name=f"assist-exec-{rid}-{current.iteration}-{block.index}"))
+        current.tasks.append(
+            asyncio.create_task(
+                self._check_and_execute(prev, block.code, language, current.iteration, execute),
+                name=f"assist-exec-{rid}-{current.iteration}-{block.index}",
+            )
+        )
 
     # ---- checks and execution
 
-    async def _check_and_execute(self, prev: asyncio.Task | None, code: str, language: str, iteration: int,
-                                 execute: Execute) -> dict[str, Any]:
+    async def _check_and_execute(
+        self, prev: asyncio.Task | None, code: str, language: str, iteration: int, execute: Execute
+    ) -> dict[str, Any]:
         if prev is not None:
             await asyncio.wait([prev])  # blocks of one reply run in order; prev's outcome is its own
         t0 = time.monotonic()
         base = {"code": code, "language": language}
         reason = self.policy.check(code, language)
         if reason is not None:
-            return dict(base, ok=False, output="", duration_ms=0.0, ran=False,
-                        error={"name": "PolicyViolation", "message": reason})
+            return dict(
+                base,
+                ok=False,
+                output="",
+                duration_ms=0.0,
+                ran=False,
+                error={"name": "PolicyViolation", "message": reason},
+            )
         syntax = await check_syntax(code, language)
         if syntax is not None:
-            return dict(base, ok=False, output="", ran=False, duration_ms=(time.monotonic() - t0) * 1000,
-                        error=syntax)
+            return dict(base, ok=False, output="", ran=False, duration_ms=(time.monotonic() - t0) * 1000, error=syntax)
         res = await execute(code, language, iteration)
-        out = dict(base, ok=bool(res.get("ok")), output=res.get("output") or "", ran=True,
-                   duration_ms=float(res.get("duration_ms") or (time.monotonic() - t0) * 1000))
+        out = dict(
+            base,
+            ok=bool(res.get("ok")),
+            output=res.get("output") or "",
+            ran=True,
+            duration_ms=float(res.get("duration_ms") or (time.monotonic() - t0) * 1000),
+        )
         if res.get("error"):
             out["error"] = res["error"]
         elif not out["ok"]:

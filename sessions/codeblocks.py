@@ -189,5 +189,5 @@ def _is_closing(line: str, char: str, length: int) -> bool:
 
 def _dedent(line: str, indent: int) -> str:
     if indent:
-        return line[min(indent, _indent_of(line)):]
+        return line[min(indent, _indent_of(line)) :]
     return line

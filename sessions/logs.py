@@ -35,8 +35,20 @@ def audit(*, user: str, session: str, type: str, text: str, outcome: str, durati
     """One audit line: ``text`` (the code or command) appears only as its SHA-256."""
     if audit_log.isEnabledFor(logging.INFO):
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        audit_log.info(_line("audit", {"user": user, "session": session, "type": type, "sha256": digest,
-                                       "outcome": outcome, "duration_ms": round(duration_ms, 3), **extra}))
+        audit_log.info(
+            _line(
+                "audit",
+                {
+                    "user": user,
+                    "session": session,
+                    "type": type,
+                    "sha256": digest,
+                    "outcome": outcome,
+                    "duration_ms": round(duration_ms, 3),
+                    **extra,
+                },
+            )
+        )
 
 
 def setup(level: str = "info") -> None:

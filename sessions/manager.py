@@ -81,8 +81,7 @@ class SessionManager:
             raise LimitError("the server is shutting down", code="busy")
         n = len(self.user_sessions(user)) + self._pending.get(user, 0)
         if n >= self.settings.max_sessions_per_user:
-            raise LimitError(f"user has {n} sessions, the limit is {self.settings.max_sessions_per_user}",
-                             code="busy")
+            raise LimitError(f"user has {n} sessions, the limit is {self.settings.max_sessions_per_user}", code="busy")
         with self._holding(user):
             sb = await self.engine.acquire()
         if self.closing:
@@ -126,11 +125,15 @@ class SessionManager:
             raise LimitError(f"over {s.rate_per_s:g} requests/s (burst {s.rate_burst})", code="rate_limited")
         n = len(self.user_sessions(user)) + self._pending.get(user, 0)
         if n >= s.max_sessions_per_user:
-            raise LimitError(f"user has {n} sessions and validations running, the limit is "
-                             f"{s.max_sessions_per_user}", code="busy")
+            raise LimitError(
+                f"user has {n} sessions and validations running, the limit is {s.max_sessions_per_user}", code="busy"
+            )
         if self._validating >= s.validate_concurrency:
-            raise LimitError(f"{self._validating} validations are running, the server's limit is "
-                             f"{s.validate_concurrency}; try again", code="busy")
+            raise LimitError(
+                f"{self._validating} validations are running, the server's limit is "
+                f"{s.validate_concurrency}; try again",
+                code="busy",
+            )
         self._validating += 1
         try:
             with self._holding(user):
@@ -149,11 +152,17 @@ class SessionManager:
 
     def check_limits(self, session: Session, req: Request) -> LimitError | None:
         if len(session.inflight) >= self.settings.max_inflight:
-            return LimitError(f"{len(session.inflight)} requests in flight, the limit is {self.settings.max_inflight}",
-                              code="busy", id=req.id)
+            return LimitError(
+                f"{len(session.inflight)} requests in flight, the limit is {self.settings.max_inflight}",
+                code="busy",
+                id=req.id,
+            )
         if not self._bucket(session.user).take(time.monotonic()):
-            return LimitError(f"over {self.settings.rate_per_s:g} requests/s (burst {self.settings.rate_burst})",
-                              code="rate_limited", id=req.id)
+            return LimitError(
+                f"over {self.settings.rate_per_s:g} requests/s (burst {self.settings.rate_burst})",
+                code="rate_limited",
+                id=req.id,
+            )
         return None
 
     def _bucket(self, user: str) -> TokenBucket:
@@ -197,8 +206,9 @@ class SessionManager:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
         sessions = list(self.sessions.values())
-        await asyncio.gather(*(self.close_session(s, "shutdown", CLOSE_RESTART) for s in sessions),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self.close_session(s, "shutdown", CLOSE_RESTART) for s in sessions), return_exceptions=True
+        )
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

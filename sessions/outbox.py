@@ -57,9 +57,9 @@ class Outbox:
         self.low = min(self.high - 1, self.high // 2) if low is None else min(low, self.high - 1)
         self._frames: deque[_Frame] = deque()
         self.next_seq = 1
-        self.sent_seq = 0          # last seq written to a socket (completed)
-        self.attempted_seq = 0     # last seq handed to a socket send
-        self._sent_bytes = 0       # bytes of the frames <= sent_seq still kept
+        self.sent_seq = 0  # last seq written to a socket (completed)
+        self.attempted_seq = 0  # last seq handed to a socket send
+        self._sent_bytes = 0  # bytes of the frames <= sent_seq still kept
         self._sent_count = 0
         self._can_put = asyncio.Event()
         self._can_put.set()
@@ -83,9 +83,16 @@ class Outbox:
         return sum(len(f.rest) for f in self._frames)
 
     def stats(self) -> dict[str, int]:
-        return {"next_seq": self.next_seq, "sent_seq": self.sent_seq, "unsent": self.unsent,
-                "buffered": self.buffered, "replay_bytes": self._sent_bytes, "evicted": self.evicted,
-                "max_unsent_seen": self.max_unsent_seen, "high": self.high}
+        return {
+            "next_seq": self.next_seq,
+            "sent_seq": self.sent_seq,
+            "unsent": self.unsent,
+            "buffered": self.buffered,
+            "replay_bytes": self._sent_bytes,
+            "evicted": self.evicted,
+            "max_unsent_seen": self.max_unsent_seen,
+            "high": self.high,
+        }
 
     # ---- producers
 

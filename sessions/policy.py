@@ -63,6 +63,8 @@ class Policy:
             line = code.splitlines()[line_no - 1].strip() if code.splitlines() else ""
             if len(line) > 200:
                 line = line[:200] + "..."
-            return (f"the code matches the forbidden pattern `{rule.source}` of the server's policy "
-                    f"at line {line_no}: {line}")
+            return (
+                f"the code matches the forbidden pattern `{rule.source}` of the server's policy "
+                f"at line {line_no}: {line}"
+            )
         return None

@@ -46,8 +46,12 @@ SPECS: dict[str, dict[str, tuple[str, bool]]] = {
     "kill_process": {"process_id": (_STR, True), "signal": (_INT, False)},
     "list_processes": {},
     "cancel": {"target": (_ID, True)},
-    "assist": {"prompt": (_STR, True), "language": (_STR, False), "max_iterations": (_INT, False),
-               "context": (_STR, False)},
+    "assist": {
+        "prompt": (_STR, True),
+        "language": (_STR, False),
+        "max_iterations": (_INT, False),
+        "context": (_STR, False),
+    },
     "ping": {},
 }
 REQUEST_TYPES = frozenset(SPECS)
@@ -88,8 +92,14 @@ def _check(kind: str, value: Any) -> bool:
     raise AssertionError(kind)
 
 
-_KIND_TEXT = {_STR: "a string", _NUM: "a positive number", _INT: "an integer", _BOOL: "a boolean",
-              _ENV: "an object of strings", _ID: "a request id (string or integer)"}
+_KIND_TEXT = {
+    _STR: "a string",
+    _NUM: "a positive number",
+    _INT: "an integer",
+    _BOOL: "a boolean",
+    _ENV: "an object of strings",
+    _ID: "a request id (string or integer)",
+}
 
 
 def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
@@ -148,10 +158,18 @@ def with_seq(seq: int, body: bytes) -> bytes:
     return SEQ_HEAD % seq + body[1:]
 
 
-def ready_frame(session_id: str, resumed: bool, sandbox: dict[str, Any], limits: dict[str, Any],
-                **extra: Any) -> dict[str, Any]:
-    return {"type": "ready", "session_id": session_id, "resumed": resumed, "sandbox": sandbox,
-            "limits": limits, "protocol": PROTOCOL, **extra}
+def ready_frame(
+    session_id: str, resumed: bool, sandbox: dict[str, Any], limits: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "type": "ready",
+        "session_id": session_id,
+        "resumed": resumed,
+        "sandbox": sandbox,
+        "limits": limits,
+        "protocol": PROTOCOL,
+        **extra,
+    }
 
 
 def error_frame(code: str, message: str, id: Any = None, **extra: Any) -> dict[str, Any]:
@@ -162,8 +180,9 @@ def error_frame(code: str, message: str, id: Any = None, **extra: Any) -> dict[s
     return frame
 
 
-def done_frame(id: Any, ok: bool, duration_ms: float, error: dict[str, Any] | None = None,
-               **extra: Any) -> dict[str, Any]:
+def done_frame(
+    id: Any, ok: bool, duration_ms: float, error: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "done", "id": id, "ok": ok, "duration_ms": round(duration_ms, 3)}
     if error is not None and not ok:
         frame["error"] = error
@@ -193,6 +212,10 @@ def output_frame_parts(stream: str, id: Any, **extra: Any) -> tuple[bytes, bytes
 
 
 def gap_frame(missed: int, first: int, last: int) -> dict[str, Any]:
-    return {"type": "gap", "missed": missed,
-            "message": f"{missed} frames after last_seq were evicted from the replay buffer and are lost",
-            "first_missed_seq": first, "last_missed_seq": last}
+    return {
+        "type": "gap",
+        "missed": missed,
+        "message": f"{missed} frames after last_seq were evicted from the replay buffer and are lost",
+        "first_missed_seq": first,
+        "last_missed_seq": last,
+    }

@@ -79,8 +79,19 @@ class Cancelled(Exception):
 
 
 class _Req:
-    __slots__ = ("req", "task", "t0", "t_sent", "agent_rid", "sb", "cancelled", "started", "waiting", "first_out",
-                 "finished")
+    __slots__ = (
+        "req",
+        "task",
+        "t0",
+        "t_sent",
+        "agent_rid",
+        "sb",
+        "cancelled",
+        "started",
+        "waiting",
+        "first_out",
+        "finished",
+    )
 
     def __init__(self, req: Request):
         self.req = req
@@ -119,7 +130,7 @@ class Session:
         self._sb_ready = asyncio.Event()
         self._sb_ready.set()
         self._replacing: Sandbox | None = None
-        self.detached = asyncio.Event()   # set while no connection is attached (tests, introspection)
+        self.detached = asyncio.Event()  # set while no connection is attached (tests, introspection)
         self.closed = asyncio.Event()
         self._attach_lock = asyncio.Lock()
         sandbox.set_listener(self._make_listener(sandbox))
@@ -128,8 +139,10 @@ class Session:
 
     def transition(self, new: State) -> None:
         if new not in _ALLOWED[self.state]:
-            raise RuntimeError(f"session {self.id[:8]}: expected a state in "
-                               f"{sorted(s.name for s in _ALLOWED[self.state])}, got {new.name}")
+            raise RuntimeError(
+                f"session {self.id[:8]}: expected a state in "
+                f"{sorted(s.name for s in _ALLOWED[self.state])}, got {new.name}"
+            )
         self.state = new
 
     @property
@@ -201,16 +214,28 @@ class Session:
 
     def limits(self) -> dict[str, Any]:
         s, sb = self.settings, self.settings.sandbox
-        return {"max_message_bytes": s.max_message_bytes, "max_output_bytes": sb.max_output_bytes,
-                "exec_timeout_s": sb.exec_timeout_s, "max_exec_timeout_s": sb.max_exec_timeout_s,
-                "max_file_bytes": sb.max_file_bytes, "line_max_bytes": sb.line_max_bytes,
-                "max_inflight": s.max_inflight, "resume_grace_s": s.resume_grace_s,
-                "idle_timeout_s": s.idle_timeout_s, "replay_frames": s.replay_frames,
-                "max_iterations": s.max_iterations}
+        return {
+            "max_message_bytes": s.max_message_bytes,
+            "max_output_bytes": sb.max_output_bytes,
+            "exec_timeout_s": sb.exec_timeout_s,
+            "max_exec_timeout_s": sb.max_exec_timeout_s,
+            "max_file_bytes": sb.max_file_bytes,
+            "line_max_bytes": sb.line_max_bytes,
+            "max_inflight": s.max_inflight,
+            "resume_grace_s": s.resume_grace_s,
+            "idle_timeout_s": s.idle_timeout_s,
+            "replay_frames": s.replay_frames,
+            "max_iterations": s.max_iterations,
+        }
 
     def stats(self) -> dict[str, Any]:
-        return {"id": self.id, "user": self.user, "state": self.state.name, "inflight": len(self.inflight),
-                "outbox": self.outbox.stats()}
+        return {
+            "id": self.id,
+            "user": self.user,
+            "state": self.state.name,
+            "inflight": len(self.inflight),
+            "outbox": self.outbox.stats(),
+        }
 
     # ---- frames in
 
@@ -360,8 +385,16 @@ class Session:
             ok = False
             if outcome in ("lost", "unavailable"):
                 self.metrics.errors.labels("sandbox_unavailable").inc()
-        logs.event("request", user=self.user, session=self.id, id=req.id, type=req.type, outcome=outcome,
-                   duration_ms=round(seconds * 1000, 3), error=error.get("name") if error else None)
+        logs.event(
+            "request",
+            user=self.user,
+            session=self.id,
+            id=req.id,
+            type=req.type,
+            outcome=outcome,
+            duration_ms=round(seconds * 1000, 3),
+            error=error.get("name") if error else None,
+        )
         try:
             self.outbox.put_nowait(done_frame(req.id, ok, seconds * 1000, error, **extra))
         except ConnectionError:
@@ -370,8 +403,15 @@ class Session:
     def _audit(self, r: _Req, outcome: str, seconds: float) -> None:
         p = r.req.params
         text = p.get("code") or p.get("command") or p.get("prompt") or ""
-        logs.audit(user=self.user, session=self.id, type=r.req.type, text=text, outcome=outcome,
-                   duration_ms=seconds * 1000, language=p.get("language"))
+        logs.audit(
+            user=self.user,
+            session=self.id,
+            type=r.req.type,
+            text=text,
+            outcome=outcome,
+            duration_ms=seconds * 1000,
+            language=p.get("language"),
+        )
 
     async def sandbox(self) -> Sandbox:
         """The current sandbox, waiting out a replacement."""
@@ -413,9 +453,16 @@ class Session:
         done = await self._agent_request(r, op, params, deadline, {}, finish=True)
         return _done_fields(done)
 
-    async def _agent_request(self, r: _Req, op: str, params: dict[str, Any], deadline: float,
-                             tags: dict[str, Any], tail: list[str] | None = None,
-                             finish: bool = False) -> dict[str, Any]:
+    async def _agent_request(
+        self,
+        r: _Req,
+        op: str,
+        params: dict[str, Any],
+        deadline: float,
+        tags: dict[str, Any],
+        tail: list[str] | None = None,
+        finish: bool = False,
+    ) -> dict[str, Any]:
         """Run one agent op for request ``r``, streaming its frames; returns the agent's done.
 
         With ``finish``, the client's done is queued by the sandbox reader as the agent's
@@ -448,8 +495,17 @@ class Session:
             self._observe(r, op, params, done)  # with finish, on_done did (a done always passes through it first)
         return done
 
-    def _send(self, r: _Req, sb: Sandbox, op: str, params: dict[str, Any], deadline: float,
-              tags: dict[str, Any], tail: list[str] | None = None, finish: bool = False) -> asyncio.Future:
+    def _send(
+        self,
+        r: _Req,
+        sb: Sandbox,
+        op: str,
+        params: dict[str, Any],
+        deadline: float,
+        tags: dict[str, Any],
+        tail: list[str] | None = None,
+        finish: bool = False,
+    ) -> asyncio.Future:
         """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
         self._submitted(r)
         rid = f"{r.req.type}-{next(self._rids)}"
@@ -514,11 +570,12 @@ class Session:
                     if space <= 0:
                         await outbox.wait_room()
                         continue
-                    outbox.put_encoded_many([before + dumps(line) + after for line in lines[i:i + space]])
+                    outbox.put_encoded_many([before + dumps(line) + after for line in lines[i : i + space]])
                     i += space
             elif what == "result":
-                await put({"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")),
-                           **tags})
+                await put(
+                    {"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")), **tags}
+                )
 
         return on_event
 
@@ -537,17 +594,24 @@ class Session:
             await self.outbox.put(frame)
 
         async def execute(code: str, language: str = language, iteration: int = 1) -> dict[str, Any]:
-            params: dict[str, Any] = {"code": code, "language": language or "python",
-                                      "timeout_s": self._timeout(r),
-                                      "max_output_bytes": self.settings.sandbox.max_output_bytes}
+            params: dict[str, Any] = {
+                "code": code,
+                "language": language or "python",
+                "timeout_s": self._timeout(r),
+                "max_output_bytes": self.settings.sandbox.max_output_bytes,
+            }
             if context:
                 params["context"] = context
             tail: list[str] = []
             t0 = time.perf_counter()
-            done = await self._agent_request(r, "run_code", params, params["timeout_s"] + 10,
-                                             {"iteration": iteration}, tail)
-            out = {"ok": bool(done.get("ok")), "output": _tail(tail),
-                   "duration_ms": round((time.perf_counter() - t0) * 1000, 3)}
+            done = await self._agent_request(
+                r, "run_code", params, params["timeout_s"] + 10, {"iteration": iteration}, tail
+            )
+            out = {
+                "ok": bool(done.get("ok")),
+                "output": _tail(tail),
+                "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
+            }
             if done.get("error"):
                 out["error"] = done["error"]
             if done.get("truncated"):
@@ -556,8 +620,16 @@ class Session:
 
         max_it = min(p.get("max_iterations", 3), self.settings.max_iterations)
         try:
-            result = await runner.run(rid=r.req.id, prompt=p["prompt"], language=language, max_iterations=max_it,
-                                      context=context, emit=emit, execute=execute, scope=self.user)
+            result = await runner.run(
+                rid=r.req.id,
+                prompt=p["prompt"],
+                language=language,
+                max_iterations=max_it,
+                context=context,
+                emit=emit,
+                execute=execute,
+                scope=self.user,
+            )
         except Exception as exc:
             if getattr(exc, "code", None) != "llm_unavailable":
                 raise
@@ -624,9 +696,16 @@ class Session:
         self.sb = new
         self.procs.clear()
         self._sb_ready.set()
-        await self.emit({"type": "sandbox_replaced", "session_id": self.id, "state_lost": True, "reason": reason,
-                         "sandbox": self.sandbox_info(),
-                         "message": "the sandbox died and was replaced: code contexts, files and processes are lost"})
+        await self.emit(
+            {
+                "type": "sandbox_replaced",
+                "session_id": self.id,
+                "state_lost": True,
+                "reason": reason,
+                "sandbox": self.sandbox_info(),
+                "message": "the sandbox died and was replaced: code contexts, files and processes are lost",
+            }
+        )
 
 
 def _outcome(error: dict | None) -> str:

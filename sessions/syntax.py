@@ -69,8 +69,13 @@ async def _node_check(node: str, code: str) -> dict[str, str] | None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(code)
         proc = await asyncio.create_subprocess_exec(
-            node, "--check", path, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            node,
+            "--check",
+            path,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             _, stderr = await asyncio.wait_for(proc.communicate(), NODE_TIMEOUT_S)
         except BaseException:
@@ -102,5 +107,8 @@ def _node_error(text: str) -> dict[str, str]:
             break
         report.append(ln)
     name, _, msg = message.partition(": ")
-    return {"name": name or "SyntaxError", "message": msg or message or text.strip()[:500],
-            "traceback": "\n".join(report).strip() + "\n"}
+    return {
+        "name": name or "SyntaxError",
+        "message": msg or message or text.strip()[:500],
+        "traceback": "\n".join(report).strip() + "\n",
+    }

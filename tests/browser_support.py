@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM = os.environ.get("GROUNDLOOP_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 # Generous: two cores shared with other test runs, containers starting.
 TIMEOUT_MS = 60_000
@@ -50,8 +57,15 @@ async def chromium() -> AsyncIterator[Any]:
 
 
 @contextlib.asynccontextmanager
-async def open_page(browser: Any, srv: Any, *, token: str | None = "tok1", viewport: dict | None = None,
-                    wait_open: bool = True, setup: Any = None) -> AsyncIterator[Any]:
+async def open_page(
+    browser: Any,
+    srv: Any,
+    *,
+    token: str | None = "tok1",
+    viewport: dict | None = None,
+    wait_open: bool = True,
+    setup: Any = None,
+) -> AsyncIterator[Any]:
     """A fresh browser context on ``srv``'s page; with ``token``, typed into the token field.
 
     ``setup(page)`` is awaited after the page loaded and before the token is entered (the first,
@@ -108,7 +122,8 @@ async def stream_text(c: Any, stream: str = "stdout") -> str:
     """The text a cell shows for one stream, in order."""
     return await c.evaluate(
         "(el, s) => [...el.querySelectorAll(`.cell-body > pre.stream > .out-${s}`)].map(n => n.textContent).join('')",
-        stream)
+        stream,
+    )
 
 
 async def screenshot(page: Any, name: str) -> Path:

@@ -130,7 +130,9 @@ class Collector:
         self.events.append(ev)
 
     def text(self, stream: str = "stdout") -> str:
-        return "".join(line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"])
+        return "".join(
+            line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]
+        )
 
     def lines(self, stream: str = "stdout") -> list[str]:
         return [line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]]
@@ -142,7 +144,6 @@ class Collector:
 @pytest.fixture
 def collect():
     return Collector
-
 
 
 # ---------------------------------------------------------------------------
@@ -163,8 +164,12 @@ def server_settings(*, sandbox=None, **overrides):
     """Server settings for tests: environment ignored, this run's sandbox namespace."""
     from groundloop.server.settings import Settings
 
-    values = {"host": "127.0.0.1", "port": 0, "tokens": list(TEST_TOKENS),
-              "sandbox": sandbox if sandbox is not None else sandbox_settings(pool_size=1)}
+    values = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "tokens": list(TEST_TOKENS),
+        "sandbox": sandbox if sandbox is not None else sandbox_settings(pool_size=1),
+    }
     values.update(overrides)
     return Settings.from_env(environ={}, **values)
 

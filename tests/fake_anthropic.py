@@ -43,8 +43,17 @@ ERROR_TYPES = {
     500: "api_error",
     529: "overloaded_error",
 }
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error", 529: "Overloaded"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    529: "Overloaded",
+}
 
 
 @dataclass
@@ -148,31 +157,50 @@ class FakeAnthropic:
                 headers[k.strip().lower()] = v.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         if method != "POST" or not path.split("?")[0].endswith("/v1/messages"):
-            await self._json(writer, 404, {"type": "error", "error": {"type": "not_found_error",
-                                                                         "message": f"no route {method} {path}"}})
+            await self._json(
+                writer,
+                404,
+                {"type": "error", "error": {"type": "not_found_error", "message": f"no route {method} {path}"}},
+            )
             return
         request = json.loads(body)
         self.requests.append(request)
         self.headers.append(headers)
         if not self.replies:
-            await self._json(writer, 500, {"type": "error", "error": {"type": "api_error",
-                                                                         "message": "the fake has no scripted reply left"}})
+            await self._json(
+                writer,
+                500,
+                {"type": "error", "error": {"type": "api_error", "message": "the fake has no scripted reply left"}},
+            )
             return
         reply = self.replies.popleft()
         if reply.status != 200:
-            await self._json(writer, reply.status, {
-                "type": "error",
-                "error": {"type": reply.error_type, "message": reply.error_message or REASONS.get(reply.status, "error")},
-                "request_id": f"req_fake{next(self._ids)}",
-            }, extra={"retry-after-ms": "10", "x-should-retry": "true"} if reply.status in (429, 529) else None)
+            await self._json(
+                writer,
+                reply.status,
+                {
+                    "type": "error",
+                    "error": {
+                        "type": reply.error_type,
+                        "message": reply.error_message or REASONS.get(reply.status, "error"),
+                    },
+                    "request_id": f"req_fake{next(self._ids)}",
+                },
+                extra={"retry-after-ms": "10", "x-should-retry": "true"} if reply.status in (429, 529) else None,
+            )
             return
         await self._stream(reader, writer, request, reply)
 
-    async def _json(self, writer: asyncio.StreamWriter, status: int, obj: dict,
-                    extra: dict[str, str] | None = None) -> None:
+    async def _json(
+        self, writer: asyncio.StreamWriter, status: int, obj: dict, extra: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(obj).encode()
-        hdrs = {"content-type": "application/json", "content-length": str(len(data)), "connection": "close",
-                "request-id": f"req_fake{next(self._ids)}"}
+        hdrs = {
+            "content-type": "application/json",
+            "content-length": str(len(data)),
+            "connection": "close",
+            "request-id": f"req_fake{next(self._ids)}",
+        }
         hdrs.update(extra or {})
         writer.write(self._head(status, hdrs) + data)
         await writer.drain()
@@ -183,11 +211,21 @@ class FakeAnthropic:
         out += [f"{k}: {v}" for k, v in headers.items()]
         return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
 
-    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      request: dict, reply: Reply) -> None:
-        writer.write(self._head(200, {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
-                                      "transfer-encoding": "chunked", "connection": "close",
-                                      "request-id": f"req_fake{next(self._ids)}"}))
+    async def _stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: dict, reply: Reply
+    ) -> None:
+        writer.write(
+            self._head(
+                200,
+                {
+                    "content-type": "text/event-stream; charset=utf-8",
+                    "cache-control": "no-cache",
+                    "transfer-encoding": "chunked",
+                    "connection": "close",
+                    "request-id": f"req_fake{next(self._ids)}",
+                },
+            )
+        )
         # The client sends nothing more on this connection: EOF means it hung up.
         gone = asyncio.ensure_future(reader.read(1))
 
@@ -200,12 +238,30 @@ class FakeAnthropic:
         try:
             n_in = reply.input_tokens or max(1, len(json.dumps(request.get("messages", []))) // 4)
             n_out = 0
-            await send(_sse("message_start", {"type": "message_start", "message": {
-                "id": f"msg_fake{next(self._ids)}", "type": "message", "role": "assistant", "content": [],
-                "model": request.get("model", "claude-fake"), "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": n_in, "output_tokens": 1}}}))
-            await send(_sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                                    "content_block": {"type": "text", "text": ""}}))
+            await send(
+                _sse(
+                    "message_start",
+                    {
+                        "type": "message_start",
+                        "message": {
+                            "id": f"msg_fake{next(self._ids)}",
+                            "type": "message",
+                            "role": "assistant",
+                            "content": [],
+                            "model": request.get("model", "claude-fake"),
+                            "stop_reason": None,
+                            "stop_sequence": None,
+                            "usage": {"input_tokens": n_in, "output_tokens": 1},
+                        },
+                    },
+                )
+            )
+            await send(
+                _sse(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                )
+            )
             await send(_sse("ping", {"type": "ping"}))
             for chunk in reply.chunks:
                 if isinstance(chunk, Delay):
@@ -214,19 +270,37 @@ class FakeAnthropic:
                     await self._wait(gone, chunk.event.wait(), chunk.timeout_s)
                 else:
                     n_out += 1
-                    await send(_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                            "delta": {"type": "text_delta", "text": chunk}}))
+                    await send(
+                        _sse(
+                            "content_block_delta",
+                            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": chunk}},
+                        )
+                    )
             if reply.drop:
                 writer.transport.abort()
                 return
             if reply.stream_error:
-                await send(_sse("error", {"type": "error", "error": {"type": reply.stream_error,
-                                                                     "message": reply.error_message or "error"}}))
+                await send(
+                    _sse(
+                        "error",
+                        {
+                            "type": "error",
+                            "error": {"type": reply.stream_error, "message": reply.error_message or "error"},
+                        },
+                    )
+                )
             else:
                 await send(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
-                await send(_sse("message_delta", {"type": "message_delta",
-                                                  "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
-                                                  "usage": {"output_tokens": max(1, n_out)}}))
+                await send(
+                    _sse(
+                        "message_delta",
+                        {
+                            "type": "message_delta",
+                            "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
+                            "usage": {"output_tokens": max(1, n_out)},
+                        },
+                    )
+                )
                 await send(_sse("message_stop", {"type": "message_stop"}))
             writer.write(b"0\r\n\r\n")
             await writer.drain()

@@ -81,18 +81,24 @@ class SandboxExecute:
                     out.append(line)
                     await self.emit({"type": ev["s"], "id": RID, "text": line, "iteration": iteration})
             elif ev["ev"] == "result":
-                await self.emit({"type": "result", "id": RID, "data": ev["data"], "main": ev["main"],
-                                 "iteration": iteration})
+                await self.emit(
+                    {"type": "result", "id": RID, "data": ev["data"], "main": ev["main"], "iteration": iteration}
+                )
 
         t0 = time.monotonic()
         try:
-            done = await self.sandbox.request("run_code", {"code": code, "language": language, "timeout_s": 30},
-                                              on_event, rid=rid, deadline_s=90)
+            done = await self.sandbox.request(
+                "run_code", {"code": code, "language": language, "timeout_s": 30}, on_event, rid=rid, deadline_s=90
+            )
         except asyncio.CancelledError:
             self.sandbox.cancel(rid)
             raise
-        res = {"ok": done["ok"], "output": tail("".join(out), 4096), "error": done.get("error"),
-               "duration_ms": (time.monotonic() - t0) * 1000}
+        res = {
+            "ok": done["ok"],
+            "output": tail("".join(out), 4096),
+            "error": done.get("error"),
+            "duration_ms": (time.monotonic() - t0) * 1000,
+        }
         if done.get("truncated"):
             res["truncated"] = True
         return res
@@ -110,12 +116,27 @@ def make_runner(client, **overrides) -> AssistRunner:
     return AssistRunner(settings, Metrics(), client=client)
 
 
-async def assist(runner: AssistRunner, sandbox, prompt: str = "do it", *, language: str = "python",
-                 max_iterations: int | None = 3, scope: str = "") -> tuple[dict[str, Any], Frames, SandboxExecute]:
+async def assist(
+    runner: AssistRunner,
+    sandbox,
+    prompt: str = "do it",
+    *,
+    language: str = "python",
+    max_iterations: int | None = 3,
+    scope: str = "",
+) -> tuple[dict[str, Any], Frames, SandboxExecute]:
     frames = Frames()
     execute = SandboxExecute(sandbox, frames)
-    fields = await runner.run(rid=RID, prompt=prompt, language=language, max_iterations=max_iterations,
-                              context=None, emit=frames, execute=execute, scope=scope)
+    fields = await runner.run(
+        rid=RID,
+        prompt=prompt,
+        language=language,
+        max_iterations=max_iterations,
+        context=None,
+        emit=frames,
+        execute=execute,
+        scope=scope,
+    )
     return fields, frames, execute
 
 
@@ -149,8 +170,9 @@ async def test_success_first_try(fake, client, sandbox):
 
     assert frames.text("token") == "I will add them up.\n```python\nprint(sum(range(10)))\n```\nDone."
     assert all(f["iteration"] == 1 for f in frames.items)
-    assert frames.of("code") == [{"type": "code", "id": RID, "code": "print(sum(range(10)))\n",
-                                  "language": "python", "iteration": 1, "block": 0}]
+    assert frames.of("code") == [
+        {"type": "code", "id": RID, "code": "print(sum(range(10)))\n", "language": "python", "iteration": 1, "block": 0}
+    ]
     assert frames.of("stdout") == [{"type": "stdout", "id": RID, "text": "45\n", "iteration": 1}]
     attempts = frames.of("attempt")
     assert len(attempts) == 1 and attempts[0]["ok"] is True and "error" not in attempts[0]
@@ -170,8 +192,12 @@ async def test_success_first_try(fake, client, sandbox):
 
 @pytest.mark.docker
 async def test_bug_fixed_on_second_try(fake, client, sandbox):
-    fake.add(text("```python\nvalues = [3, 4]\nprint('mean', sum(values) / 0)\n```\n"),
-             text("Oops, dividing by zero. Fixed:\n```python\nvalues = [3, 4]\nprint('mean', sum(values) / len(values))\n```\n"))
+    fake.add(
+        text("```python\nvalues = [3, 4]\nprint('mean', sum(values) / 0)\n```\n"),
+        text(
+            "Oops, dividing by zero. Fixed:\n```python\nvalues = [3, 4]\nprint('mean', sum(values) / len(values))\n```\n"
+        ),
+    )
     fields, frames, execute = await assist(make_runner(client), sandbox, "mean of 3 and 4")
 
     assert fields["ok"] is True and fields["iterations"] == 2
@@ -226,7 +252,9 @@ async def test_syntax_error_is_a_try_without_a_sandbox_run(fake, client, sandbox
 
 @pytest.mark.docker
 async def test_javascript_syntax_check_and_run(fake, client, sandbox):
-    fake.add(text("```js\nconst x = ;\n```\n"), text("```javascript\nconst xs = [1, 2, 3];\nconsole.log(xs.length)\n```\n"))
+    fake.add(
+        text("```js\nconst x = ;\n```\n"), text("```javascript\nconst xs = [1, 2, 3];\nconsole.log(xs.length)\n```\n")
+    )
     fields, frames, execute = await assist(make_runner(client), sandbox, language="javascript")
 
     assert fields["ok"] is True and fields["iterations"] == 2, fields
@@ -239,8 +267,10 @@ async def test_javascript_syntax_check_and_run(fake, client, sandbox):
 
 @pytest.mark.docker
 async def test_policy_rejects_before_running(fake, client, sandbox):
-    fake.add(text("```python\nimport os\nos.system('id')\n```\n"),
-             text("```python\nimport subprocess\nprint('no shell')\n```\n"))
+    fake.add(
+        text("```python\nimport os\nos.system('id')\n```\n"),
+        text("```python\nimport subprocess\nprint('no shell')\n```\n"),
+    )
     runner = make_runner(client, policy_patterns=[r"\bos\.system\("])
     fields, frames, execute = await assist(runner, sandbox)
 
@@ -253,8 +283,13 @@ async def test_policy_rejects_before_running(fake, client, sandbox):
 
 @pytest.mark.docker
 async def test_last_block_counts_and_blocks_run_in_order(fake, client, sandbox):
-    fake.add(text("Setup:\n```python\nbase = 40\n```\n", "Example output:\n```text\n42\n```\n",
-                  "Use it:\n```python\nprint(base + 2)\n```\n"))
+    fake.add(
+        text(
+            "Setup:\n```python\nbase = 40\n```\n",
+            "Example output:\n```text\n42\n```\n",
+            "Use it:\n```python\nprint(base + 2)\n```\n",
+        )
+    )
     fields, frames, execute = await assist(make_runner(client), sandbox)
 
     assert fields["ok"] is True and fields["code"] == "print(base + 2)\n" and fields["output"] == "42\n"
@@ -273,9 +308,16 @@ async def test_unclosed_block_at_the_end_of_the_stream_runs(fake, client, sandbo
 
 def test_feedback_is_bounded():
     huge = "x" * 100_000 + "\nLAST LINE\n"
-    msg = feedback_message("print(1)\n" * 10_000, "python",
-                           {"ok": False, "output": huge, "ran": True,
-                            "error": {"name": "ValueError", "message": "boom", "traceback": "tb\n" * 5000}})
+    msg = feedback_message(
+        "print(1)\n" * 10_000,
+        "python",
+        {
+            "ok": False,
+            "output": huge,
+            "ran": True,
+            "error": {"name": "ValueError", "message": "boom", "traceback": "tb\n" * 5000},
+        },
+    )
     assert len(msg.encode()) < FEEDBACK_BYTES + FEEDBACK_CODE_BYTES + FEEDBACK_TRACEBACK_BYTES + 1024
     assert "LAST LINE" in msg and "ValueError: boom" in msg and "bytes cut" in msg
 
@@ -289,11 +331,18 @@ async def test_stdout_arrives_before_the_last_token(fake, client, sandbox):
     stdout_seen = frames.when(lambda f: f["type"] == "stdout")
     # The model keeps talking after the block; the fake holds its last words until the
     # code's output has reached the client (or 30 s, after which the assertion fails).
-    fake.add(text("Running it now.\n```python\nprint('from the sandbox', flush=True)\n```\n",
-                  Gate(stdout_seen, 30.0), "While that runs, a note:", " the code prints one line."))
+    fake.add(
+        text(
+            "Running it now.\n```python\nprint('from the sandbox', flush=True)\n```\n",
+            Gate(stdout_seen, 30.0),
+            "While that runs, a note:",
+            " the code prints one line.",
+        )
+    )
     execute = SandboxExecute(sandbox, frames)
-    fields = await make_runner(client).run(rid=RID, prompt="hi", language="python", max_iterations=3,
-                                           context=None, emit=frames, execute=execute)
+    fields = await make_runner(client).run(
+        rid=RID, prompt="hi", language="python", max_iterations=3, context=None, emit=frames, execute=execute
+    )
     assert fields["ok"] is True
     types = [f["type"] for f in frames.items]
     last_token = max(i for i, t in enumerate(types) if t == "token")
@@ -308,8 +357,15 @@ async def test_stdout_arrives_before_the_last_token(fake, client, sandbox):
 
 @pytest.mark.docker
 async def test_model_error_in_the_middle_of_a_stream(fake, client, sandbox):
-    fake.add(stream_error("Let me write ", "it.\n```python\nprint('x')\n```\n", "And then",
-                          error_type="overloaded_error", message="Overloaded"))
+    fake.add(
+        stream_error(
+            "Let me write ",
+            "it.\n```python\nprint('x')\n```\n",
+            "And then",
+            error_type="overloaded_error",
+            message="Overloaded",
+        )
+    )
     fields, frames, execute = await assist(make_runner(client), sandbox)
 
     assert fields["ok"] is False
@@ -319,8 +375,9 @@ async def test_model_error_in_the_middle_of_a_stream(fake, client, sandbox):
     assert frames.of("attempt") == []
 
 
-@pytest.mark.parametrize(("status", "name"), [(529, "ModelOverloaded"), (429, "ModelRateLimited"),
-                                              (401, "ModelAuthError")])
+@pytest.mark.parametrize(
+    ("status", "name"), [(529, "ModelOverloaded"), (429, "ModelRateLimited"), (401, "ModelAuthError")]
+)
 async def test_model_http_errors_after_the_sdk_retries(fake, status, name):
     fake.add(http_error(status), http_error(status))
     c = anthropic.AsyncAnthropic(base_url=fake.url, api_key="test", max_retries=1)
@@ -331,8 +388,9 @@ async def test_model_http_errors_after_the_sdk_retries(fake, status, name):
         async def never(code, language, iteration):  # no code is ever produced
             raise AssertionError("no execution expected")
 
-        fields = await runner.run(rid=RID, prompt="x", language="python", max_iterations=3, context=None,
-                                  emit=frames, execute=never)
+        fields = await runner.run(
+            rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=never
+        )
     finally:
         await c.close()
     assert fields["ok"] is False and fields["error"]["name"] == name
@@ -347,11 +405,13 @@ async def test_model_unreachable():
         url = f.url  # closed at once: nothing listens there any more
     c = anthropic.AsyncAnthropic(base_url=url, api_key="test", max_retries=0)
     try:
+
         async def never(code, language, iteration):
             raise AssertionError("no execution expected")
 
-        fields = await make_runner(c).run(rid=RID, prompt="x", language="python", max_iterations=1, context=None,
-                                          emit=Frames(), execute=never)
+        fields = await make_runner(c).run(
+            rid=RID, prompt="x", language="python", max_iterations=1, context=None, emit=Frames(), execute=never
+        )
     finally:
         await c.close()
     assert fields["ok"] is False and fields["error"]["name"] == "ModelUnreachable"
@@ -364,8 +424,9 @@ async def test_connection_cut_mid_stream(fake, client):
     async def never(code, language, iteration):
         raise AssertionError("no execution expected")
 
-    fields = await make_runner(client).run(rid=RID, prompt="x", language="python", max_iterations=3, context=None,
-                                           emit=frames, execute=never)
+    fields = await make_runner(client).run(
+        rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=never
+    )
     assert fields["ok"] is False and fields["error"]["name"] == "ModelUnreachable", fields
     assert frames.text("token") == "Here is a partial"
 
@@ -391,8 +452,13 @@ async def test_cancel_during_generation_closes_the_stream(fake, client):
     async def never(code, language, iteration):
         raise AssertionError("no execution expected")
 
-    await cancel_when(first_token, 30, make_runner(client).run(
-        rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=never))
+    await cancel_when(
+        first_token,
+        30,
+        make_runner(client).run(
+            rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=never
+        ),
+    )
     await asyncio.wait_for(fake.disconnected.wait(), 10)  # the HTTP stream was closed
     assert frames.text("token") == "Let me think"
     assert fake.completed == 0
@@ -402,11 +468,17 @@ async def test_cancel_during_generation_closes_the_stream(fake, client):
 async def test_cancel_during_execution_interrupts_the_sandbox(fake, client, sandbox):
     frames = Frames()
     started = frames.when(lambda f: f["type"] == "stdout" and f["text"] == "start\n")
-    fake.add(text("```python\nimport time\nprint('start', flush=True)\ntime.sleep(120)\nprint('end')\n```\n",
-                  "It sleeps."))
+    fake.add(
+        text("```python\nimport time\nprint('start', flush=True)\ntime.sleep(120)\nprint('end')\n```\n", "It sleeps.")
+    )
     execute = SandboxExecute(sandbox, frames)
-    await cancel_when(started, 60, make_runner(client).run(
-        rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=execute))
+    await cancel_when(
+        started,
+        60,
+        make_runner(client).run(
+            rid=RID, prompt="x", language="python", max_iterations=3, context=None, emit=frames, execute=execute
+        ),
+    )
     assert frames.of("attempt") == []
     # The sleeping code was interrupted: the same context answers well before the sleep would end.
     done = await sandbox.request("run_code", {"code": "print('after')", "timeout_s": 60}, None, deadline_s=90)
@@ -434,8 +506,9 @@ async def test_unavailable_without_a_key(monkeypatch):
         raise AssertionError("no execution expected")
 
     with pytest.raises(LLMUnavailable, match="ANTHROPIC_API_KEY"):
-        await runner.run(rid=RID, prompt="x", language="python", max_iterations=1, context=None,
-                         emit=Frames(), execute=never)
+        await runner.run(
+            rid=RID, prompt="x", language="python", max_iterations=1, context=None, emit=Frames(), execute=never
+        )
     monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
     assert runner.available is True
 
@@ -445,8 +518,9 @@ async def test_cache_hit_skips_the_model_and_runs_again_in_the_callers_sandbox(f
     """A hit replays the model's code, never another run's output: the code runs again here, so what it prints
     comes from this sandbox's state (issue 21, item 1: a cached result served across users and sessions)."""
     fake.add(text("```python\nprint(open('/workspace/who.txt').read())\n```\n"))
-    runner = AssistRunner(Settings.from_env({}, model="claude-test"), Metrics(), client=client,
-                          cache=ResultCache(8, 60))
+    runner = AssistRunner(
+        Settings.from_env({}, model="claude-test"), Metrics(), client=client, cache=ResultCache(8, 60)
+    )
     assert (await sandbox.request("write_file", {"path": "who.txt", "content": "alice"}))["ok"]
     first, _, _ = await assist(runner, sandbox, "who am i", scope="alice")
     assert first["ok"] and first["output"] == "alice\n" and "cached" not in first
@@ -463,8 +537,9 @@ async def test_cache_is_per_user_and_a_failed_hit_is_evicted(fake, client, sandb
     fake.add(text("```python\nprint(open('/workspace/mine.txt').read())\n```\n"))
     fake.add(text("```python\nprint('bob asked the model')\n```\n"))
     fake.add(text("```python\nprint('asked again')\n```\n"))
-    runner = AssistRunner(Settings.from_env({}, model="claude-test"), Metrics(), client=client,
-                          cache=ResultCache(8, 60))
+    runner = AssistRunner(
+        Settings.from_env({}, model="claude-test"), Metrics(), client=client, cache=ResultCache(8, 60)
+    )
     assert (await sandbox.request("write_file", {"path": "mine.txt", "content": "secret"}))["ok"]
     first, _, _ = await assist(runner, sandbox, "read it", scope="alice")
     assert first["ok"] and first["output"] == "secret\n"

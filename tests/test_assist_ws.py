@@ -28,8 +28,7 @@ async def assist_server(fake):
     settings = server_settings(model="claude-test")
     metrics = Metrics()
     try:
-        async with run_server(settings, metrics=metrics,
-                              assist=AssistRunner(settings, metrics, client=client)) as srv:
+        async with run_server(settings, metrics=metrics, assist=AssistRunner(settings, metrics, client=client)) as srv:
             yield srv
     finally:
         await client.close()
@@ -52,7 +51,7 @@ async def test_assist_success_and_state_kept(assist_server, fake):
         # The code ran in the session's default context: its state is there to inspect.
         inspect = await c.request("run_code", code="print(answer)")
         assert WSClient.text(inspect) == "42\n"
-    metrics = (await asyncio.to_thread(_get, assist_server.http + "/metrics"))
+    metrics = await asyncio.to_thread(_get, assist_server.http + "/metrics")
     assert "groundloop_assist_iterations_count 1.0" in metrics
 
 
@@ -84,8 +83,9 @@ async def test_assist_exhausts_its_tries(assist_server, fake):
 
 async def test_stdout_before_the_last_token_over_the_socket(assist_server, fake):
     seen = asyncio.Event()
-    fake.add(text("Here it goes:\n```python\nprint('early bird', flush=True)\n```\n", Gate(seen, 30.0),
-                  "And a last word."))
+    fake.add(
+        text("Here it goes:\n```python\nprint('early bird', flush=True)\n```\n", Gate(seen, 30.0), "And a last word.")
+    )
     async with await WSClient.connect(assist_server.url, token="tok1") as c:
         rid = await c.send("assist", prompt="go")
         while True:

@@ -47,7 +47,7 @@ def expect(locator):
     return pw_expect(locator)
 
 
-GATED = '''import os, sys, time
+GATED = """import os, sys, time
 print("line 1", flush=True)
 print("careful: this goes to stderr", file=sys.stderr, flush=True)
 while not os.path.exists("/workspace/go"):
@@ -60,7 +60,7 @@ class Squares:
         return f"<table><tr><th>n</th><th>square</th></tr>{rows}</table>"
 
 Squares()
-'''
+"""
 
 
 @docker
@@ -75,7 +75,8 @@ async def test_run_streams_lines_and_renders_a_rich_result(server):
         err = run.locator(".out-stderr")
         await expect(err).to_have_text("careful: this goes to stderr\n")
         colors = await run.evaluate(
-            "el => [...el.querySelectorAll('.out-stdout, .out-stderr')].map(n => getComputedStyle(n).color)")
+            "el => [...el.querySelectorAll('.out-stdout, .out-stderr')].map(n => getComputedStyle(n).color)"
+        )
         assert len(set(colors)) == 2, colors  # stdout and stderr look different
 
         # A shell command (typed into the command line) opens the gate.
@@ -185,14 +186,14 @@ async def test_cancel_a_long_run(server):
         assert await stream_text(await cell(page)) == "after the cancel\n"
 
 
-RESUME = '''import os, time
+RESUME = """import os, time
 print("before the drop", flush=True)
 while not os.path.exists("/workspace/gate"):
     time.sleep(0.05)
 for i in range(1, 41):
     print(f"while away {i}")
 "done"
-'''
+"""
 
 
 async def run_then_drop(page, session, code: str, first_line: str):
@@ -209,6 +210,7 @@ async def run_then_drop(page, session, code: str, first_line: str):
     await asyncio.wait_for(session.detached.wait(), 60)
     await wait_state(page, "offline")
     await asyncio.wait_for(session.sb.request("exec", {"command": "touch /workspace/gate", "timeout_s": 30}), 60)
+
     async def ended() -> None:  # a run has no task of its own: it ends when it leaves inflight
         while rid in session.inflight:
             await asyncio.sleep(0.01)
@@ -280,8 +282,11 @@ for i in range(1, 31):
 async def test_queued_request_small_replay_buffer_and_expired_session():
     """Frames made while the page is away survive a tiny replay buffer (they were never sent); a request
     made while offline goes out after the resume; then the session expires and a fresh one starts."""
-    async with run_server(server_settings(replay_frames=8)) as srv, chromium() as browser, \
-            open_page(browser, srv) as page:
+    async with (
+        run_server(server_settings(replay_frames=8)) as srv,
+        chromium() as browser,
+        open_page(browser, srv) as page,
+    ):
         sid = (await stats(page))["sessionId"]
         session = srv.state.manager.sessions[sid]
         run, rid = await run_then_drop(page, session, GAP, "start\n")
@@ -356,8 +361,11 @@ async def test_frames_lost_in_the_network_are_reported_as_a_gap():
     async def setup(page):
         await page.route_web_socket(re.compile(r".*/v1/ws.*"), route)
 
-    async with run_server(server_settings(replay_frames=4)) as srv, chromium() as browser, \
-            open_page(browser, srv, setup=setup) as page:
+    async with (
+        run_server(server_settings(replay_frames=4)) as srv,
+        chromium() as browser,
+        open_page(browser, srv, setup=setup) as page,
+    ):
         sid = (await stats(page))["sessionId"]
         session = srv.state.manager.sessions[sid]
         await set_code(page, LOSSY)
@@ -412,7 +420,10 @@ async def test_html_result_cannot_reach_the_page(server):
         # The frame's scripts never ran, and its origin is opaque.
         assert await frame.evaluate("() => document.title") == ""
         assert await frame.evaluate("() => window.origin") == "null"
-        assert await frame.evaluate("() => { try { return !!parent.document; } catch (e) { return 'denied'; } }") == "denied"
+        assert (
+            await frame.evaluate("() => { try { return !!parent.document; } catch (e) { return 'denied'; } }")
+            == "denied"
+        )
         # The page is untouched and still works.
         assert await page.title() == title
         assert await page.evaluate("() => document.body.hasAttribute('data-pwned')") is False
@@ -434,14 +445,22 @@ async def test_assist_streams_tokens_and_interleaves_code_output():
     async with FakeAnthropic() as fake:
         fake.add(
             text("Let me check.\n", "```python\n", "values = [3, 4]\n", "print('mean', sum(values) / 0)\n", "```\n"),
-            text("Oops, a division by zero. Fixed:\n```python\nvalues = [3, 4]\n",
-                 "print('mean', sum(values) / len(values))\n```\n", Gate(gate), "The mean is **3.5**."),
+            text(
+                "Oops, a division by zero. Fixed:\n```python\nvalues = [3, 4]\n",
+                "print('mean', sum(values) / len(values))\n```\n",
+                Gate(gate),
+                "The mean is **3.5**.",
+            ),
         )
         client = anthropic.AsyncAnthropic(base_url=fake.url, api_key="test", max_retries=0)
         settings = server_settings(model="claude-test")
         runner = AssistRunner(settings, Metrics(), client=client)
-        async with _closing(client), run_server(settings, assist=runner) as srv, chromium() as browser, \
-                open_page(browser, srv) as page:
+        async with (
+            _closing(client),
+            run_server(settings, assist=runner) as srv,
+            chromium() as browser,
+            open_page(browser, srv) as page,
+        ):
             await page.get_by_test_id("prompt").fill("What is the mean of 3 and 4?")
             await page.get_by_test_id("assist").click()
             ask = await cell(page)
@@ -534,8 +553,12 @@ async def test_rendering_helpers_in_the_browser():
                     json: json.querySelector("pre").textContent, jsonMime: json.dataset.mime,
                     svgSrc: svg.querySelector("img").getAttribute("src").slice(0, 24)};
         }""")
-        assert r["parts"] == [["prose", "", "Intro `x`\n", False], ["code", "python", "print(1)\n", True],
-                              ["prose", "", "after <b>not bold</b>\n", False], ["code", "", "open", False]]
+        assert r["parts"] == [
+            ["prose", "", "Intro `x`\n", False],
+            ["code", "python", "print(1)\n", True],
+            ["prose", "", "after <b>not bold</b>\n", False],
+            ["code", "", "open", False],
+        ]
         assert r["rest"] == "after <b>not bold</b>\n~~~\nopen"
         assert r["mdImgs"] == 0 and r["mdCode"] == "print(1)" and r["mdInline"] == "x"
         assert r["plainText"] == "<img src=x onerror=alert(1)>" and r["plainImgs"] == 0

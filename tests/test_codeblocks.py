@@ -26,19 +26,30 @@ def parse_chars(text: str) -> list[CodeBlock]:
 
 
 REPLIES = {
-    "python": ("Here is the code:\n```python\nprint('hi')\nx = 1\n```\nIt prints hi.",
-               [("python", "print('hi')\nx = 1\n", True)]),
+    "python": (
+        "Here is the code:\n```python\nprint('hi')\nx = 1\n```\nIt prints hi.",
+        [("python", "print('hi')\nx = 1\n", True)],
+    ),
     "py": ("```py\nprint(2)\n```", [("py", "print(2)\n", True)]),
     "js": ("Run:\n```js\nconsole.log(1)\n```\n", [("js", "console.log(1)\n", True)]),
-    "javascript": ("```javascript\nconst a = [1,2];\nconsole.log(a)\n```\nok",
-                   [("javascript", "const a = [1,2];\nconsole.log(a)\n", True)]),
+    "javascript": (
+        "```javascript\nconst a = [1,2];\nconsole.log(a)\n```\nok",
+        [("javascript", "const a = [1,2];\nconsole.log(a)\n", True)],
+    ),
     "untagged": ("```\nprint(3)\n```\n", [("", "print(3)\n", True)]),
     "tilde": ("~~~python\nprint('```')\n~~~\n", [("python", "print('```')\n", True)]),
-    "unclosed": ("Start:\n```python\nfor i in range(3):\n    print(i)", [("python", "for i in range(3):\n    print(i)\n", False)]),
-    "two blocks": ("A\n```python\na = 1\n```\nB\n```python\nprint(a)\n```\nC",
-                   [("python", "a = 1\n", True), ("python", "print(a)\n", True)]),
-    "longer fence": ("````python\n```\nnot closed by three\n```\n````\n",
-                     [("python", "```\nnot closed by three\n```\n", True)]),
+    "unclosed": (
+        "Start:\n```python\nfor i in range(3):\n    print(i)",
+        [("python", "for i in range(3):\n    print(i)\n", False)],
+    ),
+    "two blocks": (
+        "A\n```python\na = 1\n```\nB\n```python\nprint(a)\n```\nC",
+        [("python", "a = 1\n", True), ("python", "print(a)\n", True)],
+    ),
+    "longer fence": (
+        "````python\n```\nnot closed by three\n```\n````\n",
+        [("python", "```\nnot closed by three\n```\n", True)],
+    ),
     "indented fence": ("  ```python\n  if x:\n      y()\n  ```\n", [("python", "if x:\n    y()\n", True)]),
     "crlf": ("```python\r\nprint(1)\r\n```\r\n", [("python", "print(1)\n", True)]),
     "info words": ("```python title=demo.py\nprint(1)\n```", [("python", "print(1)\n", True)]),
@@ -82,12 +93,22 @@ def test_indices_and_feed_after_finish():
         p.feed("x")
 
 
-@pytest.mark.parametrize(("tag", "default", "want"), [
-    ("python", "javascript", "python"), ("py", "python", "python"), ("Python3", "python", "python"),
-    ("js", "python", "javascript"), ("javascript", "python", "javascript"), ("node", "python", "javascript"),
-    ("", "python", "python"), ("", "javascript", "javascript"),
-    ("bash", "python", None), ("text", "python", None), ("json", "javascript", None),
-])
+@pytest.mark.parametrize(
+    ("tag", "default", "want"),
+    [
+        ("python", "javascript", "python"),
+        ("py", "python", "python"),
+        ("Python3", "python", "python"),
+        ("js", "python", "javascript"),
+        ("javascript", "python", "javascript"),
+        ("node", "python", "javascript"),
+        ("", "python", "python"),
+        ("", "javascript", "javascript"),
+        ("bash", "python", None),
+        ("text", "python", None),
+        ("json", "javascript", None),
+    ],
+)
 def test_normalize_language(tag, default, want):
     assert normalize_language(tag, default) == want
 

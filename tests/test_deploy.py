@@ -67,9 +67,15 @@ async def running_prometheus(config: str, tmp_path: Path) -> AsyncIterator[str]:
     cfg.write_text(config)
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=info",
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        binary,
+        f"--config.file={cfg}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=info",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     log: list[str] = []
     ready = asyncio.Event()
 

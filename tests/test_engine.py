@@ -31,6 +31,7 @@ async def sandbox(engine):
     yield sb
     await engine.release(sb)
 
+
 WAIT = 60  # generous bound for events on a loaded 2-core CI machine
 
 
@@ -140,8 +141,11 @@ async def test_exec_streams_as_written(sandbox):
         if ev["ev"] == "out" and "ready\n" in ev["lines"]:
             seen.set()
 
-    task = asyncio.create_task(sandbox.request(
-        "exec", {"command": "echo ready; while [ ! -e /tmp/go2 ]; do sleep 0.01; done; echo end"}, on_event))
+    task = asyncio.create_task(
+        sandbox.request(
+            "exec", {"command": "echo ready; while [ ! -e /tmp/go2 ]; do sleep 0.01; done; echo end"}, on_event
+        )
+    )
     await asyncio.wait_for(seen.wait(), WAIT)
     await sandbox.request("exec", {"command": "touch /tmp/go2"})
     done = await asyncio.wait_for(task, WAIT)
@@ -150,8 +154,10 @@ async def test_exec_streams_as_written(sandbox):
 
 async def test_output_is_byte_exact_and_invalid_utf8_is_replaced(sandbox, collect):
     c = collect()
-    code = ("import sys\nsys.stdout.write('tab\\there  é😀\\r\\n')\nsys.stdout.flush()\n"
-            "sys.stdout.buffer.write(b'bad \\xff\\xfe end\\n')\nsys.stdout.write('no newline')")
+    code = (
+        "import sys\nsys.stdout.write('tab\\there  é😀\\r\\n')\nsys.stdout.flush()\n"
+        "sys.stdout.buffer.write(b'bad \\xff\\xfe end\\n')\nsys.stdout.write('no newline')"
+    )
     assert (await run(sandbox, code, c))["ok"]
     assert c.lines() == ["tab\there  é😀\r\n", "bad \ufffd\ufffd end\n", "no newline"]
 
@@ -198,8 +204,9 @@ async def test_files(sandbox):
     assert (await sandbox.request("mkdir", {"path": "data/deep"}))["ok"]
     assert (await sandbox.request("write_file", {"path": "data/a.txt", "content": "héllo\n"}))["ok"]
     raw = bytes(range(256))
-    done = await sandbox.request("write_file", {"path": "data/b.bin", "content": base64.b64encode(raw).decode(),
-                                                "encoding": "base64"})
+    done = await sandbox.request(
+        "write_file", {"path": "data/b.bin", "content": base64.b64encode(raw).decode(), "encoding": "base64"}
+    )
     assert done["size"] == 256
     got = await sandbox.request("read_file", {"path": "data/a.txt"})
     assert got["content"] == "héllo\n" and got["encoding"] == "utf-8"
@@ -207,7 +214,10 @@ async def test_files(sandbox):
     assert got["encoding"] == "base64" and base64.b64decode(got["content"]) == raw
     listing = await sandbox.request("list_files", {"path": "data"})
     assert [(e["name"], e["type"]) for e in listing["entries"]] == [
-        ("a.txt", "file"), ("b.bin", "file"), ("deep", "directory")]
+        ("a.txt", "file"),
+        ("b.bin", "file"),
+        ("deep", "directory"),
+    ]
     assert (await sandbox.request("delete_file", {"path": "data/a.txt"}))["ok"]
     missing = await sandbox.request("read_file", {"path": "data/a.txt"})
     assert missing["error"]["name"] == "FileNotFoundError"

@@ -199,8 +199,9 @@ class DockerProxy:
 
 
 async def first_frame(url: str, token: str) -> tuple[dict, websockets.ClientConnection]:
-    ws = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                                  compression=None, max_size=None, open_timeout=WAIT)
+    ws = await websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {token}"}, compression=None, max_size=None, open_timeout=WAIT
+    )
     return orjson.loads(await asyncio.wait_for(ws.recv(), WAIT)), ws
 
 
@@ -219,8 +220,10 @@ async def test_docker_api_unreachable():
         metrics = Metrics()
         engine = Engine(DockerBackend(sb, client=client), sb, hooks=metrics)
         try:
-            async with run_server(server_settings(sandbox=sb, resume_grace_s=1.0), engine=engine,
-                                  metrics=metrics) as s, httpx.AsyncClient(base_url=s.http, timeout=WAIT) as http:
+            async with (
+                run_server(server_settings(sandbox=sb, resume_grace_s=1.0), engine=engine, metrics=metrics) as s,
+                httpx.AsyncClient(base_url=s.http, timeout=WAIT) as http,
+            ):
                 await asyncio.wait_for(engine.wait_filled(), WAIT)
                 assert (await http.get("/readyz")).status_code == 200
                 await proxy.down()
@@ -278,12 +281,25 @@ class ServerProcess:
     def __init__(self, ns: str, log: Path):
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")}
-        env.update({"GROUNDLOOP_NAMESPACE": ns, "GROUNDLOOP_TOKENS": "tok1:alice", "GROUNDLOOP_POOL_SIZE": "1",
-                    "GROUNDLOOP_HOST": "127.0.0.1", "GROUNDLOOP_PORT": str(self.port),
-                    "GROUNDLOOP_SANDBOX_IMAGE": IMAGE, "GROUNDLOOP_LOG_LEVEL": "warning"})
+        env.update(
+            {
+                "GROUNDLOOP_NAMESPACE": ns,
+                "GROUNDLOOP_TOKENS": "tok1:alice",
+                "GROUNDLOOP_POOL_SIZE": "1",
+                "GROUNDLOOP_HOST": "127.0.0.1",
+                "GROUNDLOOP_PORT": str(self.port),
+                "GROUNDLOOP_SANDBOX_IMAGE": IMAGE,
+                "GROUNDLOOP_LOG_LEVEL": "warning",
+            }
+        )
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "groundloop.server.cli", "serve"], cwd=ROOT, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "groundloop.server.cli", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.http = f"http://127.0.0.1:{self.port}"
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
 
@@ -343,10 +359,18 @@ def _plant_orphan(ns: str) -> str:
     with contextlib.closing(docker_client()) as client:
         api = client.api
         created = api.create_container(
-            IMAGE, command=["sleep", "600"], user="1000:1000", network_disabled=True,
-            labels={"groundloop.managed": "true", "groundloop.namespace": ns, "groundloop.instance": "dead0000",
-                    "groundloop.session": "orphan"},
-            host_config=api.create_host_config(network_mode="none", cap_drop=["ALL"], read_only=True))
+            IMAGE,
+            command=["sleep", "600"],
+            user="1000:1000",
+            network_disabled=True,
+            labels={
+                "groundloop.managed": "true",
+                "groundloop.namespace": ns,
+                "groundloop.instance": "dead0000",
+                "groundloop.session": "orphan",
+            },
+            host_config=api.create_host_config(network_mode="none", cap_drop=["ALL"], read_only=True),
+        )
         api.start(created["Id"])
         return created["Id"]
 
@@ -389,11 +413,43 @@ async def test_disconnect_during_flood():
 # ---- malformed, oversized and random frames ---------------------------------------------------
 
 MAX_MESSAGE = 8 << 10
-KNOWN_TYPES = {"ready", "stdout", "stderr", "result", "done", "error", "pong", "exit", "token", "code", "attempt",
-               "gap", "sandbox_replaced"}
-REQUEST_TYPES = ["run_code", "exec", "create_context", "delete_context", "list_contexts", "write_file", "read_file",
-                 "list_files", "delete_file", "mkdir", "start_process", "kill_process", "list_processes", "cancel",
-                 "assist", "ping", "", "PING", "done", "ready"]
+KNOWN_TYPES = {
+    "ready",
+    "stdout",
+    "stderr",
+    "result",
+    "done",
+    "error",
+    "pong",
+    "exit",
+    "token",
+    "code",
+    "attempt",
+    "gap",
+    "sandbox_replaced",
+}
+REQUEST_TYPES = [
+    "run_code",
+    "exec",
+    "create_context",
+    "delete_context",
+    "list_contexts",
+    "write_file",
+    "read_file",
+    "list_files",
+    "delete_file",
+    "mkdir",
+    "start_process",
+    "kill_process",
+    "list_processes",
+    "cancel",
+    "assist",
+    "ping",
+    "",
+    "PING",
+    "done",
+    "ready",
+]
 
 
 def _containers(inner):
@@ -402,15 +458,40 @@ def _containers(inner):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
-    _containers, max_leaves=12)
-ids = st.one_of(st.text(max_size=300), st.integers(min_value=-(2 ** 70), max_value=2 ** 70), st.none(),
-                st.floats(allow_nan=False, allow_infinity=False), st.lists(st.integers(), max_size=2), st.booleans())
-FIELDS = ["code", "command", "path", "timeout_s", "target", "context", "language", "content", "encoding", "env",
-          "cwd", "process_id", "prompt", "max_iterations", "recursive", "signal"]
+    _containers,
+    max_leaves=12,
+)
+ids = st.one_of(
+    st.text(max_size=300),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(st.integers(), max_size=2),
+    st.booleans(),
+)
+FIELDS = [
+    "code",
+    "command",
+    "path",
+    "timeout_s",
+    "target",
+    "context",
+    "language",
+    "content",
+    "encoding",
+    "env",
+    "cwd",
+    "process_id",
+    "prompt",
+    "max_iterations",
+    "recursive",
+    "signal",
+]
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
 requests = st.fixed_dictionaries(
     {"type": st.one_of(st.sampled_from(REQUEST_TYPES), st.text(max_size=12), scalars, json_values)},
-    optional={"id": ids, **{f: json_values for f in FIELDS}})
+    optional={"id": ids, **{f: json_values for f in FIELDS}},
+)
 
 
 def _dump(value) -> str:
@@ -419,26 +500,29 @@ def _dump(value) -> str:
 
 frames_strategy = st.one_of(
     requests.map(_dump),
-    requests.map(lambda d: _dump(d).encode()),                # binary frames of JSON
-    json_values.map(_dump),                                    # JSON that is no request
-    st.text(max_size=200),                                     # not JSON
-    st.binary(max_size=200),                                   # not UTF-8
+    requests.map(lambda d: _dump(d).encode()),  # binary frames of JSON
+    json_values.map(_dump),  # JSON that is no request
+    st.text(max_size=200),  # not JSON
+    st.binary(max_size=200),  # not UTF-8
     st.binary(min_size=MAX_MESSAGE + 1, max_size=3 * MAX_MESSAGE),  # over max_message_bytes
-    st.integers(MAX_MESSAGE + 1, 3 * MAX_MESSAGE).map(lambda n: '{"type":"run_code","id":"big","code":"' + "#" * n + '"}'),
+    st.integers(MAX_MESSAGE + 1, 3 * MAX_MESSAGE).map(
+        lambda n: '{"type":"run_code","id":"big","code":"' + "#" * n + '"}'
+    ),
 )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fuzz():
     sb = sandbox_settings(pool_size=1, exec_timeout_s=3.0, max_exec_timeout_s=3.0)
-    settings = server_settings(sandbox=sb, max_message_bytes=MAX_MESSAGE, rate_per_s=10000.0, rate_burst=10000,
-                               max_inflight=1000)
+    settings = server_settings(
+        sandbox=sb, max_message_bytes=MAX_MESSAGE, rate_per_s=10000.0, rate_burst=10000, max_inflight=1000
+    )
     async with run_server(settings) as s:
         async with await WSClient.connect(s.url, token="tok1") as c:
             yield s, c
 
 
-_sentinels = iter(range(10 ** 9))
+_sentinels = iter(range(10**9))
 
 
 @hsettings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -490,6 +574,7 @@ async def test_connection_burst():
     limit = 4
     sb = sandbox_settings(pool_size=1)
     async with run_server(server_settings(sandbox=sb, max_sessions_per_user=limit, resume_grace_s=1.0)) as s:
+
         async def one():
             try:
                 frame, ws = await first_frame(s.url, "tok1")

@@ -15,11 +15,15 @@ def test_demux_single_and_split_frames():
 
 
 def test_demux_byte_at_a_time():
-    raw = b"\x01\x00\x00\x00\x00\x00\x00\x05hello" + b"\x02\x00\x00\x00\x00\x00\x00\x00" + b"\x01\x00\x00\x00\x00\x00\x00\x01!"
+    raw = (
+        b"\x01\x00\x00\x00\x00\x00\x00\x05hello"
+        + b"\x02\x00\x00\x00\x00\x00\x00\x00"
+        + b"\x01\x00\x00\x00\x00\x00\x00\x01!"
+    )
     d = framing.DockerDemux()
     out = []
     for i in range(len(raw)):
-        out += d.feed(raw[i:i + 1])
+        out += d.feed(raw[i : i + 1])
     assert out == [(1, b"hello"), (2, b""), (1, b"!")]
 
 

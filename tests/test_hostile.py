@@ -35,14 +35,14 @@ from wsclient import WSClient
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 
-TOKEN = "hostile-" + secrets.token_hex(16)        # alice's token: must never be visible inside
+TOKEN = "hostile-" + secrets.token_hex(16)  # alice's token: must never be visible inside
 BYSTANDER_TOKEN = "bystander-" + secrets.token_hex(16)
 PROBE_VAR = "GROUNDLOOP_HOSTILE_PROBE"
-PROBE_VALUE = "probe-" + secrets.token_hex(16)    # a server-side env var: must never be visible inside
-WAIT = 120.0              # bound on any one hostile request, far above its timeout_s (loaded CI machine)
-TIMEOUT_S = 2             # the hostile requests' own timeout_s
+PROBE_VALUE = "probe-" + secrets.token_hex(16)  # a server-side env var: must never be visible inside
+WAIT = 120.0  # bound on any one hostile request, far above its timeout_s (loaded CI machine)
+TIMEOUT_S = 2  # the hostile requests' own timeout_s
 MEMORY = "256m"
-RSS_BOUND = 200 << 20     # server (in-process) RSS growth allowed over the whole module
+RSS_BOUND = 200 << 20  # server (in-process) RSS growth allowed over the whole module
 FILE_MAX = 4 << 20
 REPORT: dict[str, dict] = {}
 
@@ -106,11 +106,26 @@ class Env:
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIMES)
 async def env(request):
     runtime = request.param
-    sb = sandbox_settings(runtime=runtime, pool_size=2, memory=MEMORY, pids_limit=128, tmp_size="32m",
-                          workspace_size="32m", max_file_bytes=FILE_MAX, max_output_bytes=1 << 20,
-                          exec_timeout_s=10.0, start_timeout_s=60.0)
-    settings = server_settings(sandbox=sb, tokens=[f"{TOKEN}:alice", f"{BYSTANDER_TOKEN}:bob"],
-                               resume_grace_s=1.0, max_sessions_per_user=16, rate_per_s=1000.0, rate_burst=1000)
+    sb = sandbox_settings(
+        runtime=runtime,
+        pool_size=2,
+        memory=MEMORY,
+        pids_limit=128,
+        tmp_size="32m",
+        workspace_size="32m",
+        max_file_bytes=FILE_MAX,
+        max_output_bytes=1 << 20,
+        exec_timeout_s=10.0,
+        start_timeout_s=60.0,
+    )
+    settings = server_settings(
+        sandbox=sb,
+        tokens=[f"{TOKEN}:alice", f"{BYSTANDER_TOKEN}:bob"],
+        resume_grace_s=1.0,
+        max_sessions_per_user=16,
+        rate_per_s=1000.0,
+        rate_burst=1000,
+    )
     old = os.environ.get(PROBE_VAR)
     os.environ[PROBE_VAR] = PROBE_VALUE
     try:
@@ -193,58 +208,70 @@ for p in ('/etc/evil', '/usr/bin/evil', '/opt/groundloop/agent.py', '/evil'):
 """
 PRINT_LOOP = "while True:\n    print('spam ' * 20)"
 HUGE_LINE = "import sys\nsys.stdout.write('x' * (64 << 20))\nsys.stdout.flush()"
-BINARY = ("import sys, os\n"
-          "sys.stdout.buffer.write(bytes(range(256)) * 64 + b'\\xff\\xfe\\xc3\\x28\\n'); sys.stdout.flush()\n"
-          "os.write(2, b'\\x00\\x80\\xed\\xa0\\x80 surrogate\\n')\n"
-          "print('\\udcff'.encode('utf-8', 'surrogateescape').decode('latin-1'))")
+BINARY = (
+    "import sys, os\n"
+    "sys.stdout.buffer.write(bytes(range(256)) * 64 + b'\\xff\\xfe\\xc3\\x28\\n'); sys.stdout.flush()\n"
+    "os.write(2, b'\\x00\\x80\\xed\\xa0\\x80 surrogate\\n')\n"
+    "print('\\udcff'.encode('utf-8', 'surrogateescape').decode('latin-1'))"
+)
 BUSY = "while True:\n    pass"
 SLEEP = "import time\ntime.sleep(10 ** 9)"
-IGNORE_SIGNALS = ("import signal\n"
-                  "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                  "while True:\n    pass")
-DAEMON = ("import os, time\n"
-          "if os.fork() == 0:\n"
-          "    os.setsid()\n"
-          "    if os.fork() == 0:\n"
-          "        while True:\n"
-          "            time.sleep(1000)\n"
-          "    os._exit(0)\n"
-          "os.wait()\n"
-          "print('daemon started')")
-ZOMBIES = ("import os\n"
-           "kids = []\n"
-           "for _ in range(40):\n"
-           "    pid = os.fork()\n"
-           "    if pid == 0:\n"
-           "        os._exit(0)\n"
-           "    kids.append(pid)\n"
-           "import time; time.sleep(0.2)\n"
-           "print('zombies', sum(1 for p in kids if open(f'/proc/{p}/stat').read().split(')')[1].split()[0] == 'Z'))")
-OPEN_FILES = ("fds = []\n"
-              "try:\n"
-              "    while True:\n"
-              "        fds.append(open('/dev/null'))\n"
-              "except OSError as exc:\n"
-              "    print('stopped after', len(fds), type(exc).__name__, exc.errno)\n"
-              "for f in fds:\n"
-              "    f.close()\n"
-              "del fds")
-BECOME_ROOT = ("import os, ctypes\n"
-               "libc = ctypes.CDLL(None, use_errno=True)\n"
-               "for name, call in [('setuid', lambda: os.setuid(0)), ('setgid', lambda: os.setgid(0)),\n"
-               "                   ('seteuid', lambda: os.seteuid(0))]:\n"
-               "    try:\n"
-               "        call()\n"
-               "        print(name, 'SUCCEEDED')\n"
-               "    except OSError as exc:\n"
-               "        print(name, 'refused', exc.errno)\n"
-               "os.makedirs('/tmp/m', exist_ok=True)\n"
-               "r = libc.mount(b'none', b'/tmp/m', b'tmpfs', 0, None)\n"
-               "print('mount', 'SUCCEEDED' if r == 0 else 'refused', ctypes.get_errno())\n"
-               "print('uid', os.getuid(), os.geteuid())\n"
-               "r = libc.unshare(0x10000000)  # CLONE_NEWUSER\n"
-               "print('unshare', 'SUCCEEDED' if r == 0 else 'refused', ctypes.get_errno())")
+IGNORE_SIGNALS = (
+    "import signal\n"
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "while True:\n    pass"
+)
+DAEMON = (
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        while True:\n"
+    "            time.sleep(1000)\n"
+    "    os._exit(0)\n"
+    "os.wait()\n"
+    "print('daemon started')"
+)
+ZOMBIES = (
+    "import os\n"
+    "kids = []\n"
+    "for _ in range(40):\n"
+    "    pid = os.fork()\n"
+    "    if pid == 0:\n"
+    "        os._exit(0)\n"
+    "    kids.append(pid)\n"
+    "import time; time.sleep(0.2)\n"
+    "print('zombies', sum(1 for p in kids if open(f'/proc/{p}/stat').read().split(')')[1].split()[0] == 'Z'))"
+)
+OPEN_FILES = (
+    "fds = []\n"
+    "try:\n"
+    "    while True:\n"
+    "        fds.append(open('/dev/null'))\n"
+    "except OSError as exc:\n"
+    "    print('stopped after', len(fds), type(exc).__name__, exc.errno)\n"
+    "for f in fds:\n"
+    "    f.close()\n"
+    "del fds"
+)
+BECOME_ROOT = (
+    "import os, ctypes\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "for name, call in [('setuid', lambda: os.setuid(0)), ('setgid', lambda: os.setgid(0)),\n"
+    "                   ('seteuid', lambda: os.seteuid(0))]:\n"
+    "    try:\n"
+    "        call()\n"
+    "        print(name, 'SUCCEEDED')\n"
+    "    except OSError as exc:\n"
+    "        print(name, 'refused', exc.errno)\n"
+    "os.makedirs('/tmp/m', exist_ok=True)\n"
+    "r = libc.mount(b'none', b'/tmp/m', b'tmpfs', 0, None)\n"
+    "print('mount', 'SUCCEEDED' if r == 0 else 'refused', ctypes.get_errno())\n"
+    "print('uid', os.getuid(), os.geteuid())\n"
+    "r = libc.unshare(0x10000000)  # CLONE_NEWUSER\n"
+    "print('unshare', 'SUCCEEDED' if r == 0 else 'refused', ctypes.get_errno())"
+)
 
 CASES = {
     "fork_bomb_python": ("code", FORK_BOMB_PY, TIMEOUT_S),
@@ -274,8 +301,14 @@ CASES = {
 def _summary(frames: list[dict]) -> dict:
     done = frames[-1]
     out = WSClient.text(frames) + WSClient.text(frames, "stderr")
-    return {"ok": done["ok"], "error": (done.get("error") or {}).get("name"), "truncated": bool(done.get("truncated")),
-            "exit_code": done.get("exit_code"), "frames": len(frames), "tail": out[-300:]}
+    return {
+        "ok": done["ok"],
+        "error": (done.get("error") or {}).get("name"),
+        "truncated": bool(done.get("truncated")),
+        "exit_code": done.get("exit_code"),
+        "frames": len(frames),
+        "tail": out[-300:],
+    }
 
 
 async def _usable(c: WSClient) -> dict:
@@ -497,8 +530,11 @@ AGENT_VARS = {"GROUNDLOOP_CMD_FD", "GROUNDLOOP_RES_FD"}  # the agent's own pipes
 
 
 async def test_isolation(env):
-    code = (ISOLATION.replace("__TOKEN__", TOKEN).replace("__PROBE__", PROBE_VALUE)
-            .replace("__BYSTANDER__", BYSTANDER_TOKEN))
+    code = (
+        ISOLATION.replace("__TOKEN__", TOKEN)
+        .replace("__PROBE__", PROBE_VALUE)
+        .replace("__BYSTANDER__", BYSTANDER_TOKEN)
+    )
     async with await WSClient.connect(env.srv.url, token=TOKEN) as c:
         frames = await c.request("run_code", code=code, timeout_s=30)
         assert frames[-1]["ok"], frames[-1]
@@ -513,7 +549,11 @@ async def test_isolation(env):
         # no capabilities, no new privileges, an unprivileged user
         assert out["caps"]["CapEff"] == "0000000000000000" and out["caps"]["CapPrm"] == "0000000000000000", out
         assert out["caps"]["CapBnd"] == "0000000000000000", out
-        assert out["no_new_privs"] == ("1" if env.runtime == "runc" else out["no_new_privs"]) and out["uid"] == [1000, 1000, 1000], out
+        assert out["no_new_privs"] == ("1" if env.runtime == "runc" else out["no_new_privs"]) and out["uid"] == [
+            1000,
+            1000,
+            1000,
+        ], out
         # /proc masking: kernel memory and keys unreadable or empty, /proc/sys read-only
         for key in ("kcore", "keys", "timer_list"):
             assert out[key] in ("absent", 0) or isinstance(out[key], str), out

@@ -122,11 +122,29 @@ def test_registries_are_independent():
 
 # The attributes the server and sessions code against, with their label names.
 ATTRIBUTES = {
-    "execution": ("kind", "language", "outcome"), "first_output": ("kind",), "acquire": ("source",),
-    "cold_start": (), "model_ttft": (), "model_generation": (), "assist_iterations": (), "send_wait": (),
-    "request_duration": ("type",), "connections": (), "sessions": (), "sandboxes": ("state",), "pool_size": (),
-    "pool_free": (), "inflight": (), "requests": ("type", "outcome"), "errors": ("code",), "frames_out": (),
-    "bytes_out": (), "truncations": (), "tokens": ("direction",), "reaped": (), "replayed": (),
+    "execution": ("kind", "language", "outcome"),
+    "first_output": ("kind",),
+    "acquire": ("source",),
+    "cold_start": (),
+    "model_ttft": (),
+    "model_generation": (),
+    "assist_iterations": (),
+    "send_wait": (),
+    "request_duration": ("type",),
+    "connections": (),
+    "sessions": (),
+    "sandboxes": ("state",),
+    "pool_size": (),
+    "pool_free": (),
+    "inflight": (),
+    "requests": ("type", "outcome"),
+    "errors": ("code",),
+    "frames_out": (),
+    "bytes_out": (),
+    "truncations": (),
+    "tokens": ("direction",),
+    "reaped": (),
+    "replayed": (),
 }
 
 
@@ -188,16 +206,19 @@ def test_series_exist_before_any_work():
     assert total(text, "groundloop_build_info") == 1
 
 
-@pytest.mark.parametrize("done, outcome", [
-    ({"ok": True}, "ok"),
-    ({"ok": True, "exit_code": 0}, "ok"),
-    ({"ok": True, "exit_code": 3}, "error"),
-    ({"ok": False, "error": {"name": "ZeroDivisionError", "message": ""}}, "error"),
-    ({"ok": False, "error": {"name": "Timeout", "message": ""}}, "timeout"),
-    ({"ok": False, "error": {"name": "Cancelled", "message": ""}}, "cancelled"),
-    ({"ok": False, "error": {"name": "SandboxLost", "message": ""}}, "lost"),
-    (None, "lost"),
-])
+@pytest.mark.parametrize(
+    "done, outcome",
+    [
+        ({"ok": True}, "ok"),
+        ({"ok": True, "exit_code": 0}, "ok"),
+        ({"ok": True, "exit_code": 3}, "error"),
+        ({"ok": False, "error": {"name": "ZeroDivisionError", "message": ""}}, "error"),
+        ({"ok": False, "error": {"name": "Timeout", "message": ""}}, "timeout"),
+        ({"ok": False, "error": {"name": "Cancelled", "message": ""}}, "cancelled"),
+        ({"ok": False, "error": {"name": "SandboxLost", "message": ""}}, "lost"),
+        (None, "lost"),
+    ],
+)
 def test_outcome_of(done, outcome):
     assert outcome_of(done) == outcome
 
@@ -300,21 +321,35 @@ async def test_engine_work_moves_the_histograms(collect):
                     first.append(time.perf_counter() - t0)
                 await out(ev)
 
-            done = await sb.request("run_code", {"code": "print('hi')\n1/0", "language": "python", "timeout_s": 30,
-                                                 "max_output_bytes": settings.max_output_bytes}, on_event)
-            metrics.execution_done("run_code", "python", outcome_of(done), time.perf_counter() - t0,
-                                   truncated=bool(done.get("truncated")))
+            done = await sb.request(
+                "run_code",
+                {
+                    "code": "print('hi')\n1/0",
+                    "language": "python",
+                    "timeout_s": 30,
+                    "max_output_bytes": settings.max_output_bytes,
+                },
+                on_event,
+            )
+            metrics.execution_done(
+                "run_code", "python", outcome_of(done), time.perf_counter() - t0, truncated=bool(done.get("truncated"))
+            )
             metrics.first_output_seen("run_code", first[0])
             assert out.text() == "hi\n"
 
             t0 = time.perf_counter()
-            done = await sb.request("exec", {"command": "echo one; exit 4", "timeout_s": 30,
-                                             "max_output_bytes": settings.max_output_bytes}, collect())
+            done = await sb.request(
+                "exec",
+                {"command": "echo one; exit 4", "timeout_s": 30, "max_output_bytes": settings.max_output_bytes},
+                collect(),
+            )
             metrics.execution_done("exec", None, outcome_of(done), time.perf_counter() - t0)
         finally:
             await engine.release(sb)
         text = metrics.exposition()
-        assert total(text, "groundloop_execution_seconds_count", kind="run_code", language="python", outcome="error") == 1
+        assert (
+            total(text, "groundloop_execution_seconds_count", kind="run_code", language="python", outcome="error") == 1
+        )
         assert total(text, "groundloop_execution_seconds_count", kind="exec", language="shell", outcome="error") == 1
         assert total(text, "groundloop_execution_seconds_sum") > 0
         assert total(text, "groundloop_first_output_seconds_count", kind="run_code") == 1

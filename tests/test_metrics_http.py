@@ -52,8 +52,9 @@ async def test_scrape_after_real_work(server):
     assert total(text, "groundloop_request_duration_seconds_count", type="write_file") == 1
     assert total(text, "groundloop_sandbox_acquire_seconds_count") >= 1
     assert total(text, "groundloop_sandbox_start_seconds_count") >= 1
-    assert total(text, "groundloop_ws_send_queue_wait_seconds_count") > \
-        total(before, "groundloop_ws_send_queue_wait_seconds_count")
+    assert total(text, "groundloop_ws_send_queue_wait_seconds_count") > total(
+        before, "groundloop_ws_send_queue_wait_seconds_count"
+    )
     # Counters and gauges.
     assert total(text, "groundloop_requests_total", type="run_code") == 2
     assert total(text, "groundloop_requests_total", type="exec") == 1

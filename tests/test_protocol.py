@@ -30,23 +30,26 @@ def test_integer_ids_and_unknown_fields():
     assert req.id == 7 and req.params == {}
 
 
-@pytest.mark.parametrize("frame, code, has_id", [
-    (b'{"type":"run_code","id":"x"', "bad_request", False),
-    (b'[1,2]', "bad_request", False),
-    (b'{"type":"run_code","code":"1"}', "bad_request", False),
-    (b'{"type":"run_code","id":true,"code":"1"}', "bad_request", False),
-    (b'{"type":"run_code","id":""}', "bad_request", False),
-    (b'{"type":"nope","id":"a"}', "bad_request", True),
-    (b'{"type":"run_code","id":"a"}', "bad_request", True),
-    (b'{"type":"run_code","id":"a","code":5}', "bad_request", True),
-    (b'{"type":"run_code","id":"a","code":"1","language":"cobol"}', "bad_request", True),
-    (b'{"type":"run_code","id":"a","code":"1","timeout_s":-1}', "bad_request", True),
-    (b'{"type":"exec","id":"a","command":"ls","env":{"A":1}}', "bad_request", True),
-    (b'{"type":"write_file","id":"a","path":"x","content":"y","encoding":"rot13"}', "bad_request", True),
-    (b'{"type":"cancel","id":"a"}', "bad_request", True),
-    (b'{"type":"assist","id":"a","prompt":"x","max_iterations":0}', "bad_request", True),
-    (b'{"type":"delete_file","id":"a","path":"x","recursive":"yes"}', "bad_request", True),
-])
+@pytest.mark.parametrize(
+    "frame, code, has_id",
+    [
+        (b'{"type":"run_code","id":"x"', "bad_request", False),
+        (b"[1,2]", "bad_request", False),
+        (b'{"type":"run_code","code":"1"}', "bad_request", False),
+        (b'{"type":"run_code","id":true,"code":"1"}', "bad_request", False),
+        (b'{"type":"run_code","id":""}', "bad_request", False),
+        (b'{"type":"nope","id":"a"}', "bad_request", True),
+        (b'{"type":"run_code","id":"a"}', "bad_request", True),
+        (b'{"type":"run_code","id":"a","code":5}', "bad_request", True),
+        (b'{"type":"run_code","id":"a","code":"1","language":"cobol"}', "bad_request", True),
+        (b'{"type":"run_code","id":"a","code":"1","timeout_s":-1}', "bad_request", True),
+        (b'{"type":"exec","id":"a","command":"ls","env":{"A":1}}', "bad_request", True),
+        (b'{"type":"write_file","id":"a","path":"x","content":"y","encoding":"rot13"}', "bad_request", True),
+        (b'{"type":"cancel","id":"a"}', "bad_request", True),
+        (b'{"type":"assist","id":"a","prompt":"x","max_iterations":0}', "bad_request", True),
+        (b'{"type":"delete_file","id":"a","path":"x","recursive":"yes"}', "bad_request", True),
+    ],
+)
 def test_refusals(frame, code, has_id):
     with pytest.raises(ProtocolError) as info:
         parse_request(frame)
@@ -62,11 +65,22 @@ def test_too_large_is_checked_first():
 
 def test_every_type_with_its_required_fields():
     required = {
-        "run_code": {"code": "1"}, "exec": {"command": "ls"}, "create_context": {}, "delete_context": {"context": "c"},
-        "list_contexts": {}, "write_file": {"path": "p", "content": ""}, "read_file": {"path": "p"},
-        "list_files": {}, "delete_file": {"path": "p"}, "mkdir": {"path": "p"}, "start_process": {"command": "x"},
-        "kill_process": {"process_id": "p"}, "list_processes": {}, "cancel": {"target": "r1"},
-        "assist": {"prompt": "hi"}, "ping": {},
+        "run_code": {"code": "1"},
+        "exec": {"command": "ls"},
+        "create_context": {},
+        "delete_context": {"context": "c"},
+        "list_contexts": {},
+        "write_file": {"path": "p", "content": ""},
+        "read_file": {"path": "p"},
+        "list_files": {},
+        "delete_file": {"path": "p"},
+        "mkdir": {"path": "p"},
+        "start_process": {"command": "x"},
+        "kill_process": {"process_id": "p"},
+        "list_processes": {},
+        "cancel": {"target": "r1"},
+        "assist": {"prompt": "hi"},
+        "ping": {},
     }
     assert set(required) == REQUEST_TYPES
     for kind, fields in required.items():
@@ -82,8 +96,15 @@ def test_null_optional_fields_are_absent():
 def test_frames_and_seq_splice():
     body = encode(done_frame("a", False, 1.23456, {"name": "Cancelled", "message": "m"}, exit_code=1))
     frame = orjson.loads(with_seq(42, body))
-    assert frame == {"seq": 42, "type": "done", "id": "a", "ok": False, "duration_ms": 1.235,
-                     "error": {"name": "Cancelled", "message": "m"}, "exit_code": 1}
+    assert frame == {
+        "seq": 42,
+        "type": "done",
+        "id": "a",
+        "ok": False,
+        "duration_ms": 1.235,
+        "error": {"name": "Cancelled", "message": "m"},
+        "exit_code": 1,
+    }
     assert list(orjson.loads(with_seq(1, encode(error_frame("busy", "m"))))) == ["seq", "type", "code", "message"]
     ready = ready_frame("s", False, {"backend": "docker"}, {"max_message_bytes": 1})
     assert ready["protocol"] == "groundloop.v1" and ready["type"] == "ready"
@@ -91,11 +112,14 @@ def test_frames_and_seq_splice():
     assert gap["type"] == "gap" and gap["missed"] == 3
 
 
-@pytest.mark.parametrize("stream,id,extra,line", [
-    ("stdout", "a1", {}, "hello"),
-    ("stderr", 7, {"iteration": 2}, 'quote " and \\ and \x00 and \u00e9'),
-    ("stdout", '"text":"\x00"', {"iteration": 1}, ""),  # an id that looks like the cut
-])
+@pytest.mark.parametrize(
+    "stream,id,extra,line",
+    [
+        ("stdout", "a1", {}, "hello"),
+        ("stderr", 7, {"iteration": 2}, 'quote " and \\ and \x00 and \u00e9'),
+        ("stdout", '"text":"\x00"', {"iteration": 1}, ""),  # an id that looks like the cut
+    ],
+)
 def test_output_frame_parts_rebuild_the_frame_of_any_line(stream, id, extra, line):
     before, after = output_frame_parts(stream, id, **extra)
     rest = before + orjson.dumps(line) + after

@@ -72,7 +72,9 @@ async def test_container_is_hardened(monkeypatch):
         done, out = await lines_of(sb, "touch /etc/x 2>&1; ls -la /var/run/docker.sock 2>&1; echo ok")
         assert "Read-only file system" in out and "No such file" in out
         # fsize: one file past the size limit is refused
-        done, out = await lines_of(sb, f"head -c {sandbox_settings().max_file_bytes + 1} /dev/zero > /tmp/big; echo rc=$?")
+        done, out = await lines_of(
+            sb, f"head -c {sandbox_settings().max_file_bytes + 1} /dev/zero > /tmp/big; echo rc=$?"
+        )
         assert "rc=153" in out or "File too large" in out
         await eng.release(sb)
 
@@ -144,15 +146,18 @@ async def test_runsc_subset():
         async def grab(ev):
             out.extend(ev.get("lines", []))
 
-        done = await sb.request("run_code", {"code": "import os\nprint(os.listdir('/sys/class/net'))\nprint(os.getuid())\n6*7"}, grab)
+        done = await sb.request(
+            "run_code", {"code": "import os\nprint(os.listdir('/sys/class/net'))\nprint(os.getuid())\n6*7"}, grab
+        )
         assert done["ok"] and out == ["['lo']\n", "1000\n"]
         done, text = await lines_of(sb, "dmesg | head -1; awk '$2==\"/\"{print $4}' /proc/mounts")
         assert "gVisor" in text  # really the gVisor kernel
         assert text.splitlines()[-1].split(",")[0] == "ro"
-        done = await sb.request("run_code", {"code": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
-                                             "timeout_s": 0.5})
+        done = await sb.request(
+            "run_code",
+            {"code": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass", "timeout_s": 0.5},
+        )
         assert done["error"]["name"] == "Timeout" and done["state_lost"] is True
         done = await sb.request("run_code", {"code": "for i in range(100000): print(i)", "max_output_bytes": 10000})
         assert done["truncated"] is True
         await eng.release(sb)
-

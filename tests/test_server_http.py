@@ -40,8 +40,9 @@ async def test_validate_code(server):
         assert r["results"][-1]["text/plain"] == "42" and "text/plain" in r["formats"]
         again = (await h.post("/v1/validate-code", json={"code": "print('hi')\n6*7"}, headers=AUTH)).json()
         assert again["cached"] is True and again["output"] == "hi\n"
-        js = (await h.post("/v1/validate-code", json={"code": "console.log(2)", "language": "javascript"},
-                           headers=AUTH)).json()
+        js = (
+            await h.post("/v1/validate-code", json={"code": "console.log(2)", "language": "javascript"}, headers=AUTH)
+        ).json()
         assert js["ok"] and js["output"] == "2\n"
 
 
@@ -51,7 +52,9 @@ async def test_validate_code_never_sees_a_users_state(server):
     async with httpx.AsyncClient(base_url=server.http, timeout=120) as h:
         async with await WSClient.connect(server.url, token="tok1") as alice:
             assert (await alice.call("write_file", path="secret.txt", content="alice-secret"))["ok"]
-            assert (await alice.call("write_file", path="statistics.py", content="def mean(x):\n    return 666\n"))["ok"]
+            assert (await alice.call("write_file", path="statistics.py", content="def mean(x):\n    return 666\n"))[
+                "ok"
+            ]
             assert (await alice.call("run_code", code="secret = 1"))["ok"]
             read = "import os\nprint(os.path.exists('/workspace/secret.txt'))"
             mine = (await h.post("/v1/validate-code", json={"code": read}, headers=AUTH)).json()
@@ -73,12 +76,14 @@ async def test_validate_code_never_sees_a_users_state(server):
 async def test_validate_code_limits():
     """Issue 21, item 2: validate-code is held to the user's limits and cannot drain the pool, and a huge body
     is refused before it is read whole."""
-    settings = server_settings(validate_concurrency=2, max_sessions_per_user=2, max_message_bytes=1 << 20,
-                               rate_per_s=0.001, rate_burst=6)
+    settings = server_settings(
+        validate_concurrency=2, max_sessions_per_user=2, max_message_bytes=1 << 20, rate_per_s=0.001, rate_burst=6
+    )
     async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.http, timeout=120) as h:
         sleep = {"code": "import time\ntime.sleep(3)\nprint('slept')"}
-        runs = [asyncio.create_task(h.post("/v1/validate-code", json={**sleep, "n": i}, headers=AUTH))
-                for i in range(4)]
+        runs = [
+            asyncio.create_task(h.post("/v1/validate-code", json={**sleep, "n": i}, headers=AUTH)) for i in range(4)
+        ]
         await asyncio.sleep(1.5)
         in_use = srv.state.engine.counts()["in_use"]
         answers = await asyncio.gather(*runs)

@@ -59,8 +59,7 @@ async def test_resume_mid_stream_loses_and_duplicates_nothing(server):
 async def test_resume_takes_over_an_open_socket(server):
     c1 = await WSClient.connect(server.url, token="tok1")
     assert (await c1.call("run_code", code="z = 3"))["ok"]
-    async with await WSClient.connect(server.url, token="tok1", session=c1.session_id,
-                                      last_seq=c1.last_seq) as c2:
+    async with await WSClient.connect(server.url, token="tok1", session=c1.session_id, last_seq=c1.last_seq) as c2:
         assert await closed_code(c1) == 4409
         done = await c2.call("run_code", code="z")
         assert done["ok"]  # same sandbox, same context
@@ -84,8 +83,7 @@ async def test_evicted_frames_give_a_gap():
 
 async def test_bad_resume(server):
     async with await WSClient.connect(server.url, token="tok1") as c:
-        bad = await WSClient.connect(server.url, token="tok1", session=c.session_id, last_seq=10**6,
-                                     expect_ready=False)
+        bad = await WSClient.connect(server.url, token="tok1", session=c.session_id, last_seq=10**6, expect_ready=False)
         frame = orjson.loads(await bad.ws.recv())
         assert frame["code"] == "bad_request" and frame["seq"] == 0
         assert await closed_code(bad) == 4400
@@ -142,8 +140,9 @@ async def test_shutdown_with_sessions_open_leaves_no_container():
         assert await closed_code(c) in (1012, 1001)
 
     def running():
-        return docker.from_env().api.containers(filters={"label": [f"groundloop.namespace={NAMESPACE}"],
-                                                         "status": "running"})
+        return docker.from_env().api.containers(
+            filters={"label": [f"groundloop.namespace={NAMESPACE}"], "status": "running"}
+        )
 
     assert await asyncio.to_thread(running) == []
 
@@ -152,6 +151,7 @@ async def test_shutdown_with_sessions_open_leaves_no_container():
 async def test_fifty_concurrent_sessions():
     settings = server_settings(max_sessions_per_user=64)
     async with run_server(settings) as srv:
+
         async def one(i: int) -> str:
             async with await WSClient.connect(srv.url, token="tok1" if i % 2 else "tok2") as c:
                 frames = await c.request("run_code", code=f"print({i} * 2)")

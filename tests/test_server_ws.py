@@ -31,8 +31,9 @@ async def test_ready_frame(server):
 
 async def test_code_and_contexts(server):
     async with await WSClient.connect(server.url, token="tok1") as c:
-        frames = await c.request("run_code", code="import sys\nfor i in range(3): print(i)\n"
-                                                  "print('oops', file=sys.stderr)\nx = 41\nx + 1")
+        frames = await c.request(
+            "run_code", code="import sys\nfor i in range(3): print(i)\nprint('oops', file=sys.stderr)\nx = 41\nx + 1"
+        )
         done = done_of(frames)
         assert done["ok"] is True and done["duration_ms"] >= 0
         assert [f["text"] for f in frames if f["type"] == "stdout"] == ["0\n", "1\n", "2\n"]
@@ -87,8 +88,10 @@ async def test_exec_files_processes_ping(server):
         while not c.of(rid, "exit"):
             await c.recv()
         outs = [f for f in c.of(rid) if f["type"] in ("stdout", "stderr")]
-        assert {(f["type"], f["text"], f["process_id"]) for f in outs} == {("stdout", "one\n", pid),
-                                                                           ("stderr", "two\n", pid)}
+        assert {(f["type"], f["text"], f["process_id"]) for f in outs} == {
+            ("stdout", "one\n", pid),
+            ("stderr", "two\n", pid),
+        }
         assert c.of(rid, "exit")[0]["exit_code"] == 4
         rid = await c.send("start_process", command="sleep 300")
         pid = done_of(await c.until_done(rid))["process_id"]
@@ -242,12 +245,23 @@ class ScriptedRunner:
             await emit({"type": "token", "text": f"try {i}", "iteration": i})
             await emit({"type": "code", "code": code, "language": language, "iteration": i})
             last = await execute(code, language, i)
-            await emit({"type": "attempt", "iteration": i, "ok": last["ok"], **({"error": last["error"]}
-                                                                               if "error" in last else {})})
+            await emit(
+                {
+                    "type": "attempt",
+                    "iteration": i,
+                    "ok": last["ok"],
+                    **({"error": last["error"]} if "error" in last else {}),
+                }
+            )
             if last["ok"]:
                 return {"ok": True, "iterations": i, "code": code, "output": last["output"]}
-        return {"ok": False, "iterations": len(self.codes), "code": self.codes[-1], "output": last["output"],
-                "error": last.get("error")}
+        return {
+            "ok": False,
+            "iterations": len(self.codes),
+            "code": self.codes[-1],
+            "output": last["output"],
+            "error": last.get("error"),
+        }
 
 
 async def test_assist_wiring():
@@ -257,8 +271,17 @@ async def test_assist_wiring():
         done = done_of(frames)
         assert done["ok"] and done["iterations"] == 2 and done["output"] == "b\n"
         kinds = [(f["type"], f.get("iteration")) for f in frames]
-        assert kinds == [("token", 1), ("code", 1), ("stdout", 1), ("attempt", 1), ("token", 2), ("code", 2),
-                         ("stdout", 2), ("attempt", 2), ("done", None)]
+        assert kinds == [
+            ("token", 1),
+            ("code", 1),
+            ("stdout", 1),
+            ("attempt", 1),
+            ("token", 2),
+            ("code", 2),
+            ("stdout", 2),
+            ("attempt", 2),
+            ("done", None),
+        ]
         # cancel an assist while its code runs: the sandbox request is cancelled too
         runner.codes = ["import time\nprint('go', flush=True)\ntime.sleep(60)"]
         rid = await c.send("assist", prompt="sleep")
@@ -326,8 +349,11 @@ async def test_logs_and_audit_never_show_the_token(server, caplog):
         assert (await c.call("run_code", code=code))["ok"]
         await c.send_raw("{broken")
         await c.recv()
-    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name.startswith("groundloop")
-             and r.getMessage().startswith("{")]
+    lines = [
+        orjson.loads(r.getMessage())
+        for r in caplog.records
+        if r.name.startswith("groundloop") and r.getMessage().startswith("{")
+    ]
     events = {line["event"] for line in lines}
     assert {"connect", "request", "error", "audit"} <= events
     audit = [line for line in lines if line["event"] == "audit"][0]

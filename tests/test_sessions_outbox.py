@@ -132,7 +132,8 @@ async def test_peek_frames_for_batched_writes():
     batch = ob.peek_frames(3)
     assert [f.seq for f in batch] == [2, 3, 4]
     assert [orjson.loads(f.wire()) for f in batch] == [
-        {"seq": n + 1, "type": "stdout", "text": str(n)} for n in (1, 2, 3)]
+        {"seq": n + 1, "type": "stdout", "text": str(n)} for n in (1, 2, 3)
+    ]
     assert ob.attempted_seq == 4 and ob.sent_seq == 1  # handed to the socket, not yet written
     for f in batch:
         ob.mark_sent(f.seq)

@@ -32,9 +32,18 @@ class WSClient:
         self._by_id: dict[Any, list[dict[str, Any]]] = {}
 
     @classmethod
-    async def connect(cls, url: str, *, token: str | None = None, subprotocol_token: bool = False,
-                      origin: str | None = None, session: str | None = None, last_seq: int | None = None,
-                      expect_ready: bool = True, **kw: Any) -> WSClient:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        subprotocol_token: bool = False,
+        origin: str | None = None,
+        session: str | None = None,
+        last_seq: int | None = None,
+        expect_ready: bool = True,
+        **kw: Any,
+    ) -> WSClient:
         headers = {}
         subprotocols = None
         if token and subprotocol_token:
@@ -43,8 +52,16 @@ class WSClient:
             headers["Authorization"] = f"Bearer {token}"
         if session is not None:
             url = f"{url}?session={session}&last_seq={last_seq or 0}"
-        ws = await websockets.connect(url, additional_headers=headers, subprotocols=subprotocols, origin=origin,
-                                      compression=None, max_size=None, open_timeout=TIMEOUT, **kw)
+        ws = await websockets.connect(
+            url,
+            additional_headers=headers,
+            subprotocols=subprotocols,
+            origin=origin,
+            compression=None,
+            max_size=None,
+            open_timeout=TIMEOUT,
+            **kw,
+        )
         if not expect_ready:
             return cls(ws, None)
         first = orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))

@@ -363,15 +363,29 @@ class Pipe:
             self.eof.set_result(None)
 
 
-async def spawn(agent: Agent, argv: list[str], cwd: str, env: dict, target: Target | None,
-                extra_fds: tuple = (), line_max: int = LINE_MAX):
+async def spawn(
+    agent: Agent,
+    argv: list[str],
+    cwd: str,
+    env: dict,
+    target: Target | None,
+    extra_fds: tuple = (),
+    line_max: int = LINE_MAX,
+):
     """Start a child in its own session with stdout and stderr on pipes."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-            cwd=cwd, env=env, start_new_session=True, pass_fds=extra_fds, close_fds=True,
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            pass_fds=extra_fds,
+            close_fds=True,
         )
     except BaseException:
         for fd in (out_r, out_w, err_r, err_w):
@@ -594,8 +608,9 @@ class Context:
             if self.busy is task:
                 self.busy = None
             if not task.cancelled() and task.exception() is not None:
-                self.agent.out.send({"ev": "log", "level": "error",
-                                     "message": f"context {self.id}: {task.exception()!r}"})
+                self.agent.out.send(
+                    {"ev": "log", "level": "error", "message": f"context {self.id}: {task.exception()!r}"}
+                )
             self._next()
 
         self.busy.add_done_callback(idle)
@@ -613,8 +628,12 @@ class Context:
             await self.restart()
         except Exception as exc:
             while self.queue:
-                self.agent.finish(self.queue.popleft(), error=RequestError(
-                    "WorkerDied", f"the {self.language} worker could not be restarted: {exc}", state_lost=True))
+                self.agent.finish(
+                    self.queue.popleft(),
+                    error=RequestError(
+                        "WorkerDied", f"the {self.language} worker could not be restarted: {exc}", state_lost=True
+                    ),
+                )
 
     def _begin(self, run: Run) -> None:
         self.current = run
@@ -687,7 +706,9 @@ class Context:
             self._flush_output()  # output written before a result/done goes first
             if ev.get("t") == "result":
                 if run is not None:
-                    self.agent.out.send({"ev": "result", "rid": run.rid, "data": ev["data"], "main": ev.get("main", False)})
+                    self.agent.out.send(
+                        {"ev": "result", "rid": run.rid, "data": ev["data"], "main": ev.get("main", False)}
+                    )
                 continue
             result = ev.pop("result", None)
             if result is not None and run is not None:
@@ -745,17 +766,27 @@ class Context:
             if error is not None and error.name != "KeyboardInterrupt":
                 self.agent.finish(run, extra, error)
             else:
-                self.agent.finish(run, extra, RequestError(
-                    reason, message + " (interrupted; the context's state is kept)", state_lost=False))
+                self.agent.finish(
+                    run,
+                    extra,
+                    RequestError(reason, message + " (interrupted; the context's state is kept)", state_lost=False),
+                )
             return
         self._flush_output()
         self._end(run)
         try:
             await self.restart()
         finally:
-            self.agent.finish(run, extra, RequestError(
-                reason, message + "; the worker did not stop on SIGINT and was killed: "
-                "the context was restarted and its state was lost", state_lost=True))
+            self.agent.finish(
+                run,
+                extra,
+                RequestError(
+                    reason,
+                    message + "; the worker did not stop on SIGINT and was killed: "
+                    "the context was restarted and its state was lost",
+                    state_lost=True,
+                ),
+            )
 
     async def _bury(self, run: Run) -> None:
         """The worker died under ``run``: say how, and restart it."""
@@ -768,9 +799,15 @@ class Context:
         try:
             await self.restart()
         finally:
-            self.agent.finish(run, {"context": self.id}, RequestError(
-                "WorkerDied", f"the {self.language} worker died ({how}); "
-                "the context was restarted and its state was lost", state_lost=True))
+            self.agent.finish(
+                run,
+                {"context": self.id},
+                RequestError(
+                    "WorkerDied",
+                    f"the {self.language} worker died ({how}); the context was restarted and its state was lost",
+                    state_lost=True,
+                ),
+            )
 
     # ---- life cycle
 
@@ -811,8 +848,14 @@ class Context:
             self.agent.finish(run, {"context": self.id}, error)
 
     def describe(self) -> dict:
-        return {"context_id": self.id, "language": self.language, "cwd": self.cwd,
-                "runs": self.runs, "restarts": self.restarts, "alive": self.alive()}
+        return {
+            "context_id": self.id,
+            "language": self.language,
+            "cwd": self.cwd,
+            "runs": self.runs,
+            "restarts": self.restarts,
+            "alive": self.alive(),
+        }
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -840,9 +883,14 @@ class Process:
         self.exit_code: int | None = None
 
     def describe(self) -> dict:
-        return {"process_id": self.id, "command": self.command, "pid": self.proc.pid,
-                "running": self.exit_code is None, "exit_code": self.exit_code,
-                "started_at": self.started}
+        return {
+            "process_id": self.id,
+            "command": self.command,
+            "pid": self.proc.pid,
+            "running": self.exit_code is None,
+            "exit_code": self.exit_code,
+            "started_at": self.started,
+        }
 
 
 # --------------------------------------------------------------------------
@@ -898,8 +946,17 @@ class Agent:
         sys.stdout = sys.stderr
         _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
         langs = ["python"] + (["javascript"] if shutil.which("node") else [])
-        self.out.send({"ev": "hello", "agent": AGENT_VERSION, "pid": os.getpid(), "languages": langs,
-                       "python": sys.version.split()[0], "workdir": WORKDIR, "uid": os.getuid()})
+        self.out.send(
+            {
+                "ev": "hello",
+                "agent": AGENT_VERSION,
+                "pid": os.getpid(),
+                "languages": langs,
+                "python": sys.version.split()[0],
+                "workdir": WORKDIR,
+                "uid": os.getuid(),
+            }
+        )
         transport, _ = await loop.connect_read_pipe(lambda: In(self), sys.stdin.buffer)
         if isinstance(getattr(transport, "max_size", None), int):
             # asyncio reads 256 KiB at a time, which glibc serves with an mmap (three
@@ -938,8 +995,9 @@ class Agent:
             return
         handler = getattr(self, "op_" + str(op), None)
         if handler is None:
-            self.out.send({"ev": "done", "rid": rid, "ok": False,
-                           "error": {"name": "UnknownOp", "message": f"unknown op {op!r}"}})
+            self.out.send(
+                {"ev": "done", "rid": rid, "ok": False, "error": {"name": "UnknownOp", "message": f"unknown op {op!r}"}}
+            )
             return
         self.cancels[rid] = Cancel()
         self.tasks[rid] = asyncio.ensure_future(self.handle(rid, handler, req))
@@ -960,8 +1018,9 @@ class Agent:
             self.tasks.pop(rid, None)
         self.send_done(rid, target, t0, extra, error)
 
-    def send_done(self, rid: str, target: Target, t0: float, extra: dict | None = None,
-                  error: RequestError | None = None) -> None:
+    def send_done(
+        self, rid: str, target: Target, t0: float, extra: dict | None = None, error: RequestError | None = None
+    ) -> None:
         """The one ``done`` of request ``rid``."""
         self.cancels.pop(rid, None)
         done: dict = {"ev": "done", "rid": rid, "ok": error is None}
@@ -1087,8 +1146,9 @@ class Agent:
         waiter = asyncio.ensure_future(proc.wait())
         stopper = asyncio.ensure_future(cancel.wait())
         try:
-            done, _ = await asyncio.wait({waiter, stopper}, timeout=timeout or None,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {waiter, stopper}, timeout=timeout or None, return_when=asyncio.FIRST_COMPLETED
+            )
             reason = None
             if waiter not in done:
                 reason = "Cancelled" if stopper in done else "Timeout"
@@ -1101,8 +1161,11 @@ class Agent:
             await finish_pipes(pipes)
             code = exit_code_of(proc.returncode)
             if reason:
-                msg = (f"the command exceeded the timeout of {timeout:g} s" if reason == "Timeout"
-                       else "the request was cancelled")
+                msg = (
+                    f"the command exceeded the timeout of {timeout:g} s"
+                    if reason == "Timeout"
+                    else "the request was cancelled"
+                )
                 raise RequestError(reason, msg + " and was stopped", exit_code=code)
             return {"exit_code": code}
         finally:
@@ -1211,8 +1274,15 @@ class Agent:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    kind = ("symlink" if stat.S_ISLNK(st.st_mode) else "directory" if stat.S_ISDIR(st.st_mode)
-                            else "file" if stat.S_ISREG(st.st_mode) else "other")
+                    kind = (
+                        "symlink"
+                        if stat.S_ISLNK(st.st_mode)
+                        else "directory"
+                        if stat.S_ISDIR(st.st_mode)
+                        else "file"
+                        if stat.S_ISREG(st.st_mode)
+                        else "other"
+                    )
                     entries.append({"name": e.name, "type": kind, "size": st.st_size, "mtime": st.st_mtime})
         except OSError as exc:
             raise os_error(exc)
@@ -1246,6 +1316,7 @@ def os_error(exc: OSError) -> RequestError:
     name = type(exc).__name__
     if name == "OSError" and exc.errno is not None:
         import errno
+
         name = errno.errorcode.get(exc.errno, "OSError")
     return RequestError(name, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
@@ -1258,6 +1329,7 @@ def main() -> None:
         os.chdir(WORKDIR)
     except OSError:
         pass
+
     async def run() -> None:
         await Agent().main()
 

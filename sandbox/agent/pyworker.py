@@ -62,7 +62,7 @@ def send(obj):
     data = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8", "replace")
     view = memoryview(data)
     while view:
-        view = view[os.write(RES_FD, view):]
+        view = view[os.write(RES_FD, view) :]
 
 
 def bundle(value):
@@ -72,9 +72,14 @@ def bundle(value):
     except BaseException as exc:  # a broken __repr__ must not break the run
         data["text/plain"] = f"<repr failed: {type(exc).__name__}: {exc}>"
     if not isinstance(value, type):
-        for meth, mime in (("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown"),
-                           ("_repr_svg_", "image/svg+xml"), ("_repr_png_", "image/png"),
-                           ("_repr_jpeg_", "image/jpeg"), ("_repr_json_", "application/json")):
+        for meth, mime in (
+            ("_repr_html_", "text/html"),
+            ("_repr_markdown_", "text/markdown"),
+            ("_repr_svg_", "image/svg+xml"),
+            ("_repr_png_", "image/png"),
+            ("_repr_jpeg_", "image/jpeg"),
+            ("_repr_json_", "application/json"),
+        ):
             fn = getattr(value, meth, None)
             if not callable(fn):
                 continue
@@ -104,11 +109,17 @@ def send_figures():
         return
     try:
         import io
+
         for num in plt.get_fignums():
             buf = io.BytesIO()
             plt.figure(num).savefig(buf, format="png", bbox_inches="tight")
-            send({"t": "result", "data": {"image/png": base64.b64encode(buf.getvalue()).decode(),
-                                          "text/plain": f"<Figure {num}>"}, "main": False})
+            send(
+                {
+                    "t": "result",
+                    "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": f"<Figure {num}>"},
+                    "main": False,
+                }
+            )
         plt.close("all")
     except Exception as exc:
         print(f"groundloop: could not render figures: {exc}", file=sys.stderr)
@@ -159,8 +170,10 @@ def run(code, n):
 
 def _exec(code):
     import inspect
+
     if code.co_flags & inspect.CO_COROUTINE:
         import asyncio
+
         return asyncio.run(eval(code, NS))
     return eval(code, NS)
 
@@ -192,8 +205,13 @@ def main():
             # The main result rides on the done answer: one write, one read.
             send({"t": "done", "ok": True, "result": result} if result is not None else {"t": "done", "ok": True})
         except KeyboardInterrupt:
-            send({"t": "done", "ok": False,
-                  "error": {"name": "KeyboardInterrupt", "message": "interrupted", "traceback": ""}})
+            send(
+                {
+                    "t": "done",
+                    "ok": False,
+                    "error": {"name": "KeyboardInterrupt", "message": "interrupted", "traceback": ""},
+                }
+            )
 
 
 if __name__ == "__main__":
