@@ -7,7 +7,7 @@ IMAGE ?= $(or $(GROUNDLOOP_SANDBOX_IMAGE),groundloop-sandbox:latest)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install venv image run test bench bench-smoke lint docker-up clean
+.PHONY: install venv image run test test-deps bench bench-smoke lint docker-up clean
 
 venv: $(BIN)/groundloop
 
@@ -21,6 +21,10 @@ $(BIN)/groundloop: pyproject.toml
 docker-up:
 	@docker info >/dev/null 2>&1 || ./deploy/docker-up.sh
 
+# What the tests need beyond the package and Docker: Chromium, Prometheus, HAProxy.
+test-deps:
+	@./deploy/test-deps.sh
+
 image: venv docker-up
 	$(BIN)/python -c "from groundloop.sandbox import image; import sys; print('built' if image.ensure('$(IMAGE)') else 'current', '$(IMAGE)')"
 
@@ -29,7 +33,7 @@ install: venv image
 run: install
 	$(BIN)/groundloop serve --host $(HOST) --port $(PORT)
 
-test: install
+test: install test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -41,6 +45,7 @@ bench-smoke: install
 
 lint: venv
 	$(BIN)/ruff check server sessions sandbox tests bench
+	$(BIN)/ruff format --check server sessions sandbox tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts
