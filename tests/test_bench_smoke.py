@@ -40,6 +40,10 @@ def test_bench_smoke_prints_the_table():
         "ws: stream throughput",
         "sessions held at once",
         "hostile[runc]: bystander during",
+        "humaneval: groundloop, fresh context each, 4 session(s)",
+        "humaneval: docker exec python3, one warm container",
+        "humaneval: one local python3 per problem",
     ):
         assert any(row in line for line in table), f"no row {row!r} in:\n" + "\n".join(table)
+    assert not any("FAILED" in line for line in table if "humaneval" in line), "\n".join(table)
     assert not any("errors" in line and " 0 errors" not in line for line in table if "held at once" in line)
