@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import http
-from .auth import Authenticator
+from .auth import Authenticator, LoopbackHostOnly
 from .connection import RawSendStash, websocket_endpoint
 from .metrics import Metrics
 from .settings import Settings, SettingsError
@@ -129,7 +129,11 @@ def create_app(
         routes.append(Mount("/", app=StaticFiles(directory=str(static), html=True)))
     else:
         routes.append(Route("/", lambda request: PlainTextResponse("no static page is installed", 404)))
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RawSendStash)])
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(LoopbackHostOnly, auth=auth), Middleware(RawSendStash)],
+    )
     app.state.groundloop = state
     return app
 
