@@ -37,6 +37,11 @@ class Settings:
     send_queue_frames: int = env(
         "GROUNDLOOP_SEND_QUEUE_FRAMES", 1024, "unsent frames per session before the sandbox stream is paused"
     )
+    send_queue_bytes: int = env(
+        "GROUNDLOOP_SEND_QUEUE_BYTES",
+        16 << 20,
+        "unsent bytes per session before the sandbox stream is paused and the client's frames are no longer read",
+    )
     send_timeout_s: float = env(
         "GROUNDLOOP_SEND_TIMEOUT_S",
         30.0,

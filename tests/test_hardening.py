@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import socket
 
@@ -13,6 +14,7 @@ import httpx
 import orjson
 import pytest
 from conftest import rss, run_server, server_settings
+from websockets.exceptions import ConnectionClosed
 from wsclient import WSClient
 
 pytestmark = pytest.mark.docker
@@ -66,3 +68,59 @@ async def test_anonymous_mode_answers_loopback_host_names_only():
                 assert (await h.get(path, headers={"Host": evil})).status_code == 403, path
             ok = await h.post("/v1/validate-code", json=body, headers={"Origin": f"http://127.0.0.1:{port}"})
             assert ok.status_code == 200 and ok.json()["output"] == "rebound\n"
+
+
+async def closed_code(c: WSClient) -> int:
+    """Read until the server closes; the close code."""
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await c.recv()
+    return info.value.rcvd.code if info.value.rcvd else 1006
+
+
+async def test_a_bad_resume_leaves_the_session_untouched():
+    """Item 9: a resume with a too-high last_seq closed the live socket (4409) before it failed, and the
+    session, attached to nothing, then outlived its grace (only the idle timeout reaped it). Now it is
+    refused first: the open socket goes on, and once it closes the session is reaped at its grace."""
+    async with run_server(server_settings(resume_grace_s=0.5)) as srv:
+        c = await WSClient.connect(srv.url, token="tok1")
+        session = srv.state.manager.sessions[c.session_id]
+        bad = await WSClient.connect(srv.url, token="tok1", session=c.session_id, last_seq=10**6, expect_ready=False)
+        frame = orjson.loads(await bad.ws.recv())
+        assert frame["code"] == "bad_request" and frame["seq"] == 0
+        assert await closed_code(bad) == 4400
+        assert (await c.call("ping"))["ok"]
+        assert session.conn is not None and session.detached_at is None
+        await c.ws.close()
+        await asyncio.wait_for(session.closed.wait(), 60)
+        assert c.session_id not in srv.state.manager.sessions
+
+
+async def _until(predicate, timeout: float = 120.0) -> None:
+    async def poll():
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_a_client_that_never_reads_cannot_grow_the_server_by_its_frames():
+    """Item 4: six 16 MiB frames of an unknown `type`, from a client that reads nothing, grew the server by
+    ~285 MiB: the type came back whole in the error and in the done, and the outbox counted frames, not
+    bytes. Now echoed values are cut, and the outbox has a byte budget too."""
+    async with run_server() as srv:
+        c = await WSClient.connect(srv.url, token="tok1")
+        session = srv.state.manager.sessions[c.session_id]
+        big = "x" * (16 << 20)
+        frames = [orjson.dumps({"id": f"big{i}", "type": big}) for i in range(6)]
+        gc.collect()
+        before = rss()
+        for frame in frames:
+            await c.ws.send(frame)
+        # every frame answered (an error and a done each, after ready), none of them read by the client
+        await _until(lambda: session.outbox.next_seq - 1 >= 1 + 2 * len(frames))
+        growth = rss() - before
+        print(f"RSS growth {growth / 2**20:.1f} MiB")
+        assert growth < 64 << 20, f"the server grew by {growth / 2**20:.0f} MiB"
+        assert session.outbox.buffered_bytes < 64 << 10
+        await c.ws.close()
