@@ -124,3 +124,38 @@ async def test_a_client_that_never_reads_cannot_grow_the_server_by_its_frames():
         assert growth < 64 << 20, f"the server grew by {growth / 2**20:.0f} MiB"
         assert session.outbox.buffered_bytes < 64 << 10
         await c.ws.close()
+
+
+async def test_validate_code_neither_uses_nor_keeps_alive_a_detached_session():
+    """Item 10: validate-code could run inside a detached session, and did not count as its activity. Since
+    item 1 it never uses a session; this holds it for a detached one: the session's sandbox sees nothing of
+    the runs, its grace and idle clocks do not move, and it is reaped at its grace as usual."""
+    grace = 600.0  # reaping is driven by hand below, at the grace's exact end
+    async with run_server(server_settings(resume_grace_s=grace)) as srv:
+        manager = srv.state.manager
+        c = await WSClient.connect(srv.url, token="tok1")
+        assert (await c.call("write_file", path="secret.txt", content="alice-secret"))["ok"]
+        assert (await c.call("run_code", code="secret = 1"))["ok"]
+        session = manager.sessions[c.session_id]
+        await c.ws.close()
+        await _until(lambda: session.detached_at is not None)
+        detached_at, activity = session.detached_at, session.last_activity
+        async with httpx.AsyncClient(base_url=srv.http, timeout=120) as h:
+            for i in range(3):
+                code = (
+                    f"import os\nprint(os.path.exists('/workspace/secret.txt'), {i})\n"
+                    f"open('/workspace/from-validate-{i}.txt', 'w').write('x')\nleaked = {i}"
+                )
+                r = (await h.post("/v1/validate-code", json={"code": code}, headers=AUTH)).json()
+                assert r["ok"] and r["output"] == f"False {i}\n", r
+        assert session.detached_at == detached_at and session.last_activity == activity
+        assert session.live and session.conn is None and not session.inflight
+        sb = session.sb
+        listed = await sb.request("list_files", {"path": "."}, deadline_s=60)
+        names = {f["name"] for f in listed["entries"]}
+        assert "secret.txt" in names and not any(n.startswith("from-validate") for n in names), names
+        contexts = await sb.request("list_contexts", {}, deadline_s=60)
+        assert [ctx["context_id"] for ctx in contexts["contexts"]] == ["default-python"]
+        assert await manager.reap(detached_at + grace - 1) == 0
+        assert await manager.reap(detached_at + grace + 0.001) == 1
+        assert not session.live and c.session_id not in manager.sessions
