@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 from groundloop.sandbox.settings import SettingsError
 from groundloop.sessions.errors import AuthError
 from groundloop.sessions.protocol import PROTOCOL
@@ -175,7 +175,7 @@ class LoopbackHostOnly:
                 self.auth.check_host({"host": host})
             except AuthError as exc:
                 # the same body as the endpoints' own refusals (server/http.py)
-                body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
+                body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
                 headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
                 await send({"type": "http.response.start", "status": exc.status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
