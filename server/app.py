@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import http
-from .auth import Authenticator
+from .auth import Authenticator, LoopbackHostOnly
 from .connection import RawSendStash, websocket_endpoint
 from .metrics import Metrics
 from .settings import Settings, SettingsError
@@ -129,7 +129,11 @@ def create_app(
         routes.append(Mount("/", app=StaticFiles(directory=str(static), html=True)))
     else:
         routes.append(Route("/", lambda request: PlainTextResponse("no static page is installed", 404)))
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RawSendStash)])
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(LoopbackHostOnly, auth=auth), Middleware(RawSendStash)],
+    )
     app.state.groundloop = state
     return app
 
@@ -140,13 +144,17 @@ def uvicorn_config(
     """The uvicorn configuration groundloop runs with (also used by the tests)."""
     import uvicorn
 
+    from .handshake import GuardedWSProtocol, http_protocol
+
     if settings.loop not in ("auto", "uvloop", "asyncio"):
         raise SettingsError(f"GROUNDLOOP_LOOP: expected auto, uvloop or asyncio, got {settings.loop!r}")
     kw: dict[str, Any] = dict(
         host=settings.host if host is None else host,
         loop=settings.loop,
         port=settings.port if port is None else port,
-        ws="websockets-sansio",
+        http=http_protocol(settings),
+        ws=GuardedWSProtocol,  # websockets-sansio
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         ws_max_size=transport_max_size(settings),
         ws_per_message_deflate=False,
         lifespan="on",

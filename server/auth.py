@@ -11,6 +11,14 @@ Origin: a request with an ``Origin`` header must name an allowed origin
 (``settings.allowed_origins``, ``*`` for any; default the server's own origin,
 ``http(s)://<Host header>``). No Origin (editor extensions, CLIs) is allowed:
 the token is what authenticates them.
+
+DNS rebinding: a page on ``evil.example`` whose name is made to resolve to
+127.0.0.1 reaches a loopback server with ``Host`` and ``Origin`` both naming
+``evil.example``, so a Host-derived origin would match. With tokens that page
+still needs a token (nothing here is ambient, like a cookie); anonymous mode has
+no such second check, so there every request must name the server by a loopback
+host name (``localhost``, ``127.x.y.z``, ``[::1]``) in ``Host``, or it is
+refused (``forbidden``) before anything else, the Origin check included.
 """
 
 from __future__ import annotations
@@ -20,12 +28,23 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 from groundloop.sandbox.settings import SettingsError
 from groundloop.sessions.errors import AuthError
 from groundloop.sessions.protocol import PROTOCOL
 
 ANONYMOUS = "local"
 BEARER_PREFIX = "bearer."
+
+
+def host_name(host_header: str) -> str:
+    """The host part of a ``Host`` header value: ``[::1]:8000`` -> ``::1``, ``localhost:80`` -> ``localhost``."""
+    value = host_header.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[1:end] if end > 0 else ""
+    name, _, _port = value.partition(":")
+    return name
 
 
 def is_loopback(host: str) -> bool:
@@ -117,7 +136,16 @@ class Authenticator:
         self.check_origin(headers, scheme)
         return self.user_for(self.bearer(headers))
 
+    def check_host(self, headers: Mapping[str, str]) -> None:
+        """Anonymous mode answers loopback host names only (see the module docstring: DNS rebinding)."""
+        if self.anonymous and not is_loopback(host_name(headers.get("host") or "")):
+            raise AuthError(
+                "without tokens the server answers loopback host names only (localhost, 127.0.0.1, [::1])",
+                code="forbidden",
+            )
+
     def check_origin(self, headers: Mapping[str, str], scheme: str) -> None:
+        self.check_host(headers)
         origin = headers.get("origin")
         if origin is None:
             return
@@ -130,3 +158,26 @@ class Authenticator:
             if host and origin in (f"http://{host}", f"https://{host}"):
                 return
         raise AuthError("this Origin is not allowed to connect", code="forbidden")
+
+
+class LoopbackHostOnly:
+    """ASGI middleware for anonymous mode: every plain HTTP request (the page, /metrics, ...) must name a
+    loopback host too, so a rebound name reads nothing; WebSocket upgrades are refused by their endpoint."""
+
+    def __init__(self, app: Any, auth: Authenticator):
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.auth.anonymous:
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            try:
+                self.auth.check_host({"host": host})
+            except AuthError as exc:
+                # the same body as the endpoints' own refusals (server/http.py)
+                body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+                headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+                await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

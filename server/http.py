@@ -29,7 +29,7 @@ from groundloop.sandbox.base import Sandbox, SandboxError
 from groundloop.sessions import logs
 from groundloop.sessions.cache import code_key
 from groundloop.sessions.errors import AuthError, LimitError
-from groundloop.sessions.protocol import LANGUAGES
+from groundloop.sessions.protocol import LANGUAGES, shown
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -87,7 +87,7 @@ async def validate_code(request: Request) -> Response:
         return _error(400, "bad_request", "the body must be an object with `code` (a string)")
     language = req.get("language") or "python"
     if language not in LANGUAGES:
-        return _error(400, "bad_request", f"unsupported language {language!r} (python or javascript)")
+        return _error(400, "bad_request", f"unsupported language {shown(language)} (python or javascript)")
     code = req["code"]
     key = code_key(language, code)
     hit = gl.cache.get(key)

@@ -37,10 +37,28 @@ class Settings:
     send_queue_frames: int = env(
         "GROUNDLOOP_SEND_QUEUE_FRAMES", 1024, "unsent frames per session before the sandbox stream is paused"
     )
+    send_queue_bytes: int = env(
+        "GROUNDLOOP_SEND_QUEUE_BYTES",
+        16 << 20,
+        "unsent bytes per session before the sandbox stream is paused and the client's frames are no longer read",
+    )
     send_timeout_s: float = env(
         "GROUNDLOOP_SEND_TIMEOUT_S",
         30.0,
         "a client that accepts nothing for this long is disconnected (the session stays resumable)",
+    )
+    header_timeout_s: float = env(
+        "GROUNDLOOP_HEADER_TIMEOUT_S", 10.0, "time a connection has to send each request head (else 408, closed)"
+    )
+    max_pending_connections: int = env(
+        "GROUNDLOOP_MAX_PENDING_CONNECTIONS",
+        256,
+        "connections still sending a request head, server-wide; more are answered 503 and closed",
+    )
+    max_header_bytes: int = env(
+        "GROUNDLOOP_MAX_HEADER_BYTES",
+        16 << 10,
+        "largest request head (431 over it; a WebSocket upgrade's header lines are also held to 8 KiB each)",
     )
     model: str = env("GROUNDLOOP_MODEL", "claude-sonnet-4-6", "Anthropic model for `assist`")
     max_tokens: int = env("GROUNDLOOP_MAX_TOKENS", 4096, "max_tokens per model call")

@@ -12,10 +12,16 @@ buffer.
   ``mark_sent_many`` (``mark_sent`` for one).
 - Only sent frames are evicted, oldest first, beyond ``replay_frames`` or
   ``replay_bytes``.
-- ``put`` blocks while the unsent count is at ``high`` until it falls to
-  ``low``. Producers are the request tasks and the sandbox's event callback, so
-  a client that does not read pauses its sandbox: memory stays bounded at
-  ``high`` unsent frames plus the replay limits, connected or not.
+- ``put`` blocks while the unsent frames are at ``high`` or their bytes at
+  ``high_bytes``, until both fall to ``low`` / ``low_bytes``. Producers are the
+  request tasks and the sandbox's event callback, so a client that does not
+  read pauses its sandbox: memory stays bounded at ``high_bytes`` unsent bytes
+  (plus one put's worth, and the dones of requests in flight) plus the replay
+  limits, connected or not. Counting frames alone was not enough: a frame can
+  be megabytes.
+- The frame handler calls ``wait_turn`` before it starts a request, so a
+  client that sends requests and reads nothing stops being read (TCP pushes
+  back) instead of piling up their answers.
 - ``rewind(last_seq)`` (resume): drop the frames the client has, renumber the
   rest after ``last_seq`` behind a new ``ready`` frame (and a ``gap`` frame when
   frames after ``last_seq`` were already evicted), and move the cursor back so
@@ -50,11 +56,24 @@ class _Frame:
 
 
 class Outbox:
-    def __init__(self, *, replay_frames: int, replay_bytes: int, high: int, low: int | None = None):
+    def __init__(
+        self,
+        *,
+        replay_frames: int,
+        replay_bytes: int,
+        high: int,
+        low: int | None = None,
+        high_bytes: int | None = None,
+        low_bytes: int | None = None,
+    ):
         self.replay_frames = max(0, replay_frames)
         self.replay_bytes = max(0, replay_bytes)
         self.high = max(1, high)
         self.low = min(self.high - 1, self.high // 2) if low is None else min(low, self.high - 1)
+        self.high_bytes = max(1, high_bytes) if high_bytes is not None else float("inf")
+        self.low_bytes = self.high_bytes / 2 if low_bytes is None else min(low_bytes, self.high_bytes)
+        self.unsent_bytes = 0  # bytes of the frames after sent_seq
+        self.max_unsent_bytes_seen = 0
         self._frames: deque[_Frame] = deque()
         self.next_seq = 1
         self.sent_seq = 0  # last seq written to a socket (completed)
@@ -92,7 +111,14 @@ class Outbox:
             "evicted": self.evicted,
             "max_unsent_seen": self.max_unsent_seen,
             "high": self.high,
+            "unsent_bytes": self.unsent_bytes,
+            "max_unsent_bytes_seen": self.max_unsent_bytes_seen,
         }
+
+    @property
+    def full(self) -> bool:
+        """Producers are paused (frames or bytes at the mark, not yet back to the low one)."""
+        return not self._can_put.is_set()
 
     # ---- producers
 
@@ -106,6 +132,19 @@ class Outbox:
         while not self._can_put.is_set():
             if self.closed:
                 raise ConnectionError("the session is closed")
+            await self._can_put.wait()
+        if self.closed:
+            raise ConnectionError("the session is closed")
+
+    async def wait_turn(self) -> None:
+        """Wait until the send queue has had room once; ConnectionError once closed.
+
+        Unlike ``wait_room`` this does not wait again when a producer woken at the same time
+        fills the queue first: the frame handler (a new request, a cancel) must not starve behind
+        a flood. What it lets past the mark is bounded: a request adds one ``done`` and at most
+        ``max_inflight`` are in flight.
+        """
+        if not self._can_put.is_set():
             await self._can_put.wait()
         if self.closed:
             raise ConnectionError("the session is closed")
@@ -127,14 +166,19 @@ class Outbox:
         t = time.perf_counter()
         seq = self.next_seq
         append = self._frames.append
+        added = 0
         for rest in rests:
             append(_Frame(seq, rest, t))
+            added += len(rest)
             seq += 1
         self.next_seq = seq
         n = self.unsent
         if n > self.max_unsent_seen:
             self.max_unsent_seen = n
-        if n >= self.high:
+        b = self.unsent_bytes = self.unsent_bytes + added
+        if b > self.max_unsent_bytes_seen:
+            self.max_unsent_bytes_seen = b
+        if n >= self.high or b >= self.high_bytes:
             self._can_put.clear()
         self._has_unsent.set()
         return seq - 1
@@ -174,6 +218,7 @@ class Outbox:
             base = frames[0].seq
             nbytes = sum(len(frames[i].rest) for i in range(first - base, last - base + 1))
         self._sent_bytes += nbytes
+        self.unsent_bytes -= nbytes
         self.sent_seq = last
         self._sent_count += last - first + 1
         while self._sent_count and (self._sent_count > self.replay_frames or self._sent_bytes > self.replay_bytes):
@@ -181,10 +226,16 @@ class Outbox:
             self._sent_bytes -= len(old.rest)
             self._sent_count -= 1
             self.evicted += 1
-        if self.unsent <= self.low:
+        if self.unsent <= self.low and self.unsent_bytes <= self.low_bytes:
             self._can_put.set()
 
     # ---- resume
+
+    def check_rewind(self, last_seq: int) -> None:
+        """Raise ResumeError unless ``rewind(last_seq)`` would succeed; changes nothing, so a resume
+        can be refused before it takes the session over from its open socket."""
+        if last_seq < 0 or last_seq > self.attempted_seq:
+            raise ResumeError(f"last_seq {last_seq} is past the last frame sent ({self.attempted_seq})")
 
     def rewind(self, last_seq: int, ready: dict[str, Any]) -> tuple[int, int]:
         """Rebase the outbox on the client's ``last_seq``; returns (replayed, missed).
@@ -193,8 +244,7 @@ class Outbox:
         gets seq last_seq + 1, then a gap frame if frames were evicted, then
         every kept frame, renumbered; the cursor goes back to last_seq.
         """
-        if last_seq < 0 or last_seq > self.attempted_seq:
-            raise ResumeError(f"last_seq {last_seq} is past the last frame sent ({self.attempted_seq})")
+        self.check_rewind(last_seq)
         while self._frames and self._frames[0].seq <= last_seq:
             self._frames.popleft()
         first_kept = self._frames[0].seq if self._frames else self.next_seq
@@ -214,7 +264,8 @@ class Outbox:
         self.attempted_seq = last_seq
         self._sent_bytes = 0
         self._sent_count = 0
-        if self.unsent >= self.high:
+        self.unsent_bytes = sum(len(f.rest) for f in self._frames)  # every kept frame is unsent again
+        if self.unsent >= self.high or self.unsent_bytes >= self.high_bytes:
             self._can_put.clear()
         self._has_unsent.set()
         return replayed, max(0, missed)

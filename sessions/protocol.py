@@ -17,6 +17,7 @@ Server frames are dicts built here and serialized once with orjson
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,24 @@ class Request:
     type: str
     id: str | int
     params: dict[str, Any]
+
+
+SHOWN_MAX = 64
+"""How much of a client's value an error message echoes: a 16 MiB ``type`` used to come back twice
+(in the error and in the done), so a client that sent big bogus frames and read nothing grew the
+server by twice what it sent."""
+
+
+_REPR = reprlib.Repr()  # never builds the whole repr of a big value
+_REPR.maxstring = _REPR.maxother = SHOWN_MAX
+_REPR.maxlist = _REPR.maxdict = 4
+_REPR.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to about SHOWN_MAX characters (marked ``...``)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 2 * SHOWN_MAX else text[: 2 * SHOWN_MAX] + "..."
 
 
 def _valid_id(value: Any) -> bool:
@@ -118,7 +137,7 @@ def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
         raise ProtocolError("every request needs an `id` (a non-empty string, or an integer)")
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in SPECS:
-        raise ProtocolError(f"unknown request type {kind!r}", id=rid)
+        raise ProtocolError(f"unknown request type {shown(kind)}", id=rid)
     params: dict[str, Any] = {}
     for name, (fkind, required) in SPECS[kind].items():
         if name not in obj or obj[name] is None:
@@ -131,10 +150,10 @@ def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
         params[name] = value
     lang = params.get("language")
     if lang is not None and lang not in LANGUAGES:
-        raise ProtocolError(f"unsupported language {lang!r} (python or javascript)", id=rid)
+        raise ProtocolError(f"unsupported language {shown(lang)} (python or javascript)", id=rid)
     enc = params.get("encoding")
     if enc is not None and enc not in ENCODINGS:
-        raise ProtocolError(f"unknown encoding {enc!r} (utf-8 or base64)", id=rid)
+        raise ProtocolError(f"unknown encoding {shown(enc)} (utf-8 or base64)", id=rid)
     if kind == "assist" and params.get("max_iterations", 1) < 1:
         raise ProtocolError("max_iterations must be at least 1", id=rid)
     return Request(kind, rid, params)

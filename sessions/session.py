@@ -116,7 +116,12 @@ class Session:
         self.id = sandbox.session_id
         self.sb = sandbox
         s = self.settings
-        self.outbox = Outbox(replay_frames=s.replay_frames, replay_bytes=s.replay_bytes, high=s.send_queue_frames)
+        self.outbox = Outbox(
+            replay_frames=s.replay_frames,
+            replay_bytes=s.replay_bytes,
+            high=s.send_queue_frames,
+            high_bytes=s.send_queue_bytes,
+        )
         self.state = State.STARTING
         self.conn: Any = None
         self.inflight: dict[Any, _Req] = {}
@@ -157,6 +162,8 @@ class Session:
     async def _attach(self, conn: Any, last_seq: int | None) -> None:
         if not self.live:
             raise SessionClosed("the session is closed")
+        if last_seq is not None:
+            self.outbox.check_rewind(last_seq)  # refuse before the takeover: the session stays untouched
         old = self.conn
         if old is not None and old is not conn:
             self.conn = None
@@ -265,6 +272,7 @@ class Session:
             found = self.cancel(req.params["target"])
             await self._done_now(req.id, "ok", None, found=found)
             return
+        await self.outbox.wait_turn()  # a client that reads nothing is not read either
         limited = self.manager.check_limits(self, req)
         if limited is not None:
             await self._error(limited.code, limited.message, req.id)

@@ -138,3 +138,69 @@ async def test_peek_frames_for_batched_writes():
     for f in batch:
         ob.mark_sent(f.seq)
     assert ob.unsent == 1 and [f.seq for f in ob.peek_frames(64)] == [5]
+
+
+async def test_put_blocks_at_the_byte_budget_too():
+    """Issue 21, item 4: a few big frames fill the queue long before the frame count does."""
+    ob = box(high=1000, high_bytes=1000)
+    ob.put_nowait({"type": "x", "text": "a" * 600})
+    assert not ob.full
+    ob.put_nowait({"type": "x", "text": "b" * 600})
+    assert ob.full and ob.unsent == 2 and ob.unsent_bytes > 1000
+    blocked = asyncio.ensure_future(ob.put({"type": "x", "text": "c"}))
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    seq, _, _ = await next_frame(ob)
+    ob.mark_sent(seq)
+    await asyncio.sleep(0)
+    assert not blocked.done()  # ~600 bytes unsent, over the low mark (500)
+    seq, _, _ = await next_frame(ob)
+    ob.mark_sent(seq)
+    assert await blocked == 3 and ob.unsent_bytes == len(ob.peek_frames(1)[0].rest)
+    assert ob.stats()["max_unsent_bytes_seen"] > 1000
+
+
+async def test_rewind_counts_every_kept_frame_as_unsent_bytes():
+    ob = box(high=1000, high_bytes=10_000)
+    for _ in range(3):
+        ob.put_nowait({"type": "x", "text": "a" * 1000})
+    await send_all(ob)
+    assert ob.unsent_bytes == 0
+    ob.rewind(1, {"type": "ready"})
+    assert ob.unsent == 3 and ob.unsent_bytes == sum(len(f.rest) for f in ob.peek_frames(10))
+
+
+async def test_wait_turn_does_not_starve_behind_a_refilling_producer():
+    """The frame handler waits for room once; a producer woken first that fills the queue again does
+    not send it back to waiting (wait_room would)."""
+    ob = box(high=2, low=0)
+    ob.put_nowait({"type": "x"})
+    ob.put_nowait({"type": "x"})
+
+    async def producer():
+        while True:
+            await ob.put({"type": "flood"})
+
+    flood = asyncio.ensure_future(producer())
+    await asyncio.sleep(0)
+    turn = asyncio.ensure_future(ob.wait_turn())
+    await asyncio.sleep(0)
+    assert not turn.done()
+    await send_all(ob)  # room: the producer, waiting longer, refills the queue before the handler runs
+    await asyncio.sleep(0)
+    assert turn.done() and ob.full
+    flood.cancel()
+    ob.close()
+    with pytest.raises(ConnectionError):
+        await ob.wait_turn()
+
+
+async def test_check_rewind_changes_nothing():
+    """Issue 21, item 9: a resume is validated before it takes the session over."""
+    ob = box()
+    ob.put_nowait({"type": "x"})
+    with pytest.raises(ResumeError):
+        ob.check_rewind(1)
+    assert ob.unsent == 1 and ob.next_seq == 2
+    await send_all(ob)
+    ob.check_rewind(1)
