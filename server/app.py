@@ -4,7 +4,8 @@ Start-up: the authenticator (refuses a non-loopback bind without tokens),
 metrics, the sandbox engine (``make_backend`` + ``Engine.start`` unless one is
 injected), the session manager and its reaper.
 
-Shutdown, in order: uvicorn stops accepting and closes open sockets (1012);
+``groundloop serve`` drains first on SIGTERM (server/drain.py). Then the
+shutdown, in order: uvicorn stops accepting and closes open sockets (1012);
 the session manager closes every session (requests cancelled, sockets closed
 1012 if still open, sandboxes released); the engine, if this app started it,
 removes its pool. No container is left.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from groundloop.sandbox.engine import Engine, make_backend
+from groundloop.sandbox.engine import Engine, check_server_id, make_backend
 from groundloop.sessions import logs
 from groundloop.sessions.cache import ResultCache
 from groundloop.sessions.manager import SessionManager
@@ -74,6 +75,7 @@ def transport_max_size(settings: Settings) -> int:
 def create_app(
     settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None, assist: Any = None
 ) -> Starlette:
+    check_server_id(settings.sandbox.server_id)
     auth = Authenticator(settings)
     metrics = metrics if metrics is not None else Metrics()
     if assist is None:

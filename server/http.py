@@ -51,16 +51,22 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready means "takes new sessions": 200; 503 while starting or with the backend unreachable;
+    404 while draining (HAProxy's ``http-check disable-on-404``: no new sessions, resumes still
+    routed here). A warm pool that is short is not a reason: the next session starts cold, and
+    the pool shows in ``pool_full``, the metrics and the GroundloopPoolShort alert."""
     gl = _gl(request)
-    engine = gl.engine
-    if engine is None or gl.manager is None:
+    engine, manager = gl.engine, gl.manager
+    if engine is None or manager is None:
         return JSONResponse({"ready": False, "reason": "starting"}, status_code=503)
+    body: dict[str, Any] = {"engine": engine.status(), "pool_full": engine.pool_full, "sessions": len(manager.sessions)}
+    if manager.draining or manager.closing:
+        return JSONResponse({"ready": False, "draining": True, **body}, status_code=404)
     try:
         ready = await engine.ready()
     except Exception as exc:  # pragma: no cover - backend trouble
         return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
-    body = {"ready": ready, "engine": engine.status(), "sessions": len(gl.manager.sessions)}
-    return JSONResponse(body, status_code=200 if ready else 503)
+    return JSONResponse({"ready": ready, **body}, status_code=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -103,7 +109,7 @@ async def validate_code(request: Request) -> Response:
                 await gl.engine.release(sb)
     except LimitError as exc:
         gl.metrics.errors.labels(exc.code).inc()
-        return _error(429, exc.code, exc.message)
+        return _error(503 if exc.code == "draining" else 429, exc.code, exc.message)
     except SandboxError as exc:
         gl.metrics.errors.labels("sandbox_unavailable").inc()
         return _error(503, "sandbox_unavailable", str(exc))

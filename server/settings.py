@@ -53,6 +53,11 @@ class Settings:
     )
     cache_entries: int = env("GROUNDLOOP_CACHE_ENTRIES", 512, "validate-code/assist result cache size")
     cache_ttl_s: float = env("GROUNDLOOP_CACHE_TTL_S", 600.0, "validate-code/assist result cache TTL")
+    drain_s: float = env(
+        "GROUNDLOOP_DRAIN_S",
+        30.0,
+        "on SIGTERM, how long running requests may finish before the sessions close (docs/deploy.md)",
+    )
     loop: str = env("GROUNDLOOP_LOOP", "auto", "event loop: `auto` (uvloop when installed), `uvloop` or `asyncio`")
     log_level: str = env("GROUNDLOOP_LOG_LEVEL", "info", "log level")
     static_dir: str = env("GROUNDLOOP_STATIC_DIR", "", "serve the page from here instead of static/")
