@@ -59,11 +59,46 @@ def _default_assist(settings: Settings, metrics: Metrics) -> Any:
         from groundloop.sessions.assist import AssistRunner
     except ImportError:
         return None
+    client = None
+    if settings.anthropic_api_key_file:
+        # A mounted secret, not an environment variable: the key stays out of the pod spec,
+        # `docker inspect` and every child process's environment.
+        import anthropic
+
+        client = anthropic.AsyncAnthropic(api_key=_read_secret(settings.anthropic_api_key_file))
     try:
-        return AssistRunner(settings, metrics)
+        return AssistRunner(settings, metrics, client)
     except Exception as exc:  # pragma: no cover - the runner's own configuration trouble
         logs.event("error", message=f"assist is unavailable: {exc}")
         return None
+
+
+def _read_secret(path: str) -> str:
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"GROUNDLOOP_ANTHROPIC_API_KEY_FILE: cannot read {path}: {exc}") from None
+    if not value:
+        raise SettingsError(f"GROUNDLOOP_ANTHROPIC_API_KEY_FILE: {path} is empty")
+    return value
+
+
+@contextlib.contextmanager
+def metrics_listener(settings: Settings, metrics: Metrics) -> Any:
+    """/metrics on its own port (GROUNDLOOP_METRICS_PORT), for a scraper the public proxy never
+    routes to. prometheus_client's own threaded server: the exposition is all it serves."""
+    if not settings.metrics_port:
+        yield None
+        return
+    from prometheus_client import start_http_server
+
+    httpd, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
 
 
 def transport_max_size(settings: Settings) -> int:
@@ -112,7 +147,8 @@ def create_app(
         )
         state.started.set()
         try:
-            yield
+            with metrics_listener(settings, metrics):
+                yield
         finally:
             await state.manager.close()
             if state.owns_engine:

@@ -70,7 +70,10 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_gl(request).metrics.exposition(), media_type=CONTENT_TYPE)
+    gl = _gl(request)
+    if gl.settings.metrics_port:  # served on its own port, which the public proxy does not reach
+        return Response("metrics are on GROUNDLOOP_METRICS_PORT", status_code=404, media_type="text/plain")
+    return Response(gl.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 async def validate_code(request: Request) -> Response:

@@ -115,3 +115,33 @@ async def test_static_page(tmp_path):
         async with httpx.AsyncClient(base_url=srv.http) as h:
             page = await h.get("/")
             assert page.status_code == 200 and "groundloop" in page.text
+
+
+async def test_metrics_on_their_own_port():
+    """GROUNDLOOP_METRICS_PORT: /metrics moves to a port the public proxy never routes to."""
+    from test_fleet import free_port
+
+    port = free_port()
+    async with run_server(server_settings(metrics_port=port)) as srv, httpx.AsyncClient(timeout=30) as h:
+        main = await h.get(srv.http + "/metrics")
+        assert main.status_code == 404
+        own = await h.get(f"http://127.0.0.1:{port}/metrics")
+        assert own.status_code == 200 and "groundloop_connections" in own.text
+    with pytest.raises(httpx.ConnectError):  # the listener went with the server
+        async with httpx.AsyncClient(timeout=5) as h:
+            await h.get(f"http://127.0.0.1:{port}/metrics")
+
+
+async def test_readiness_is_taking_sessions_not_a_full_pool():
+    """Issue 20: a pool that is short (here: never filled) leaves the server ready; pool_full says it."""
+    from conftest import sandbox_settings
+
+    async with run_server(server_settings(sandbox=sandbox_settings(pool_size=0))) as srv:
+        srv.state.engine.pool_size = 5  # a pool of 5 that never fills (no refill runs for it)
+        async with httpx.AsyncClient(base_url=srv.http) as h:
+            r = await h.get("/readyz")
+            assert r.status_code == 200 and r.json()["ready"] is True and r.json()["pool_full"] is False, r.text
+            srv.state.manager.draining = True
+            r = await h.get("/readyz")
+            assert r.status_code == 404 and r.json()["draining"] is True
+            srv.state.manager.draining = False
