@@ -51,7 +51,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready means "takes new sessions": 200; 503 while starting or with the backend unreachable;
+    """Ready means "takes new sessions": 200; 503 while starting, with the backend unreachable, or
+    with no warm sandbox while sandbox starts fail;
     404 while draining (HAProxy's ``http-check disable-on-404``: no new sessions, resumes still
     routed here). A warm pool that is short is not a reason: the next session starts cold, and
     the pool shows in ``pool_full``, the metrics and the GroundloopPoolShort alert."""
@@ -66,7 +67,14 @@ async def readyz(request: Request) -> Response:
         ready = await engine.ready()
     except Exception as exc:  # pragma: no cover - backend trouble
         return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
-    return JSONResponse({"ready": ready, **body}, status_code=200 if ready else 503)
+    if not ready:
+        return JSONResponse({"ready": False, "reason": "the sandbox backend is unreachable", **body}, status_code=503)
+    if body["engine"]["pool_free"] == 0 and engine.last_error:
+        # No warm sandbox and the last start failed (say, the image is missing on this node):
+        # a new session would get sandbox_unavailable, so this server does not take one.
+        reason = f"sandboxes fail to start: {engine.last_error}"
+        return JSONResponse({"ready": False, "reason": reason, **body}, status_code=503)
+    return JSONResponse({"ready": True, **body})
 
 
 async def metrics(request: Request) -> Response:

@@ -145,3 +145,19 @@ async def test_readiness_is_taking_sessions_not_a_full_pool():
             r = await h.get("/readyz")
             assert r.status_code == 404 and r.json()["draining"] is True
             srv.state.manager.draining = False
+
+
+async def test_not_ready_while_sandboxes_cannot_start():
+    """A server whose sandboxes cannot start (the image is missing on its node) takes no new session:
+    /readyz 503 with the reason, so the proxy sends sessions elsewhere."""
+    from conftest import sandbox_settings
+
+    sb = sandbox_settings(image="groundloop-sandbox:no-such-image", pool_size=1)
+    async with run_server(server_settings(sandbox=sb)) as srv, httpx.AsyncClient(base_url=srv.http) as h:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the pool's first start fails in the background: no event to await from here
+            r = await h.get("/readyz")
+            if r.status_code == 503 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status_code == 503 and "sandboxes fail to start" in r.json()["reason"], r.text
