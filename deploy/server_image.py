@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = "deploy/server.Dockerfile"
 BASE = "groundloop-server-base:bookworm"
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
+BASE_PYTHON = (3, 11)  # Debian 12's python3: the wheels made here must fit it
 SOURCES = (
     "pyproject.toml",
     "README.md",
@@ -67,6 +68,11 @@ def digest() -> str:
 
 def wheels(dest: Path) -> list[Path]:
     """groundloop and its dependencies as wheels, by this interpreter's pip."""
+    if sys.version_info[:2] != BASE_PYTHON:
+        raise RuntimeError(
+            f"run this with Python {'.'.join(map(str, BASE_PYTHON))} (the base's): its wheels are built for "
+            f"this interpreter, which is {sys.version_info[0]}.{sys.version_info[1]}"
+        )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(dest), str(ROOT)],
         check=True,
