@@ -12,7 +12,8 @@ catches the first SIGTERM; a second one, or SIGINT, is the plain shutdown):
    request gets ``error`` ``draining`` and its ``done``; ``ping`` and
    ``cancel`` still work.
 2. Every session is sent one ``draining`` frame with the time left
-   (``deadline_s``); a detached session gets it when its client resumes.
+   (``deadline_s``); a detached session gets it when its client resumes
+   (resumes still reach a draining server).
 3. A session closes (1012) as soon as it has no request in flight and every
    frame was written to its client (a detached one: no request in flight),
    so a client waits no longer than its own running requests. At

@@ -7,8 +7,9 @@ lines replaced. One test walks the fleet's life, in order:
 1. new sessions spread over the three servers (leastconn);
 2. every resume reaches the server that holds the session (its variables are there);
 3. one server is SIGTERMed while a request of it streams: its clients get
-   ``draining``, the running request finishes, the session closes 1012; a new
-   session on it is refused (4503) and one through the proxy lands elsewhere;
+   ``draining``, a resume through the proxy still reaches it, the running
+   request finishes, the session closes 1012; a new session on it is refused
+   (4503) and one through the proxy lands elsewhere;
    the sessions on the other two servers go on (a bystander's round trips are
    printed with their p99, not asserted); the server exits 0 and leaves no container;
 4. one server is SIGKILLed: resumes of its sessions get ``not_found`` (4404)
@@ -101,10 +102,10 @@ async def until_no_container(ns: str) -> None:
 
 
 class Server:
-    def __init__(self, server_id: str, log: Path, drain_s: float):
+    def __init__(self, server_id: str, log: Path, drain_s: float, host: str = "127.0.0.1", port: int | None = None):
         self.id = server_id
         self.ns = f"{NAMESPACE}-{server_id}"
-        self.port = free_port()
+        self.port = port or free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")}
         env.update(
             GROUNDLOOP_SERVER_ID=server_id,
@@ -120,14 +121,14 @@ class Server:
         groundloop = Path(sys.executable).with_name("groundloop")
         argv = [str(groundloop)] if groundloop.exists() else [sys.executable, "-m", "groundloop.server.cli"]
         self.proc = subprocess.Popen(
-            [*argv, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [*argv, "serve", "--host", host, "--port", str(self.port)],
             cwd=ROOT,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.http = f"http://127.0.0.1:{self.port}"
-        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+        self.http = f"http://{host}:{self.port}"
+        self.url = f"ws://{host}:{self.port}/v1/ws"
 
     async def ready(self) -> None:
         end = time.monotonic() + WAIT
@@ -152,10 +153,13 @@ class Server:
 
 
 class HAProxy:
-    def __init__(self, servers: dict[str, int], tmp: Path):
+    def __init__(self, servers: dict[str, int], tmp: Path, config: str | None = None, backend: str = "groundloop"):
         self.port, self.stats_port = free_port(), free_port()
+        self.backend = backend
         cfg = tmp / "haproxy.cfg"
-        cfg.write_text(haproxy_config(self.port, self.stats_port, servers))
+        if config is None:
+            config = haproxy_config(self.port, self.stats_port, servers)
+        cfg.write_text(config.replace("{port}", str(self.port)).replace("{stats_port}", str(self.stats_port)))
         binary = haproxy_binary()
         check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
@@ -172,7 +176,7 @@ class HAProxy:
         return {
             row["svname"]: row["status"]
             for row in rows
-            if row["pxname"] == "groundloop" and row["svname"] not in ("FRONTEND", "BACKEND")
+            if row["pxname"] == self.backend and row["svname"] not in ("FRONTEND", "BACKEND")
         }
 
     async def until(self, name: str, state: str) -> None:
@@ -273,7 +277,8 @@ async def test_fleet_behind_haproxy(tmp_path):
         stop = asyncio.Event()
         rtts: list[float] = []
         watch = [asyncio.create_task(bystander(c, stop, rtts)) for c in (by_gl2, by_gl3)]
-        code = "import time\nfor i in range(15):\n    print(i, flush=True)\n    time.sleep(0.2)\n'finished'"
+        lines = 25
+        code = f"import time\nfor i in range({lines}):\n    print(i, flush=True)\n    time.sleep(0.2)\n'finished'"
         rid = await streaming.send("run_code", code=code)
         while not streaming.of(rid, "stdout"):
             await streaming.recv()
@@ -284,6 +289,13 @@ async def test_fleet_behind_haproxy(tmp_path):
             if f["type"] == "draining":
                 draining = f
         assert 0 < draining["deadline_s"] <= 60 and draining["message"], draining
+        # The client drops and resumes through the proxy: a draining server still gets its resumes.
+        before = streaming.of(rid)
+        await streaming.ws.close()
+        streaming = await WSClient.connect(
+            proxy.url, token=TOKEN, session=streaming.session_id, last_seq=streaming.last_seq
+        )
+        assert streaming.ready["resumed"] is True and owner(streaming.session_id) == "gl-1"
         # While it drains: not ready (404 = HAProxy's NOLB), a new session on it is refused with
         # 4503, a new request on a draining session is refused with its done, and a new session
         # through the proxy lands on another server.
@@ -299,9 +311,9 @@ async def test_fleet_behind_haproxy(tmp_path):
         assert (await fresh.call("run_code", code="3"))["ok"]
         await fresh.ws.close()
         # The running request finishes, with all its output, then the session closes 1012.
-        frames = await streaming.until_done(rid)
+        frames = before + await streaming.until_done(rid)
         assert frames[-1]["ok"] is True, frames[-1]
-        assert WSClient.text(frames) == "".join(f"{i}\n" for i in range(15))
+        assert WSClient.text(frames) == "".join(f"{i}\n" for i in range(lines))
         late_done = (await streaming.until_done(late))[-1]
         assert late_done["ok"] is False and late_done["error"]["name"] == "Draining", late_done
         with pytest.raises(websockets.ConnectionClosed) as info:
@@ -350,3 +362,126 @@ async def test_fleet_behind_haproxy(tmp_path):
         for s in servers.values():
             s.stop()
             await asyncio.to_thread(remove_namespace, s.ns)
+
+
+# ---- the Kubernetes router: deploy/k8s/router/haproxy.cfg, its DNS answered on loopback
+
+K8S_ROUTER_CFG = ROOT / "deploy" / "k8s" / "router" / "haproxy.cfg"
+PODS = "groundloop-pods.groundloop.svc.cluster.local."
+
+
+class ClusterDNS:
+    """A DNS server on loopback standing in for the cluster's: A records of the headless Service
+    (every pod) and of each pod's own name; anything else NXDOMAIN."""
+
+    def __init__(self):
+        from dnslib.server import DNSServer
+
+        self.pods: dict[str, str] = {}  # pod name -> address
+        self.server = DNSServer(self, port=0, address="127.0.0.1")
+        self.server.start_thread()
+        self.port = self.server.server.server_address[1]
+
+    def resolve(self, request, handler):
+        from dnslib import QTYPE, RCODE, RR, A
+
+        reply = request.reply()
+        name = str(request.q.qname).lower()
+        pod = name[: -len(PODS) - 1] if name.endswith("." + PODS) else None
+        if name == PODS:
+            addresses = list(self.pods.values())
+        elif pod in self.pods:
+            addresses = [self.pods[pod]]
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+        if request.q.qtype == QTYPE.A:
+            for address in addresses:
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=1))
+        return reply
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.server.server.server_close()
+
+
+def k8s_router_config(dns_port: int, server_port: int) -> str:
+    """The Kubernetes router's file, with loopback binds, this DNS server and the servers' port."""
+    text = K8S_ROUTER_CFG.read_text()
+    for old, new in (
+        ("    parse-resolv-conf\n", f"    nameserver test 127.0.0.1:{dns_port}\n"),
+        ("    bind :8080\n", "    bind 127.0.0.1:{port}\n"),
+        ("    bind :8404\n", "    bind 127.0.0.1:{stats_port}\n"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    text, n = re.subn(r":8000\b", f":{server_port}", text)
+    assert n == 2, "the router's file names port 8000 twice (the template and the owner)"
+    return text
+
+
+async def test_kubernetes_router_routes_by_pod_name(tmp_path):
+    """Two servers named like pods, on two loopback addresses and one port (as pods are); the router
+    finds them by the headless Service's name and sends each resume to its pod by the pod's name."""
+    haproxy_binary()
+    dns = ClusterDNS()
+    servers: dict[str, Server] = {}
+    proxy = None
+    clients: list[WSClient] = []
+    try:
+        port = free_port()
+        for name, address in (("groundloop-x7k2p", "127.0.0.21"), ("groundloop-q4m9z", "127.0.0.22")):
+            servers[name] = Server(name, tmp_path / f"{name}.log", drain_s=5, host=address, port=port)
+            dns.pods[name] = address
+        await asyncio.gather(*(s.ready() for s in servers.values()))
+        proxy = HAProxy({}, tmp_path, config=k8s_router_config(dns.port, port), backend="servers")
+        end = time.monotonic() + WAIT
+        up = 0
+        while up < 2:  # the router finds both pods through the Service's name
+            assert time.monotonic() < end and proxy.proc.poll() is None, proxy.log_path.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+            with contextlib.suppress(httpx.HTTPError):
+                up = sum(st.startswith("UP") for st in (await proxy.states()).values())
+        for i in range(4):
+            c = await WSClient.connect(proxy.url, token=TOKEN)
+            clients.append(c)
+            assert (await c.call("run_code", code=f"mine = {i}"))["ok"]
+        owners = {owner(c.session_id) for c in clients}
+        assert owners == set(servers), owners
+        for i, c in enumerate(list(clients)):
+            await c.ws.close()
+            again = await WSClient.connect(proxy.url, token=TOKEN, session=c.session_id, last_seq=c.last_seq)
+            frames = await again.request("run_code", code="mine")
+            assert [f["data"]["text/plain"] for f in frames if f["type"] == "result"] == [str(i)], frames
+            clients[i] = again
+        # A pod killed while its DNS record is still there: the connection to it is refused, the
+        # request is redispatched, and a live server answers not_found.
+        dead_name = owner(clients[0].session_id)
+        dead = servers[dead_name]
+        dead.proc.send_signal(signal.SIGKILL)
+        dead.proc.wait(WAIT)
+        mine = [c for c in clients if owner(c.session_id) == dead_name]
+        for c in mine:
+            frame, close = await asyncio.wait_for(
+                refused(proxy.url, session=c.session_id, last_seq=str(c.last_seq)), 30
+            )
+            assert frame["code"] == "not_found" and close == 4404, (frame, close)
+        # And once the record is gone (the pod deleted): not_found as well.
+        del dns.pods[dead_name]
+        await asyncio.sleep(2.5)  # past the router's DNS cache (`hold valid 2s`): no event to await
+        c = mine[0]
+        t0 = time.perf_counter()
+        frame, close = await asyncio.wait_for(refused(proxy.url, session=c.session_id, last_seq=str(c.last_seq)), 30)
+        print(f"resume of a deleted pod's session: not_found in {(time.perf_counter() - t0) * 1000:.0f} ms")
+        assert frame["code"] == "not_found" and close == 4404, (frame, close)
+        await until_no_container(dead.ns)
+    finally:
+        for c in clients:
+            with contextlib.suppress(Exception):
+                await c.ws.close()
+        if proxy is not None:
+            proxy.stop()
+        for s in servers.values():
+            s.stop()
+            await asyncio.to_thread(remove_namespace, s.ns)
+        dns.stop()
