@@ -17,8 +17,9 @@ catches the first SIGTERM; a second one, or SIGINT, is the plain shutdown):
 3. A session closes (1012) as soon as it has no request in flight and every
    frame was written to its client (a detached one: no request in flight),
    so a client waits no longer than its own running requests. At
-   ``GROUNDLOOP_DRAIN_S`` whatever is left is closed and its requests are
-   cancelled.
+   ``GROUNDLOOP_DRAIN_S`` the requests still running are cancelled (each
+   still ends with its ``done``, ``Cancelled``), and ``CANCEL_GRACE_S`` later
+   whatever is left is closed.
 4. Then the ordinary shutdown: uvicorn stops listening, the lifespan closes
    the engine, which removes the warm pool's containers.
 
@@ -41,6 +42,7 @@ from groundloop.sessions import logs
 from groundloop.sessions.errors import CLOSE_RESTART
 
 POLL_S = 0.05
+CANCEL_GRACE_S = 2.0  # for cancelled requests' done frames to reach their clients
 
 
 def draining_frame(deadline_s: float) -> dict[str, Any]:
@@ -66,6 +68,7 @@ async def drain(state: Any, drain_s: float) -> int:
     t0 = time.monotonic()
     logs.event("draining", logging.WARNING, sessions=len(manager.sessions), drain_s=drain_s)
     told: set[str] = set()
+    cancelled: set[str] = set()
     closed = 0
     while True:
         now = loop.time()
@@ -78,15 +81,19 @@ async def drain(state: Any, drain_s: float) -> int:
                 with contextlib.suppress(ConnectionError):
                     session.outbox.put_nowait(draining_frame(deadline - now))
                 continue  # let the writer send it before anything closes
+            if now >= deadline and session.inflight and session.id not in cancelled:
+                cancelled.add(session.id)
+                for rid in list(session.inflight):
+                    session.cancel(rid)
             idle = not session.inflight and (session.conn is None or session.outbox.unsent == 0)
-            if idle or now >= deadline:
+            if idle or now >= deadline + CANCEL_GRACE_S:
                 done.append(session)
         if done:
             closed += len(done)
             await asyncio.gather(
                 *(manager.close_session(s, "drained", CLOSE_RESTART) for s in done), return_exceptions=True
             )
-        if (not manager.sessions and not manager.pending) or loop.time() >= deadline + 1.0:
+        if (not manager.sessions and not manager.pending) or loop.time() >= deadline + CANCEL_GRACE_S + 1.0:
             break
         await asyncio.sleep(POLL_S)
     logs.event("drained", logging.WARNING, closed=closed, seconds=round(time.monotonic() - t0, 3))
