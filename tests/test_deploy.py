@@ -391,7 +391,12 @@ def test_k8s_fleet_shape():
     assert "GROUNDLOOP_TOKENS_FILE" in env and "GROUNDLOOP_ANTHROPIC_API_KEY_FILE" in env
     secrets = {s["secret"]["name"] for v in pod["volumes"] for s in v.get("projected", {}).get("sources", [])}
     assert secrets == {"groundloop-tokens", "groundloop-anthropic"}
-    assert env["GROUNDLOOP_SERVER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # The server id is the pod IP, dashed (CoreDNS's name for the endpoint), and the server is PID 1.
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert c["command"] == ["/bin/sh", "-c"]
+    assert re.fullmatch(
+        r'GROUNDLOOP_SERVER_ID="\$\(echo "\$POD_IP" \| tr .: --\)" exec groundloop serve .*', c["args"][0]
+    ), c["args"]
     # Drain: preStop, then SIGTERM; the grace period covers both and the drain.
     assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
     pre = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
@@ -411,7 +416,7 @@ def test_k8s_fleet_shape():
     assert int(env["GROUNDLOOP_METRICS_PORT"]["value"]) == ports["metrics"] != ports["http"]
     pods_svc = docs[("Service", "groundloop-pods")]
     assert pods_svc["spec"]["clusterIP"] == "None" and pods_svc["spec"]["publishNotReadyAddresses"] is True
-    assert pods_svc["spec"]["selector"] == labels and pod["subdomain"] == "groundloop-pods"
+    assert pods_svc["spec"]["selector"] == labels
     router_svc = docs[("Service", "groundloop-router")]
     ingress = docs[("Ingress", "groundloop")]
     backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]

@@ -382,8 +382,8 @@ PODS = "groundloop-pods.groundloop.svc.cluster.local."
 
 
 class ClusterDNS:
-    """A DNS server on loopback standing in for the cluster's: A records of the headless Service
-    (every pod) and of each pod's own name; anything else NXDOMAIN."""
+    """A DNS server on loopback standing in for the cluster's CoreDNS: A records of the headless Service
+    (every pod) and of each endpoint's own name (its dashed IP); anything else NXDOMAIN."""
 
     def __init__(self):
         from dnslib.server import DNSServer
@@ -432,8 +432,9 @@ def k8s_router_config(dns_port: int, server_port: int) -> str:
 
 
 async def test_kubernetes_router_routes_by_pod_name(tmp_path):
-    """Two servers named like pods, on two loopback addresses and one port (as pods are); the router
-    finds them by the headless Service's name and sends each resume to its pod by the pod's name."""
+    """Two servers named as the DaemonSet names its pods (the dashed pod IP), on two loopback addresses
+    and one port (as pods are); the router finds them by the headless Service's name and sends each resume
+    to its pod by the name CoreDNS gives that endpoint."""
     haproxy_binary()
     dns = ClusterDNS()
     servers: dict[str, Server] = {}
@@ -441,7 +442,8 @@ async def test_kubernetes_router_routes_by_pod_name(tmp_path):
     clients: list[WSClient] = []
     try:
         port = free_port()
-        for name, address in (("groundloop-x7k2p", "127.0.0.21"), ("groundloop-q4m9z", "127.0.0.22")):
+        for address in ("127.0.0.21", "127.0.0.22"):
+            name = address.replace(".", "-")  # what the DaemonSet's command makes of status.podIP
             servers[name] = Server(name, tmp_path / f"{name}.log", drain_s=5, host=address, port=port)
             dns.pods[name] = address
         await asyncio.gather(*(s.ready() for s in servers.values()))
