@@ -7,7 +7,12 @@ IMAGE ?= $(or $(GROUNDLOOP_SANDBOX_IMAGE),groundloop-sandbox:latest)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install venv image run test test-deps bench bench-smoke lint docker-up clean
+SERVER_IMAGE ?= $(or $(GROUNDLOOP_SERVER_IMAGE),groundloop-server:test)
+# The manifest checkers (tests/test_deploy.py) live in a virtualenv of their own:
+# checkov pins dozens of packages that must not move the server's.
+DEPLOY_VENV := .venv-deploy
+
+.PHONY: install venv image server-image deploy-tools run test test-deps bench bench-smoke lint docker-up clean
 
 venv: $(BIN)/groundloop
 
@@ -30,10 +35,21 @@ image: venv docker-up
 
 install: venv image
 
+deploy-tools: $(DEPLOY_VENV)/bin/checkov
+
+$(DEPLOY_VENV)/bin/checkov:
+	$(PY) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q kubernetes-validate checkov
+	@touch $@
+
+# The server image, built offline (deploy/server_image.py); tests/test_server_image.py runs it.
+server-image: venv docker-up
+	$(BIN)/python deploy/server_image.py --tag $(SERVER_IMAGE)
+
 run: install
 	$(BIN)/groundloop serve --host $(HOST) --port $(PORT)
 
-test: install test-deps
+test: install test-deps deploy-tools server-image
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -48,4 +64,4 @@ lint: venv
 	$(BIN)/ruff format --check server sessions sandbox tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache test-artifacts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import os
 import signal
 import socket
@@ -71,7 +72,8 @@ class Server:
     def readyz(self) -> bool:
         try:
             with urllib.request.urlopen(self.http + "/readyz", timeout=5) as r:
-                return r.status == 200
+                # Ready takes sessions; the bench also waits for a full warm pool (pool_full).
+                return r.status == 200 and bool(json.loads(r.read()).get("pool_full", True))
         except Exception:
             return False
 

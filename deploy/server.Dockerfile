@@ -1,6 +1,10 @@
 # The groundloop server image.
 #
-#   docker build -f deploy/server.Dockerfile -t groundloop-server:latest .
+# With a registry:  docker build -f deploy/server.Dockerfile -t groundloop-server:latest .
+# Without one:      python deploy/server_image.py --tag groundloop-server:latest
+#   (a Debian base made by debootstrap and `docker import`, the wheels made by
+#   the host's pip, and this same file built with no network; .ci/run does it
+#   and tests/test_server_image.py runs a session through the result).
 #
 # Build context: the repository root (deploy/server.Dockerfile.dockerignore keeps
 # .venv, .git, tests and caches out of it). The server starts sandbox containers
@@ -20,7 +24,16 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY sessions ./sessions
 COPY sandbox ./sandbox
-RUN pip install . && rm -rf /src
+# Wheels for an offline build (deploy/server_image.py); only a README otherwise.
+COPY deploy/wheels ./wheels
+RUN python3 -m venv /opt/groundloop/venv && \
+    if ls wheels/*.whl >/dev/null 2>&1; then \
+      /opt/groundloop/venv/bin/pip install --no-index --find-links wheels groundloop; \
+    else \
+      /opt/groundloop/venv/bin/pip install .; \
+    fi && \
+    rm -rf /src
+ENV PATH=/opt/groundloop/venv/bin:$PATH
 # The demo page: an installed (non-editable) package has no static/ beside it.
 COPY static /opt/groundloop/static
 
@@ -31,7 +44,7 @@ USER 10001
 WORKDIR /
 
 # Everything else is a GROUNDLOOP_* variable (see the README's configuration
-# table). Tokens come from the environment at run time, never from the image:
+# table). Tokens come from the environment or a file at run time, never from the image:
 #   GROUNDLOOP_TOKENS="tok1:alice,tok2:bob"  or  GROUNDLOOP_TOKENS_FILE=/run/secrets/groundloop_tokens
 # Binding 0.0.0.0 without tokens is refused at start-up, on purpose.
 ENV GROUNDLOOP_HOST=0.0.0.0 \
@@ -42,4 +55,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
 
+# SIGTERM drains (running requests finish, up to GROUNDLOOP_DRAIN_S): give
+# `docker stop -t` and the orchestrator's grace period more than that.
+STOPSIGNAL SIGTERM
 CMD ["groundloop", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import secrets
 import time
 from collections import deque
 from typing import Any
 
 from .base import Backend, Sandbox, SandboxUnavailable, State
-from .settings import SandboxSettings
+from .settings import SandboxSettings, SettingsError
 
 log = logging.getLogger("groundloop.sandbox")
 
@@ -34,8 +35,26 @@ class EngineHooks:
     def containers_reaped(self, n: int) -> None: ...
 
 
-def new_session_id() -> str:
-    return secrets.token_urlsafe(18)
+SERVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
+
+
+def new_session_id(server_id: str = "") -> str:
+    """A random session id; in a fleet, prefixed with the id of the server that holds it.
+
+    The prefix is what lets a proxy send ``/v1/ws?session=<id>`` to its owner with no
+    shared state between servers (deploy/haproxy.cfg). The random part has no dot,
+    so the owner is everything before the first one.
+    """
+    token = secrets.token_urlsafe(18)
+    return f"{server_id}.{token}" if server_id else token
+
+
+def check_server_id(server_id: str) -> None:
+    """Refuse a server id a proxy could not match (empty means: no prefix)."""
+    if server_id and not SERVER_ID.fullmatch(server_id):
+        raise SettingsError(
+            f"GROUNDLOOP_SERVER_ID: expected 1 to 63 letters, digits or '-' (no dot), got {server_id!r}"
+        )
 
 
 async def make_backend(
@@ -121,8 +140,13 @@ class Engine:
         await self.backend.close()
 
     async def ready(self) -> bool:
-        """Reachable backend and a filled pool."""
-        return not self._closed and len(self._ready) >= self.pool_size and await self.backend.ping()
+        """Open, and the backend answers: a sandbox can be started. A short pool is not
+        unready (it only makes the next acquire cold): it shows as a metric and an alert."""
+        return not self._closed and await self.backend.ping()
+
+    @property
+    def pool_full(self) -> bool:
+        return len(self._ready) >= self.pool_size
 
     def status(self) -> dict[str, Any]:
         counts = self.counts()
@@ -187,7 +211,7 @@ class Engine:
         self._changed()
         t0 = time.perf_counter()
         try:
-            sb = await self.backend.start(new_session_id())
+            sb = await self.backend.start(new_session_id(self.settings.server_id))
         except SandboxUnavailable as exc:
             self.last_error = str(exc)
             raise

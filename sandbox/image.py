@@ -74,16 +74,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GROUNDLOOP_CACHE_DIR") or Path.home() / ".cache" / "groundloop")
 
 
-def build_offline_base(client, suite: str = "bookworm") -> None:
-    """debootstrap a minimal Debian (cached as a tarball) and docker-import it."""
-    tarball = cache_dir() / f"rootfs-{suite}.tar"
+def build_offline_base(client, suite: str = "bookworm", *, packages: str = PACKAGES, tag: str = OFFLINE_BASE) -> None:
+    """debootstrap a minimal Debian with ``packages`` (cached as a tarball) and docker-import it as ``tag``.
+
+    deploy/server_image.py makes the server's base this way too, with other packages.
+    """
+    extra = "" if packages == PACKAGES else "-" + hashlib.sha256(packages.encode()).hexdigest()[:12]
+    tarball = cache_dir() / f"rootfs-{suite}{extra}.tar"
     if not tarball.exists():
         tarball.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="groundloop-rootfs-") as tmp:
             rootfs = Path(tmp) / "rootfs"
             log.info("debootstrap %s into %s (about a minute)", suite, rootfs)
             subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", suite, str(rootfs)],
+                ["debootstrap", "--variant=minbase", f"--include={packages}", suite, str(rootfs)],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
@@ -93,11 +97,10 @@ def build_offline_base(client, suite: str = "bookworm") -> None:
             partial = tarball.with_suffix(".partial")
             subprocess.run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], check=True)
             partial.rename(tarball)
-    log.info("docker import %s as %s", tarball, OFFLINE_BASE)
+    log.info("docker import %s as %s", tarball, tag)
+    repository, _, version = tag.rpartition(":")
     with open(tarball, "rb") as f:
-        client.api.import_image_from_data(
-            f.read(), repository=OFFLINE_BASE.split(":")[0], tag=OFFLINE_BASE.split(":")[1]
-        )
+        client.api.import_image_from_data(f.read(), repository=repository, tag=version)
 
 
 def build_context() -> bytes:

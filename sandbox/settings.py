@@ -129,6 +129,12 @@ class SandboxSettings:
         "default",
         "label value grouping one deployment's containers (orphans of the same namespace are reaped at start-up)",
     )
+    server_id: str = env(
+        "GROUNDLOOP_SERVER_ID",
+        "",
+        "this server's id in a fleet (letters, digits, `-`): session ids start with `<id>.` so a proxy can "
+        "route a resume to its owner (docs/deploy.md)",
+    )
     allow_local: bool = env(
         "GROUNDLOOP_ALLOW_LOCAL_BACKEND",
         False,

@@ -4,7 +4,8 @@ Start-up: the authenticator (refuses a non-loopback bind without tokens),
 metrics, the sandbox engine (``make_backend`` + ``Engine.start`` unless one is
 injected), the session manager and its reaper.
 
-Shutdown, in order: uvicorn stops accepting and closes open sockets (1012);
+``groundloop serve`` drains first on SIGTERM (server/drain.py). Then the
+shutdown, in order: uvicorn stops accepting and closes open sockets (1012);
 the session manager closes every session (requests cancelled, sockets closed
 1012 if still open, sandboxes released); the engine, if this app started it,
 removes its pool. No container is left.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from groundloop.sandbox.engine import Engine, make_backend
+from groundloop.sandbox.engine import Engine, check_server_id, make_backend
 from groundloop.sessions import logs
 from groundloop.sessions.cache import ResultCache
 from groundloop.sessions.manager import SessionManager
@@ -58,11 +59,46 @@ def _default_assist(settings: Settings, metrics: Metrics) -> Any:
         from groundloop.sessions.assist import AssistRunner
     except ImportError:
         return None
+    client = None
+    if settings.anthropic_api_key_file:
+        # A mounted secret, not an environment variable: the key stays out of the pod spec,
+        # `docker inspect` and every child process's environment.
+        import anthropic
+
+        client = anthropic.AsyncAnthropic(api_key=_read_secret(settings.anthropic_api_key_file))
     try:
-        return AssistRunner(settings, metrics)
+        return AssistRunner(settings, metrics, client)
     except Exception as exc:  # pragma: no cover - the runner's own configuration trouble
         logs.event("error", message=f"assist is unavailable: {exc}")
         return None
+
+
+def _read_secret(path: str) -> str:
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"GROUNDLOOP_ANTHROPIC_API_KEY_FILE: cannot read {path}: {exc}") from None
+    if not value:
+        raise SettingsError(f"GROUNDLOOP_ANTHROPIC_API_KEY_FILE: {path} is empty")
+    return value
+
+
+@contextlib.contextmanager
+def metrics_listener(settings: Settings, metrics: Metrics) -> Any:
+    """/metrics on its own port (GROUNDLOOP_METRICS_PORT), for a scraper the public proxy never
+    routes to. prometheus_client's own threaded server: the exposition is all it serves."""
+    if not settings.metrics_port:
+        yield None
+        return
+    from prometheus_client import start_http_server
+
+    httpd, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
 
 
 def transport_max_size(settings: Settings) -> int:
@@ -74,6 +110,7 @@ def transport_max_size(settings: Settings) -> int:
 def create_app(
     settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None, assist: Any = None
 ) -> Starlette:
+    check_server_id(settings.sandbox.server_id)
     auth = Authenticator(settings)
     metrics = metrics if metrics is not None else Metrics()
     if assist is None:
@@ -110,7 +147,8 @@ def create_app(
         )
         state.started.set()
         try:
-            yield
+            with metrics_listener(settings, metrics):
+                yield
         finally:
             await state.manager.close()
             if state.owns_engine:

@@ -14,6 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     from groundloop.sessions import logs
 
     from .app import create_app, uvicorn_config
+    from .drain import DrainingServer
     from .settings import Settings
 
     overrides = {}
@@ -33,7 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     # collector's full passes, which otherwise walk it all (tens of ms under load).
     gc.collect()
     gc.freeze()
-    uvicorn.Server(config).run()
+    # The first SIGTERM drains (server/drain.py): a fleet's proxy moves new sessions elsewhere
+    # while running requests finish.
+    DrainingServer(config, app.state.groundloop, settings.drain_s).run()
     return 0
 
 

@@ -28,6 +28,7 @@ from groundloop.sandbox.base import SandboxError
 from groundloop.sessions import logs
 from groundloop.sessions.errors import (
     CLOSE_BAD_REQUEST,
+    CLOSE_DRAINING,
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_SLOW_CONSUMER,
@@ -222,7 +223,11 @@ class Connection:
         try:
             session = await self.gl.manager.create(self.user)
         except LimitError as exc:
-            await self._fail(exc.code, exc.message, CLOSE_TOO_MANY_SESSIONS)
+            # A draining server tells the client to connect again at once: the proxy has taken it
+            # out of rotation, so the next connection reaches another server (server/drain.py).
+            await self._fail(
+                exc.code, exc.message, CLOSE_DRAINING if exc.code == "draining" else CLOSE_TOO_MANY_SESSIONS
+            )
             return False
         except SandboxError as exc:
             await self._fail("sandbox_unavailable", f"no sandbox could be started: {exc}", CLOSE_TRY_LATER)

@@ -51,20 +51,37 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready means "takes new sessions": 200; 503 while starting, with the backend unreachable, or
+    with no warm sandbox while sandbox starts fail;
+    404 while draining (HAProxy's ``http-check disable-on-404``: no new sessions, resumes still
+    routed here). A warm pool that is short is not a reason: the next session starts cold, and
+    the pool shows in ``pool_full``, the metrics and the GroundloopPoolShort alert."""
     gl = _gl(request)
-    engine = gl.engine
-    if engine is None or gl.manager is None:
+    engine, manager = gl.engine, gl.manager
+    if engine is None or manager is None:
         return JSONResponse({"ready": False, "reason": "starting"}, status_code=503)
+    body: dict[str, Any] = {"engine": engine.status(), "pool_full": engine.pool_full, "sessions": len(manager.sessions)}
+    if manager.draining or manager.closing:
+        return JSONResponse({"ready": False, "draining": True, **body}, status_code=404)
     try:
         ready = await engine.ready()
     except Exception as exc:  # pragma: no cover - backend trouble
         return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
-    body = {"ready": ready, "engine": engine.status(), "sessions": len(gl.manager.sessions)}
-    return JSONResponse(body, status_code=200 if ready else 503)
+    if not ready:
+        return JSONResponse({"ready": False, "reason": "the sandbox backend is unreachable", **body}, status_code=503)
+    if body["engine"]["pool_free"] == 0 and engine.last_error:
+        # No warm sandbox and the last start failed (say, the image is missing on this node):
+        # a new session would get sandbox_unavailable, so this server does not take one.
+        reason = f"sandboxes fail to start: {engine.last_error}"
+        return JSONResponse({"ready": False, "reason": reason, **body}, status_code=503)
+    return JSONResponse({"ready": True, **body})
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_gl(request).metrics.exposition(), media_type=CONTENT_TYPE)
+    gl = _gl(request)
+    if gl.settings.metrics_port:  # served on its own port, which the public proxy does not reach
+        return Response("metrics are on GROUNDLOOP_METRICS_PORT", status_code=404, media_type="text/plain")
+    return Response(gl.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 async def validate_code(request: Request) -> Response:
@@ -103,7 +120,7 @@ async def validate_code(request: Request) -> Response:
                 await gl.engine.release(sb)
     except LimitError as exc:
         gl.metrics.errors.labels(exc.code).inc()
-        return _error(429, exc.code, exc.message)
+        return _error(503 if exc.code == "draining" else 429, exc.code, exc.message)
     except SandboxError as exc:
         gl.metrics.errors.labels("sandbox_unavailable").inc()
         return _error(503, "sandbox_unavailable", str(exc))

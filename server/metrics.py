@@ -130,6 +130,7 @@ ERROR_CODES = (
     "busy",
     "sandbox_unavailable",
     "llm_unavailable",
+    "draining",
     "internal",
 )
 

@@ -71,6 +71,22 @@ class Settings:
     )
     cache_entries: int = env("GROUNDLOOP_CACHE_ENTRIES", 512, "validate-code/assist result cache size")
     cache_ttl_s: float = env("GROUNDLOOP_CACHE_TTL_S", 600.0, "validate-code/assist result cache TTL")
+    drain_s: float = env(
+        "GROUNDLOOP_DRAIN_S",
+        30.0,
+        "on SIGTERM, how long running requests may finish before the sessions close (docs/deploy.md)",
+    )
+    metrics_port: int = env(
+        "GROUNDLOOP_METRICS_PORT",
+        0,
+        "serve /metrics on this port (same address) instead of the main one, which then answers 404 for it "
+        "(0: on the main port)",
+    )
+    anthropic_api_key_file: str = env(
+        "GROUNDLOOP_ANTHROPIC_API_KEY_FILE",
+        "",
+        "a file holding the Anthropic API key (a mounted secret), instead of ANTHROPIC_API_KEY",
+    )
     loop: str = env("GROUNDLOOP_LOOP", "auto", "event loop: `auto` (uvloop when installed), `uvloop` or `asyncio`")
     log_level: str = env("GROUNDLOOP_LOG_LEVEL", "info", "log level")
     static_dir: str = env("GROUNDLOOP_STATIC_DIR", "", "serve the page from here instead of static/")

@@ -26,6 +26,7 @@ ERROR_CODES = {
     "busy": "too many requests in flight in this session, or too many sessions for this user",
     "sandbox_unavailable": "no sandbox could be started or reached",
     "llm_unavailable": "assist needs ANTHROPIC_API_KEY (or the model API is unreachable)",
+    "draining": "this server is draining (shutting down): connect again, without `session`, to reach another",
     "internal": "a server bug; the message says what",
 }
 
@@ -45,6 +46,7 @@ CLOSE_SLOW_CONSUMER = 4408
 CLOSE_TAKEN_OVER = 4409
 CLOSE_TOO_MANY_SESSIONS = 4429
 CLOSE_SESSION_CLOSED = 4410
+CLOSE_DRAINING = 4503
 
 CLOSE_CODES = {
     CLOSE_GOING_AWAY: "the server is shutting down",
@@ -60,6 +62,7 @@ CLOSE_CODES = {
     CLOSE_TAKEN_OVER: "another connection resumed this session",
     CLOSE_SESSION_CLOSED: "the session was closed (idle, or its sandbox could not be replaced)",
     CLOSE_TOO_MANY_SESSIONS: "too many sessions for this user",
+    CLOSE_DRAINING: "this server takes no new sessions (draining): connect again at once, the proxy picks another",
 }
 
 
@@ -91,4 +94,4 @@ class LimitError(GroundloopError):
 
     @property
     def name(self) -> str:
-        return "RateLimited" if self.code == "rate_limited" else "Busy"
+        return {"rate_limited": "RateLimited", "draining": "Draining"}.get(self.code, "Busy")

@@ -10,6 +10,9 @@
   ``resume_grace_s`` or idle (no request) longer than ``idle_timeout_s``.
 - ``close()`` (shutdown) closes every session: requests cancelled, sockets
   closed with 1012, sandboxes released.
+- While ``draining`` (set by server/drain.py on SIGTERM), new sessions, new
+  validations and new requests (but ``ping`` and ``cancel``) are refused with
+  ``LimitError(draining)``; running requests go on.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class SessionManager:
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
         self.closing = False
+        self.draining = False
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_loop(), name="session-reaper")
@@ -72,11 +76,18 @@ class SessionManager:
 
     # ---- sessions
 
+    @property
+    def pending(self) -> int:
+        """Sessions being created and validations running (they hold or await a sandbox)."""
+        return sum(self._pending.values())
+
     def user_sessions(self, user: str) -> list[Session]:
         return [s for s in self.sessions.values() if s.user == user and s.live]
 
     async def create(self, user: str) -> Session:
         """A new session holding a fresh sandbox. Raises LimitError or SandboxError."""
+        if self.draining:
+            raise LimitError("this server is draining: connect again to reach another", code="draining")
         if self.closing:
             raise LimitError("the server is shutting down", code="busy")
         n = len(self.user_sessions(user)) + self._pending.get(user, 0)
@@ -119,6 +130,8 @@ class SessionManager:
         ``validate_concurrency`` runs server-wide. Raises LimitError.
         """
         s = self.settings
+        if self.draining:
+            raise LimitError("this server is draining: send it to another", code="draining")
         if self.closing:
             raise LimitError("the server is shutting down", code="busy")
         if not self._bucket(user).take(time.monotonic()):
@@ -151,6 +164,13 @@ class SessionManager:
     # ---- limits
 
     def check_limits(self, session: Session, req: Request) -> LimitError | None:
+        if self.draining and req.type != "ping":
+            return LimitError(
+                "this server is draining: no new requests; running ones finish, then the session closes "
+                "(connect again for a new session on another server)",
+                code="draining",
+                id=req.id,
+            )
         if len(session.inflight) >= self.settings.max_inflight:
             return LimitError(
                 f"{len(session.inflight)} requests in flight, the limit is {self.settings.max_inflight}",

@@ -337,14 +337,15 @@ divide(1, 0)
   });
 
   client.addEventListener("ready", (e) => {
-    const { frame, fresh, expired } = e.detail;
+    const { frame, fresh, expired, drained } = e.detail;
     for (const node of output.querySelectorAll(".cell[data-waiting]")) delete node.dataset.waiting;
     $("sb-session").textContent = (frame.session_id || "").slice(0, 12) || "–";
     $("sb-session").title = frame.session_id || "";
     const sb = frame.sandbox || {};
     $("sb-sandbox").textContent = [sb.backend, sb.runtime, sb.warm ? "warm" : sb.warm === false ? "cold" : ""].filter(Boolean).join(" · ") || "–";
     $("sb-sandbox").title = sb.image || "";
-    if (expired) notice("The previous session expired on the server: started a fresh session (variables and files are gone).", "warn");
+    if (drained) notice("The server restarted: started a fresh session on another server (variables and files are gone).", "warn");
+    else if (expired) notice("The previous session expired on the server: started a fresh session (variables and files are gone).", "warn");
     else if (!fresh) notice("Reconnected: session resumed, nothing lost.", "muted");
     if (fresh) refreshFiles();
   });
@@ -354,6 +355,7 @@ divide(1, 0)
     switch (f.type) {
       case "gap": notice(`${f.missed} frames were lost while disconnected (the replay buffer had evicted them).`, "warn"); break;
       case "exit": notice(`Background process ${f.process_id} exited with code ${f.exit_code}.`, "muted"); break;
+      case "draining": notice(`The server is restarting: running code may finish (up to ${Math.round(f.deadline_s)} s), then a fresh session starts.`, "warn"); break;
       case "sandbox_replaced": notice("The sandbox was replaced (the previous one died): code contexts start empty.", "warn"); refreshFilesSoon(); break;
       case "error": notice(`${f.code}: ${f.message}`, "error"); break;
       case "stdout": case "stderr":

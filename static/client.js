@@ -18,6 +18,11 @@
  *   - If the session is gone (error `not_found`, close code 4404 or 4410), the client
  *     starts a fresh session and reports `expired`; the requests that were in
  *     flight end locally with error `SessionLost`.
+ *   - A server that drains (a `draining` frame, then close 1012 once its requests
+ *     are done) is leaving: the client does not try to resume there, it opens a
+ *     fresh session at once (the fleet's proxy sends it to another server) and
+ *     reports `drained`. A new session refused by a draining server (close 4503)
+ *     is retried with the usual backoff.
  *
  * Ordering guarantees kept here
  *   Every server frame carries `seq`, strictly increasing by 1 within a session.
@@ -32,7 +37,7 @@
  *   Frames of no request are dispatched as the `frame` event.
  *
  * Events (EventTarget): `state` {state, reason, delayMs?}, `ready` {frame, fresh,
- * expired}, `frame` {frame}, `rtt` {ms, source}.
+ * expired, drained}, `frame` {frame}, `rtt` {ms, source}.
  */
 (function (global) {
   "use strict";
@@ -44,6 +49,7 @@
   const CLOSE_BAD_RESUME = 4400;
   const CLOSE_TAKEN_OVER = 4409;
   const CLOSE_SESSION_CLOSED = 4410;
+  const CLOSE_RESTART = 1012;
   const CLOSE_SIMULATED_DROP = 4000;
 
   function defaultUrl() {
@@ -68,7 +74,7 @@
       this.attempt = 0;            // consecutive failed connection attempts
       this.pending = new Map();    // id -> {type, onFrame, resolve, sentOn, t0}
       this.queue = [];             // frames waiting for an open socket
-      this.stats = { duplicates: 0, seqJumps: 0, resumes: 0, fresh: 0, expired: 0, gaps: 0, frames: 0 };
+      this.stats = { duplicates: 0, seqJumps: 0, resumes: 0, fresh: 0, expired: 0, drained: 0, gaps: 0, frames: 0 };
       this._seqBase = Date.now().toString(36);
       this._n = 0;
       this._timer = null;
@@ -170,6 +176,14 @@
         // Another tab or client resumed this session: do not fight over it.
         this._stopped = true;
         this._setState("closed", "another connection took over this session");
+        return;
+      }
+      if (ev.code === CLOSE_RESTART && this._draining) {
+        // The server drained this session and is going away: nothing to resume.
+        this._draining = false;
+        this._drainedPending = true;
+        this._forgetSession("the server shut down");
+        this._open();
         return;
       }
       if (ev.code === CLOSE_SESSION_CLOSED) {
@@ -279,13 +293,20 @@
         this.lastSeq = frame.seq;
       }
       if (frame.type === "gap") this.stats.gaps += 1;
+      if (frame.type === "draining") {
+        this._draining = true;
+        this.stats.drained += 1;
+      }
       this._dispatchFrame(frame);
     }
 
     _onReady(ws, frame) {
       const resumed = !!frame.resumed && frame.session_id === this.sessionId;
-      const expired = !!this._expiredPending || (!!this.sessionId && !resumed);
+      const drained = !!this._drainedPending;
+      const expired = !drained && (!!this._expiredPending || (!!this.sessionId && !resumed));
       this._expiredPending = false;
+      this._drainedPending = false;
+      this._draining = false;
       if (!resumed) {
         if (this.sessionId) this._forgetSession("the server started a new session");
         this.stats.fresh += 1;
@@ -298,7 +319,7 @@
       this.sessionId = frame.session_id;
       this.lastSeq = typeof frame.seq === "number" ? frame.seq : this.lastSeq;
       this._setState("open", resumed ? "resumed" : "connected");
-      this.dispatchEvent(new CustomEvent("ready", { detail: { frame, fresh: !resumed, expired } }));
+      this.dispatchEvent(new CustomEvent("ready", { detail: { frame, fresh: !resumed, expired, drained } }));
       this._flushQueue();
       this._startPings();
     }

@@ -566,3 +566,32 @@ async def test_rendering_helpers_in_the_browser():
         assert r["json"] == '{\n  "a": [\n    1\n  ]\n}' and r["jsonMime"] == "application/json"
         assert r["svgSrc"] == "data:image/svg+xml;chars"
         assert errors == []
+
+
+@docker
+async def test_a_drained_server_hands_the_page_a_fresh_session(server):
+    """Issue 20: the page shows the drain, lets its running cell finish, then opens a fresh session at once
+    (the fleet's proxy sends it to another server): no resume attempt, not counted as an expired session."""
+    from groundloop.server.drain import drain
+
+    async with chromium() as browser, open_page(browser, server) as page:
+        sid = (await stats(page))["sessionId"]
+        await set_code(page, "x = 1\nimport time\nfor i in range(10):\n    print(i, flush=True)\n    time.sleep(0.2)")
+        await page.get_by_test_id("run").click()
+        run = await cell(page)
+        await expect(run.locator("pre.stream")).to_contain_text("0")
+        drained = asyncio.create_task(drain(server.state, 30))
+        await expect(page.locator(".notice-warn").last).to_contain_text("restarting")
+        assert await wait_cell_state(run, "ok") == "ok"
+        assert await stream_text(run) == "".join(f"{i}\n" for i in range(10))
+        assert await drained == 1
+        server.state.manager.draining = False  # another server of the fleet: here the same one, back in rotation
+        await expect(page.locator(".notice-warn").last).to_contain_text("fresh session on another server")
+        await wait_state(page, "open")
+        s = await stats(page)
+        assert s["sessionId"] != sid and s["drained"] == 1 and s["expired"] == 0 and s["resumes"] == 0, s
+        await set_code(page, "print('x' in globals())")
+        await page.get_by_test_id("run").click()
+        assert await wait_cell_state(await cell(page), "ok") == "ok"
+        assert await stream_text(await cell(page)) == "False\n"
+        assert page.js_errors == []

@@ -117,3 +117,49 @@ async def test_static_page(tmp_path):
         async with httpx.AsyncClient(base_url=srv.http) as h:
             page = await h.get("/")
             assert page.status_code == 200 and "groundloop" in page.text
+
+
+async def test_metrics_on_their_own_port():
+    """GROUNDLOOP_METRICS_PORT: /metrics moves to a port the public proxy never routes to."""
+    from test_fleet import free_port
+
+    port = free_port()
+    async with run_server(server_settings(metrics_port=port)) as srv, httpx.AsyncClient(timeout=30) as h:
+        main = await h.get(srv.http + "/metrics")
+        assert main.status_code == 404
+        own = await h.get(f"http://127.0.0.1:{port}/metrics")
+        assert own.status_code == 200 and "groundloop_connections" in own.text
+    with pytest.raises(httpx.ConnectError):  # the listener went with the server
+        async with httpx.AsyncClient(timeout=5) as h:
+            await h.get(f"http://127.0.0.1:{port}/metrics")
+
+
+async def test_readiness_is_taking_sessions_not_a_full_pool():
+    """Issue 20: a pool that is short (here: never filled) leaves the server ready; pool_full says it."""
+    from conftest import sandbox_settings
+
+    async with run_server(server_settings(sandbox=sandbox_settings(pool_size=0))) as srv:
+        srv.state.engine.pool_size = 5  # a pool of 5 that never fills (no refill runs for it)
+        async with httpx.AsyncClient(base_url=srv.http) as h:
+            r = await h.get("/readyz")
+            assert r.status_code == 200 and r.json()["ready"] is True and r.json()["pool_full"] is False, r.text
+            srv.state.manager.draining = True
+            r = await h.get("/readyz")
+            assert r.status_code == 404 and r.json()["draining"] is True
+            srv.state.manager.draining = False
+
+
+async def test_not_ready_while_sandboxes_cannot_start():
+    """A server whose sandboxes cannot start (the image is missing on its node) takes no new session:
+    /readyz 503 with the reason, so the proxy sends sessions elsewhere."""
+    from conftest import sandbox_settings
+
+    sb = sandbox_settings(image="groundloop-sandbox:no-such-image", pool_size=1)
+    async with run_server(server_settings(sandbox=sb)) as srv, httpx.AsyncClient(base_url=srv.http) as h:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the pool's first start fails in the background: no event to await from here
+            r = await h.get("/readyz")
+            if r.status_code == 503 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status_code == 503 and "sandboxes fail to start" in r.json()["reason"], r.text
