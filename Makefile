@@ -7,7 +7,7 @@ IMAGE ?= $(or $(GROUNDLOOP_SANDBOX_IMAGE),groundloop-sandbox:latest)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install venv image run test bench bench-smoke lint docker-up clean
+.PHONY: install venv image run test bench bench-smoke lint docker-up clean js
 
 venv: $(BIN)/groundloop
 
@@ -29,7 +29,15 @@ install: venv image
 run: install
 	$(BIN)/groundloop serve --host $(HOST) --port $(PORT)
 
-test: install
+# The TypeScript client's dev dependencies (tsc, ws) for tests/test_js_client.py; without npm those tests skip.
+# The page needs none of this: it serves the client's committed build (static/vendor/groundloop-client.js).
+JS := clients/js
+js:
+	@if command -v npm >/dev/null 2>&1; then \
+	  [ $(JS)/node_modules/.package-lock.json -nt $(JS)/package-lock.json ] || (cd $(JS) && npm ci --no-audit --no-fund); \
+	else echo "npm not found: the TypeScript client tests will be skipped"; fi
+
+test: install js
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -43,4 +51,4 @@ lint: venv
 	$(BIN)/ruff check server sessions sandbox tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache test-artifacts $(JS)/node_modules $(JS)/dist
