@@ -202,6 +202,7 @@ export class Session extends EventTarget {
     token;
     ws = null;
     imported;
+    importing = false;
     attempt = 0;
     stopped = false;
     expiredPending = false;
@@ -274,6 +275,9 @@ export class Session extends EventTarget {
         // Looked up at every connection, not once: a page's WebSocket may be wrapped after this module loaded.
         let WS = this.options.WebSocket ?? globalThis.WebSocket ?? this.imported;
         if (!WS) {
+            if (this.importing)
+                return; // the first call goes on after the import
+            this.importing = true;
             try {
                 const name = "ws"; // a variable: bundlers and tsc leave the browser build alone
                 WS = this.imported = (await import(name)).default;
@@ -282,7 +286,10 @@ export class Session extends EventTarget {
                 this.setState("closed", "no WebSocket: use node >= 22 or install the `ws` package");
                 return;
             }
-            if (this.ws)
+            finally {
+                this.importing = false;
+            }
+            if (this.ws || this.stopped)
                 return;
         }
         const protocols = [PROTOCOL];

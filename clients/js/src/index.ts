@@ -338,6 +338,7 @@ export class Session extends EventTarget {
   private token: string;
   private ws: Socket | null = null;
   private imported: WebSocketConstructor | undefined;
+  private importing = false;
   private attempt = 0;
   private stopped = false;
   private expiredPending = false;
@@ -412,14 +413,18 @@ export class Session extends EventTarget {
     // Looked up at every connection, not once: a page's WebSocket may be wrapped after this module loaded.
     let WS = this.options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket ?? this.imported;
     if (!WS) {
+      if (this.importing) return; // the first call goes on after the import
+      this.importing = true;
       try {
         const name = "ws"; // a variable: bundlers and tsc leave the browser build alone
         WS = this.imported = ((await import(name)) as { default: WebSocketConstructor }).default;
       } catch {
         this.setState("closed", "no WebSocket: use node >= 22 or install the `ws` package");
         return;
+      } finally {
+        this.importing = false;
       }
-      if (this.ws) return;
+      if (this.ws || this.stopped) return;
     }
     const protocols = [PROTOCOL];
     const header = this.options.auth === "header";

@@ -149,3 +149,22 @@ test("aborting a queued request never sends it; a taken-over session stops", asy
   assert.equal(s.state, "closed");
   assert.match(s.reason, /took over/);
 });
+
+test("setToken and restart: a fresh session with the new token; what was sent on the old one ends lost", async () => {
+  const { s, fake } = await opened();
+  const h = s.request("run_code", { code: "1" });
+  assert.ok(s.has(h.id));
+  assert.deepEqual(s.inflight().map((x) => x.id), [h.id]);
+  s.setToken("tok2");
+  s.restart();
+  assert.equal((await h.done).error.name, "SessionLost");
+  assert.equal(s.has(h.id), false);
+  await tick();
+  const next = fake.sockets[1];
+  assert.equal(next.url, "ws://127.0.0.1:1/v1/ws"); // no session= : a fresh one
+  assert.deepEqual(next.protocols, ["groundloop.v1", "bearer.tok2"]);
+  next.frames(ready(1, "S2"));
+  assert.equal(s.sessionId, "S2");
+  assert.equal(s.stats.fresh, 2);
+  s.close();
+});
