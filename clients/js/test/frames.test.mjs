@@ -37,6 +37,10 @@ function scripted() {
 
 const ready = (seq, sid, resumed = false) => ({ type: "ready", seq, session_id: sid, resumed, sandbox: {}, limits: {}, protocol: "groundloop.v1" });
 const tick = () => new Promise((r) => setTimeout(r, 0));
+/** Wait for a condition by yielding to the event loop (no fixed sleeps: the machine may be slow). */
+async function until(cond) {
+  while (!cond()) await tick();
+}
 
 async function opened(opts = {}) {
   const fake = scripted();
@@ -58,8 +62,7 @@ test("subprotocol auth, then a resume URL with last_seq; replayed frames already
   const id = sent.id;
   fake.sockets[0].frames({ type: "stdout", seq: 2, id, text: "a\n" }, { type: "stdout", seq: 3, id, text: "b\n" });
   fake.sockets[0].close(1006);
-  await tick();
-  await new Promise((r) => setTimeout(r, 20));
+  await until(() => fake.sockets.length === 2);
   const second = fake.sockets[1];
   assert.equal(second.url, "ws://127.0.0.1:1/v1/ws?session=S1&last_seq=3");
   // A server replaying from an older point (an overlap): seq 3 again is dropped, not shown twice.
@@ -95,17 +98,16 @@ test("a forgotten session: sent requests end SessionLost, queued ones go to the 
   const { s, fake } = await opened({ renewExpired: true, reconnect: false });
   const sentEarlier = s.request("run_code", { code: "1" });
   fake.sockets[0].close(1006);
-  await tick();
-  await tick();
-  assert.equal(s.state, "offline");
+  await until(() => s.state === "offline");
   const queued = s.request("run_code", { code: "2" });
   const readies = [];
   s.on("ready", (d) => readies.push(d));
   s.autoReconnect = true;
   s.open();
   await tick();
+  await until(() => fake.sockets.length === 2);
   fake.sockets[1].frames({ type: "error", seq: 0, code: "not_found", message: "no such session" });
-  await tick();
+  await until(() => fake.sockets.length === 3);
   const third = fake.sockets[2];
   assert.equal(third.url, "ws://127.0.0.1:1/v1/ws");
   assert.equal((await sentEarlier.done).error.name, "SessionLost");
