@@ -10,7 +10,8 @@
  * A dropped socket reconnects to `/v1/ws?session=<id>&last_seq=<n>`; frames already processed are dropped by
  * seq, so every line reaches the caller exactly once; frames the server had evicted come back as a `gap`.
  *
- * One source file on purpose: `tsc` then emits one ES module, which the page serves as it is (no bundler).
+ * One runtime source file on purpose: `tsc` then emits one ES module, which the page serves as it is (no bundler);
+ * the types (frames, options, results) are in types.ts, which compiles to nothing.
  */
 export const PROTOCOL = "groundloop.v1";
 const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // what a Sec-WebSocket-Protocol token may hold

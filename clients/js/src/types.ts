@@ -211,3 +211,131 @@ export interface SessionStats {
   gaps: number;
   frames: number;
 }
+
+/* ---- the client's own types (options, results, events) ---------------------------------------------------- */
+
+/** The subset of the WHATWG WebSocket that this client uses (browsers, node >= 22, `ws`). */
+export interface WebSocketLike {
+  readyState: number;
+  binaryType: string;
+  protocol: string;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+export type WebSocketConstructor = new (url: string, protocols?: string[], options?: unknown) => WebSocketLike;
+
+export interface SessionOptions {
+  token?: string;
+  /** `subprotocol` (default, what browsers can do) or `header` (`Authorization: Bearer`, needs `ws`). */
+  auth?: "subprotocol" | "header";
+  /** A WebSocket implementation; default the global one, else the `ws` package. */
+  WebSocket?: WebSocketConstructor;
+  /** Reconnect and resume after a drop (default true); false leaves the session `offline` until `open()`. */
+  reconnect?: boolean;
+  /** When the server forgot the session (expired, closed): start a fresh one (true) or close (false, default). */
+  renewExpired?: boolean;
+  /** Backoff of reconnects: doubles from `initialMs` up to `maxMs`, +-20 % jitter. */
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Send a `ping` this often while open (0: never); each answer is an `rtt` event. */
+  pingIntervalMs?: number;
+  /** Asked when a fresh connection fails before the upgrade: if it answers, the server refused us (HTTP 401/403). */
+  healthUrl?: string | null;
+  /** At most this many frames wait in a stream iterator nobody reads (then it fails, nothing is dropped silently). */
+  maxBufferedFrames?: number;
+}
+
+export interface RequestOptions {
+  onFrame?: (frame: RequestFrame) => void;
+  /** Aborting cancels the request (a `cancel` frame, or never sending it when still queued). */
+  signal?: AbortSignal;
+  /** Keep the frames for `for await` iteration over the handle. */
+  iterate?: boolean;
+}
+
+export interface OutputCallbacks {
+  onStdout?: (text: string, frame: OutputFrame) => void;
+  onStderr?: (text: string, frame: OutputFrame) => void;
+  onResult?: (result: Result, frame: ResultFrame) => void;
+  signal?: AbortSignal;
+}
+
+export interface Result {
+  data: MimeBundle;
+  /** The value of the last expression (Jupyter's Out) rather than a display call. */
+  main: boolean;
+}
+
+/** What a `run_code` gave. Failure of the code is data here (`ok`, `error`), not an exception. */
+export interface Execution {
+  id: RequestId;
+  ok: boolean;
+  output: { stdout: string; stderr: string };
+  results: Result[];
+  error: ErrorInfo | null;
+  context?: string;
+  truncated: boolean;
+  /** A `gap` came while the request was in flight: some of its frames may be lost (never silently). */
+  gap: boolean;
+  durationMs: number;
+  done: DoneFrame;
+}
+
+export interface ExecResult extends Omit<Execution, "results" | "context"> {
+  exitCode: number | null;
+}
+
+export interface AssistResult extends Omit<Execution, "context"> {
+  iterations: number;
+  code: string;
+  /** The model's whole reply, every try's tokens in order. */
+  text: string;
+  cached: boolean;
+  attempts: AttemptFrame[];
+  usage?: { input_tokens: number; output_tokens: number };
+  timings?: { ttft_ms: number; generation_ms: number; execution_ms: number };
+}
+
+export type ProcessFrame = OutputFrame | ExitFrame;
+
+export interface RunCodeOptions extends OutputCallbacks {
+  language?: Language;
+  context?: string;
+  timeoutS?: number;
+}
+
+export interface ExecOptions extends OutputCallbacks {
+  cwd?: string;
+  env?: Record<string, string>;
+  timeoutS?: number;
+}
+
+export interface StartProcessOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+  processId?: string;
+  onStdout?: (text: string, frame: OutputFrame) => void;
+  onStderr?: (text: string, frame: OutputFrame) => void;
+}
+
+export interface AssistOptions extends OutputCallbacks {
+  language?: Language;
+  maxIterations?: number;
+  context?: string;
+  onToken?: (text: string, frame: TokenFrame) => void;
+  onCode?: (frame: CodeFrame) => void;
+  onAttempt?: (frame: AttemptFrame) => void;
+}
+
+export interface SessionEvents {
+  state: { state: ConnectionState; reason: string; delayMs?: number };
+  ready: { frame: ReadyFrame; fresh: boolean; expired: boolean };
+  /** A frame of no request in flight: `gap`, `sandbox_replaced`, an `error` without id, output of a forgotten process. */
+  frame: { frame: ServerFrame };
+  gap: { frame: GapFrame };
+  rtt: { ms: number };
+}
