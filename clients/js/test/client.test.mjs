@@ -243,25 +243,29 @@ async function proxy(target) {
   const url = target.replace(`${hostname}:${port}`, `127.0.0.1:${server.address().port}`);
   return {
     url,
+    /** Destroy every open connection; returns how many there were. */
     cut() {
+      const n = socks.size;
       for (const sk of socks) sk.destroy();
       socks.clear();
+      return n;
     },
     close: () => new Promise((r) => server.close(r)),
   };
 }
 
 describe("resume through a cut network", { skip }, () => {
-  test("every line exactly once, in order, across two cuts mid-stream", async () => {
+  test("every line exactly once, in order, across cuts mid-stream", async () => {
     const p = await proxy(URL_);
     const s = await connect(p.url, { token: TOKEN, backoff: { initialMs: 50, maxMs: 200 } });
     const sid = s.sessionId;
     const lines = [];
     const cutsAt = new Set(["line 5\n", "line 60\n"]);
+    let cuts = 0; // a loaded machine may read line 60 before the first cut shows: count the cuts that cut
     const ex = await s.runCode("import time\nfor i in range(1, 121):\n    print(f'line {i}', flush=True)\n    time.sleep(0.01)\n'end'", {
       onStdout: (t) => {
         lines.push(t);
-        if (cutsAt.has(t)) p.cut();
+        if (cutsAt.has(t) && p.cut() > 0) cuts += 1;
       },
     });
     assert.equal(ex.ok, true, JSON.stringify(ex.done));
@@ -270,7 +274,8 @@ describe("resume through a cut network", { skip }, () => {
     assert.equal(ex.results[0].data["text/plain"], "'end'");
     assert.equal(ex.gap, false);
     assert.equal(s.sessionId, sid);
-    assert.equal(s.stats.resumes, 2);
+    assert.ok(cuts >= 1);
+    assert.equal(s.stats.resumes, cuts);
     assert.equal(s.stats.seqJumps, 0);
     s.close();
     await p.close();
