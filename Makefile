@@ -12,7 +12,7 @@ SERVER_IMAGE ?= $(or $(GROUNDLOOP_SERVER_IMAGE),groundloop-server:test)
 # checkov pins dozens of packages that must not move the server's.
 DEPLOY_VENV := .venv-deploy
 
-.PHONY: install venv image server-image deploy-tools run test test-deps bench bench-smoke lint docker-up clean
+.PHONY: install venv image server-image deploy-tools run test test-deps bench bench-smoke lint docker-up clean js
 
 venv: $(BIN)/groundloop
 
@@ -49,7 +49,15 @@ server-image: venv docker-up
 run: install
 	$(BIN)/groundloop serve --host $(HOST) --port $(PORT)
 
-test: install test-deps deploy-tools server-image
+# The TypeScript client's dev dependencies (tsc, ws) for tests/test_js_client.py; without npm those tests skip.
+# The page needs none of this: it serves the client's committed build (static/vendor/groundloop-client.js).
+JS := clients/js
+js:
+	@if command -v npm >/dev/null 2>&1; then \
+	  [ $(JS)/node_modules/.package-lock.json -nt $(JS)/package-lock.json ] || (cd $(JS) && npm ci --no-audit --no-fund); \
+	else echo "npm not found: the TypeScript client tests will be skipped"; fi
+
+test: install test-deps deploy-tools server-image js
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -64,4 +72,4 @@ lint: venv
 	$(BIN)/ruff format --check server sessions sandbox tests bench
 
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache test-artifacts $(JS)/node_modules $(JS)/dist

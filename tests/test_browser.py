@@ -33,6 +33,30 @@ docker = pytest.mark.docker
 
 
 @contextlib.asynccontextmanager
+async def static_http():
+    """static/ served by the stdlib's HTTP server on a free loopback port, in a thread; yields its base URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = Path(__file__).resolve().parent.parent / "static"
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@contextlib.asynccontextmanager
 async def _closing(client):
     try:
         yield client
@@ -228,7 +252,7 @@ async def test_resume_after_a_server_side_disconnect(server):
         run, rid = await run_then_drop(page, session, RESUME, "before the drop\n")
         assert await run.get_attribute("data-state") == "running"
 
-        await page.evaluate("() => { const c = window.groundloop.client; c.autoReconnect = true; c.connect(); }")
+        await page.evaluate("() => { const c = window.groundloop.client; c.autoReconnect = true; c.open(); }")
         await wait_state(page, "open")
         assert await wait_cell_state(run, "ok") == "ok"
         expected = "before the drop\n" + "".join(f"while away {i}\n" for i in range(1, 41))
@@ -297,7 +321,7 @@ async def test_queued_request_small_replay_buffer_and_expired_session():
         queued = await cell(page)
         await expect(page.locator(".notice-muted").last).to_contain_text("queued")
 
-        await page.evaluate("() => { const c = window.groundloop.client; c.autoReconnect = true; c.connect(); }")
+        await page.evaluate("() => { const c = window.groundloop.client; c.autoReconnect = true; c.open(); }")
         await wait_state(page, "open")
         assert await wait_cell_state(run, "ok") == "ok"
         assert await stream_text(run) == "start\n" + "".join(f"line {i}\n" for i in range(1, 31))
@@ -526,17 +550,15 @@ async def test_narrow_screen_keyboard_and_tokens(server):
 
 
 async def test_rendering_helpers_in_the_browser():
-    """render.js on its own (the page from disk, no server): fences while streaming, safe text, bundles."""
-    from pathlib import Path
-
-    index = Path(__file__).resolve().parent.parent / "static" / "index.html"
-    async with chromium() as browser:
+    """render.js on its own (static/ over plain HTTP, no groundloop server): fences while streaming, safe
+    text, bundles. Modules do not load from file://, so a stdlib HTTP server on loopback serves the folder."""
+    async with chromium() as browser, static_http() as base:
         page = await browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(index.as_uri())
-        r = await page.evaluate("""() => {
-            const R = window.GLRender;
+        await page.goto(base + "/")  # the page itself (its socket finds no groundloop server there: it retries)
+        r = await page.evaluate("""async () => {
+            const R = await import("/render.js");
             const text = "Intro `x`\\n```python\\nprint(1)\\n```\\nafter <b>not bold</b>\\n~~~\\nopen";
             const parts = R.parseFences(text).map(p => [p.kind, p.lang || "", p.code || p.text, !!p.closed]);
             const cut = R.endOfLastFence(text);
