@@ -23,7 +23,9 @@ from .settings import SandboxSettings, parse_size
 log = logging.getLogger("groundloop.sandbox")
 
 LABEL = "groundloop.managed"
-AGENT_CMD = ["python3", "-u", "-B", "/opt/groundloop/agent.py"]
+# -P: /workspace (the working directory, writable by the code) never goes on the agent's import path;
+# the image sets PYTHONPATH=/opt/groundloop, where the agent package is.
+AGENT_CMD = ["python3", "-u", "-B", "-P", "-m", "groundloop_agent"]
 SANDBOX_USER = "1000:1000"
 
 
