@@ -167,3 +167,25 @@ async def test_unknown_op_and_ping(sb):
     assert not done["ok"] and done["error"]["name"] == "UnknownOp"
     done, _ = await run(sb, "ping")
     assert done["ok"] and done["pong"] is True
+
+
+async def test_a_cell_that_closes_its_stdio_leaves_the_context_usable(sb):
+    done, _ = await run(sb, "run_code", code="import os\nos.close(1)\nos.close(2)")
+    assert done["ok"], done
+    done, ev = await run(sb, "run_code", code="import sys\nprint('back')\nprint('err', file=sys.stderr)")
+    assert done["ok"] and ev.text() == "back\n" and ev.text("stderr") == "err\n"
+    done, _ = await run(sb, "run_code", code="import sys\nsys.stdout.close()")
+    done, ev = await run(sb, "run_code", code="print('again')")
+    assert done["ok"] and ev.text() == "again\n"
+
+
+async def test_files_that_are_not_regular_fail_fast_with_a_clear_error(sb):
+    fifo = os.path.join(sb.hello["workdir"], "fifo")
+    os.mkfifo(fifo)
+    for op, params in (("read_file", {"path": "fifo"}), ("write_file", {"path": "fifo", "content": "x"})):
+        done, _ = await run(sb, op, **params)
+        assert not done["ok"] and done["error"]["name"] == "NotARegularFile", done
+    done, _ = await run(sb, "read_file", path="/proc/self/fd/0")  # the agent's own stdin
+    assert not done["ok"] and done["error"]["name"] == "NotARegularFile", done
+    done, _ = await run(sb, "ping")
+    assert done["ok"]
