@@ -35,7 +35,9 @@ def hardening(settings: SandboxSettings) -> dict[str, Any]:
 
     mem = parse_size(settings.memory)
     return {
-        "init": True,
+        # No docker-init: it would hold the agent's stdio as a dumpable pid 1, open to the code
+        # through /proc/1/fd. The agent's own pid 1 reaps instead (sandbox/agent/groundloop_agent/init.py).
+        "init": False,
         "network_mode": "none",
         "read_only": True,
         "tmpfs": {
@@ -194,6 +196,7 @@ class DockerBackend:
             writer=writer,
             docker_mux=True,
             closer=self._close_sandbox,
+            max_frame_bytes=self.settings.max_frame_bytes,
         )
         try:
             await sb.handshake(self.settings.start_timeout_s)

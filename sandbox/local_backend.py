@@ -81,6 +81,7 @@ class LocalBackend:
             writer=proc.stdin,
             docker_mux=False,
             closer=self._close_sandbox,
+            max_frame_bytes=self.settings.max_frame_bytes,
         )
         try:
             await sb.handshake(self.settings.start_timeout_s)

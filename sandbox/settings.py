@@ -129,6 +129,14 @@ class SandboxSettings:
         "default",
         "label value grouping one deployment's containers (orphans of the same namespace are reaped at start-up)",
     )
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The longest frame the server reads from the agent (a longer one loses the sandbox): the largest
+        answer, a file read (base64) or a request's output, twice over for JSON escaping, plus room for one
+        batch of output lines."""
+        return 2 * max(self.max_output_bytes, self.max_file_bytes) + (4 << 20)
+
     allow_local: bool = env(
         "GROUNDLOOP_ALLOW_LOCAL_BACKEND",
         False,

@@ -189,3 +189,20 @@ async def test_files_that_are_not_regular_fail_fast_with_a_clear_error(sb):
     assert not done["ok"] and done["error"]["name"] == "NotARegularFile", done
     done, _ = await run(sb, "ping")
     assert done["ok"]
+
+
+async def test_an_answer_over_the_frame_bound_becomes_a_clear_error():
+    settings = SandboxSettings(backend="local", max_output_bytes=1 << 20, max_file_bytes=3 << 20)
+    backend = LocalBackend(settings)
+    sb = await backend.start("test-agent-local-frame")
+    try:
+        # 3 MiB of a character JSON must escape (6 bytes each): 18 MiB as text, over the 10 MiB bound.
+        with open(os.path.join(sb.hello["workdir"], "ctl.txt"), "wb") as f:
+            f.write(b"\x01" * (3 << 20))
+        done, _ = await run(sb, "read_file", path="ctl.txt", encoding="utf-8")
+        assert not done["ok"] and done["error"]["name"] == "FrameTooLarge", done
+        assert "base64" in done["error"]["message"]
+        done, _ = await run(sb, "read_file", path="ctl.txt", encoding="base64")
+        assert done["ok"] and done["size"] == 3 << 20
+    finally:
+        await sb.close()

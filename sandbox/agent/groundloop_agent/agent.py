@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from .common import AGENT_VERSION, BASE_ENV, INTERRUPT_GRACE, MAX_OUTPUT, WORKDIR, RequestError
+from .common import AGENT_VERSION, BASE_ENV, ERROR_TEXT_MAX, INTERRUPT_GRACE, MAX_OUTPUT, WORKDIR, RequestError
 from .contexts import Context, Run
 from .files import FileOps
 from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
@@ -128,7 +128,7 @@ class Agent(FileOps):
 
     async def handle(self, rid: str, handler, req: dict) -> None:
         t0 = time.monotonic()
-        target = Target(self, rid=rid, cap=int(req.get("max_output_bytes") or MAX_OUTPUT))
+        target = Target(self, rid=rid, cap=int(req.get("max_output_bytes") or MAX_OUTPUT), frame_max=frame_max_of(req))
         extra, error = None, None
         try:
             extra = await handler(req, target, self.cancels[rid])
@@ -151,15 +151,31 @@ class Agent(FileOps):
         if extra:
             done.update(extra)
         if error is not None:
-            done["error"] = {"name": error.name, "message": error.message}
+            done["error"] = {"name": clip(error.name, 256), "message": clip(error.message)}
             tb = error.extra.get("traceback")
             if tb:
-                done["error"]["traceback"] = tb
+                done["error"]["traceback"] = clip(tb)
             done.update((k, v) for k, v in error.extra.items() if k != "traceback")
         if target.truncated:
             done["truncated"] = True
         done["agent_ms"] = round((time.monotonic() - t0) * 1000, 3)
-        self.out.send(done)
+        frame = Out.encode(done)
+        if target.frame_max and len(frame) > target.frame_max:
+            # The server reads no longer frame (it would lose the sandbox): the answer becomes an error.
+            frame = Out.encode(
+                {
+                    "ev": "done",
+                    "rid": rid,
+                    "ok": False,
+                    "error": {
+                        "name": "FrameTooLarge",
+                        "message": f"the answer was {len(frame)} bytes, over the limit of {target.frame_max} bytes"
+                        + (" (read the file as base64)" if "content" in done else ""),
+                    },
+                    "agent_ms": done["agent_ms"],
+                }
+            )
+        self.out.send_raw(frame)
 
     def finish(self, run: Run, extra: dict | None = None, error: RequestError | None = None) -> None:
         if not run.finished:
@@ -170,7 +186,7 @@ class Agent(FileOps):
 
     def run_code(self, rid: str, req: dict) -> None:
         t0 = time.monotonic()
-        target = Target(self, rid=rid, cap=int(req.get("max_output_bytes") or MAX_OUTPUT))
+        target = Target(self, rid=rid, cap=int(req.get("max_output_bytes") or MAX_OUTPUT), frame_max=frame_max_of(req))
         cancel = self.cancels[rid] = Cancel()
         code = req.get("code")
         if not isinstance(code, str):
@@ -333,6 +349,21 @@ class Agent(FileOps):
 
     async def op_list_processes(self, req, target, cancel):
         return {"processes": [p.describe() for p in self.processes.values()]}
+
+
+def frame_max_of(req: dict) -> int:
+    try:
+        return max(0, int(req.get("max_frame_bytes") or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def clip(text, limit: int = ERROR_TEXT_MAX) -> str:
+    """An error's text within bounds (a cell can raise an exception with a message of any size)."""
+    text = text if isinstance(text, str) else str(text)
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit} more characters]"
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ LINE_MAX = 16 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024
 MAX_FILE = 32 * 1024 * 1024
 INTERRUPT_GRACE = 1.0
+ERROR_TEXT_MAX = 64 * 1024  # characters of an error's message or traceback
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": os.environ.get("HOME", "/workspace"),

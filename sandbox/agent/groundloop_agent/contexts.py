@@ -61,7 +61,7 @@ class Context:
         self.pipes: tuple[Pipe, Pipe] | None = None
         self.ctrl_w: int | None = None
         self.ctrl_r: int | None = None
-        self.ctrl_buf = b""
+        self.ctrl_buf = bytearray()
         self.ctrl_eof = False
         self.current: Run | None = None  # the run the worker has
         self.queue: collections.deque[Run] = collections.deque()
@@ -94,7 +94,7 @@ class Context:
             os.close(res_w)
         self.ctrl_w = cmd_w
         self.ctrl_r = res_r
-        self.ctrl_buf = b""
+        self.ctrl_buf = bytearray()
         self.ctrl_eof = False
         os.set_blocking(res_r, False)
         self.agent.loop.add_reader(res_r, self._on_ctrl)
@@ -218,21 +218,32 @@ class Context:
             elif self.current is not None and self.busy is None:
                 self._busy(self._bury(self.current))
             return
-        self.ctrl_buf += data
-        while b"\n" in self.ctrl_buf:
-            line, self.ctrl_buf = self.ctrl_buf.split(b"\n", 1)
-            ev = json.loads(line)
+        # Newlines are looked for in the new bytes only: a long answer (a big result) costs one pass.
+        buf = self.ctrl_buf
+        start = len(buf)
+        buf += data
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            start = 0
+            try:
+                ev = json.loads(line)
+                if not isinstance(ev, dict):
+                    raise ValueError("not an object")
+            except ValueError:  # the cell's code can write to this pipe: a bad line is its own doing
+                continue
             run = self.current
             self._flush_output()  # output written before a result/done goes first
             if ev.get("t") == "result":
                 if run is not None:
-                    self.agent.out.send(
-                        {"ev": "result", "rid": run.rid, "data": ev["data"], "main": ev.get("main", False)}
-                    )
+                    run.target.emit_result(ev.get("data"), ev.get("main", False))
                 continue
             result = ev.pop("result", None)
             if result is not None and run is not None:
-                self.agent.out.send({"ev": "result", "rid": run.rid, "data": result, "main": True})
+                run.target.emit_result(result, True)
             if self.waiter is not None:
                 self._wake(("done", ev))
             elif run is not None:

@@ -25,11 +25,14 @@ JSON_SPECIAL = bytes(c for c in range(0x20) if c != 0x0A) + b'"\\'  # bytes JSON
 class Target:
     """Where the lines of a pipe go: a request (run, exec) or a process."""
 
-    def __init__(self, agent: Agent, rid: str | None = None, proc: str | None = None, cap: int = MAX_OUTPUT):
+    def __init__(
+        self, agent: Agent, rid: str | None = None, proc: str | None = None, cap: int = MAX_OUTPUT, frame_max: int = 0
+    ):
         self.agent = agent
         self.rid = rid
         self.proc = proc
         self.cap = cap
+        self.frame_max = frame_max  # the server's bound on one frame (0: none given)
         self.sent = 0
         self.truncated = False
 
@@ -51,6 +54,17 @@ class Target:
         if self.rid is not None:
             return {"ev": "out", "rid": self.rid, "s": stream, "lines": lines}
         return {"ev": "pout", "proc": self.proc, "s": stream, "lines": lines}
+
+    def emit_result(self, data, main: bool) -> None:
+        """Send a MIME bundle of a run; its frame counts against the output cap like lines do."""
+        if self.truncated:
+            return
+        frame = Out.encode({"ev": "result", "rid": self.rid, "data": data, "main": bool(main)})
+        if self.sent + len(frame) > self.cap:
+            self.truncated = True
+            return
+        self.sent += len(frame)
+        self.agent.out.send_raw(frame)
 
     def emit(self, stream: str, lines: list[str], sizes: list[int] | None = None) -> None:
         """Send lines on; ``sizes`` are their lengths in bytes as read (counted against the cap)."""
