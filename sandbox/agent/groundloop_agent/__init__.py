@@ -25,5 +25,7 @@ of filling memory.
 
 Modules: ``wire`` (the frame stream), ``pipes`` (children's output),
 ``contexts`` (persistent workers), ``procs`` (process trees, background
-processes), ``files`` (file operations), ``agent`` (dispatch and main loop).
+processes), ``files`` (file operations), ``agent`` (dispatch and main loop),
+``init`` (pid 1 of the container, and the non-dumpable guard of the frame
+stream). Every answer is held to the ``max_frame_bytes`` a request names.
 """
