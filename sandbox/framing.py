@@ -173,11 +173,13 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
     elif kind == "done":
         _need(isinstance(ev.get("ok"), bool), ev, "ok as a boolean")
         done: dict[str, Any] = {"ev": "done", "rid": ev["rid"]}
-        for key, types in _DONE_FIELDS.items():
-            if key in ev:
-                value = ev[key]
-                _need(isinstance(value, types) and (bool in types or not isinstance(value, bool)), ev, f"a valid {key}")
-                done[key] = ev[key]
+        for key, value in ev.items():
+            types = _DONE_FIELDS.get(key)
+            if types is None:
+                continue  # ev, rid, error (below), or a field no client may see
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise FramingError(f"expected a valid {key} in a 'done' event of the agent")
+            done[key] = value
         error = ev.get("error")
         if error is not None:
             _need(isinstance(error, dict), ev, "error as an object")
