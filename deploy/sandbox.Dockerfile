@@ -19,8 +19,9 @@ RUN (getent group sandbox || groupadd --gid 1000 sandbox) && \
     (getent passwd sandbox || useradd --uid 1000 --gid 1000 --home-dir /workspace --no-create-home --shell /bin/sh sandbox) && \
     mkdir -p /workspace /opt/groundloop && chown 1000:1000 /workspace
 
-COPY agent.py pyworker.py jsworker.js /opt/groundloop/
-ENV HOME=/workspace LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
+COPY groundloop_agent /opt/groundloop/groundloop_agent
+# PYTHONPATH is the agent's alone: it starts every child with an environment of its own.
+ENV HOME=/workspace LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/opt/groundloop
 USER 1000:1000
 WORKDIR /workspace
-CMD ["python3", "-u", "-B", "/opt/groundloop/agent.py"]
+CMD ["python3", "-u", "-B", "-P", "-m", "groundloop_agent"]

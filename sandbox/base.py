@@ -9,6 +9,13 @@ Backpressure: the callback is awaited inside the one reader task, so a slow
 consumer stops the reading of the agent's stream, which in turn makes the
 agent stop reading its children's pipes. Nothing in between grows unbounded.
 
+Everything from the agent is untrusted: it shares its container with the code
+it runs. A frame longer than ``max_frame_bytes``, or one that is not an agent
+event of the right shape (``framing.check_event``), loses the sandbox (every
+request in flight ends with SandboxLost); a ``done`` carries only the fields
+the protocol knows, and only the first for a request counts. The container's
+stderr reaches the server's log escaped and rate-limited.
+
 Exceptions::
 
     SandboxError                  (protocol code: sandbox_unavailable)
@@ -22,6 +29,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -31,6 +39,11 @@ from . import framing
 log = logging.getLogger("groundloop.sandbox")
 
 DRAIN_ABOVE = 1 << 20  # bytes queued towards the agent before a sender waits
+DEFAULT_MAX_FRAME = 64 << 20  # without settings; backends pass SandboxSettings.max_frame_bytes
+LOG_LINE_MAX = 1000  # characters of one line of the sandbox's stderr (or log event) in the server's log
+LOG_BURST = 200  # lines of it logged at once, then LOG_RATE a second
+LOG_RATE = 20.0
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -46,6 +59,34 @@ class SandboxUnavailable(SandboxError):
 
 class SandboxLost(SandboxError):
     name = "SandboxLost"
+
+
+def _escape(text: str) -> str:
+    """A line for the server's log: control characters (ANSI escapes, carriage returns) shown, not sent."""
+    if len(text) > LOG_LINE_MAX:
+        text = text[:LOG_LINE_MAX] + f"... [{len(text) - LOG_LINE_MAX} more characters]"
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _LogBudget:
+    """A token bucket of log lines: the sandbox's stderr must not flood the server's log."""
+
+    def __init__(self, burst: int = LOG_BURST, rate: float = LOG_RATE):
+        self.burst = burst
+        self.rate = rate
+        self.tokens = float(burst)
+        self.at = time.monotonic()
+        self.dropped = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.dropped += 1
+        return False
 
 
 class State(enum.IntEnum):
@@ -80,6 +121,7 @@ class Sandbox:
         writer: asyncio.StreamWriter,
         docker_mux: bool,
         closer: Callable[[Sandbox], Awaitable[None]] | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME,
     ):
         self.id = sandbox_id
         self.session_id = session_id
@@ -93,8 +135,10 @@ class Sandbox:
         self.lost_reason: str | None = None
         self._reader = reader
         self._writer = writer
-        self._demux = framing.DockerDemux() if docker_mux else None
-        self._lines = framing.LineSplitter()
+        self.max_frame_bytes = max_frame_bytes
+        self._demux = framing.DockerDemux(max_frame_bytes) if docker_mux else None
+        self._lines = framing.LineSplitter(max_frame_bytes)
+        self._log_budget = _LogBudget()
         self._pending: dict[str, _Pending] = {}
         self._rids = itertools.count(1)
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -196,6 +240,8 @@ class Sandbox:
         frame = {"op": op, "rid": rid}
         if params:
             frame.update(params)
+        # The agent holds each answer to this bound (a larger done becomes an error), and so do we.
+        frame["max_frame_bytes"] = self.max_frame_bytes
         try:
             self._writer.write(framing.encode(frame))
         except (ConnectionError, RuntimeError) as exc:
@@ -256,7 +302,7 @@ class Sandbox:
                     for stream, payload in self._demux.feed(data):
                         if stream == framing.STDERR:
                             for line in payload.decode("utf-8", "replace").splitlines():
-                                log.info("sandbox %s agent: %s", self.id[:12], line)
+                                self._log_line(line)
                         else:
                             await self._on_bytes(payload)
                 else:
@@ -271,6 +317,8 @@ class Sandbox:
             reason = f"the sandbox reader failed: {type(exc).__name__}: {exc}"
             log.exception("sandbox %s: %s", self.id[:12], reason)
         finally:
+            if self._log_budget.dropped:
+                log.warning("sandbox %s: %d lines of its stderr not logged", self.id[:12], self._log_budget.dropped)
             self.lost_reason = self.lost_reason or reason
             self._fail_all(SandboxLost(self.lost_reason))
             if self.state < State.LOST:
@@ -281,15 +329,26 @@ class Sandbox:
                     except Exception:  # pragma: no cover
                         log.exception("sandbox listener failed")
 
+    def _log_line(self, line: str) -> None:
+        """One line of the sandbox's stderr (or of a log event) into the server's log, escaped, within budget."""
+        budget = self._log_budget
+        if not budget.take():
+            return
+        if budget.dropped:
+            log.warning("sandbox %s: %d lines of its stderr not logged (over the rate)", self.id[:12], budget.dropped)
+            budget.dropped = 0
+        log.info("sandbox %s agent: %s", self.id[:12], _escape(line))
+
     async def _on_bytes(self, data: bytes) -> None:
         for line in self._lines.feed(data):
             if not line:
                 continue
-            ev = framing.decode(line)
+            ev = framing.check_event(framing.decode(line))
             kind = ev.get("ev")
             rid = ev.get("rid")
             if kind == "done":
-                pending = self._pending.get(rid)
+                # The first done ends the request; whatever else comes for its rid is dropped.
+                pending = self._pending.pop(rid, None)
                 if pending is not None and not pending.future.done():
                     if pending.on_done is not None:
                         try:
@@ -299,7 +358,7 @@ class Sandbox:
                     pending.future.set_result(ev)
             elif rid is not None:
                 pending = self._pending.get(rid)
-                if pending is not None and pending.on_event is not None:
+                if pending is not None and pending.on_event is not None and not pending.future.done():
                     await pending.on_event(ev)
             elif kind == "hello":
                 if not self._hello.done():
@@ -307,7 +366,8 @@ class Sandbox:
             elif self._listener is not None:
                 await self._listener(ev)
             elif kind == "log":
-                log.info("sandbox %s agent: %s", self.id[:12], ev.get("message"))
+                for line in ev["message"].splitlines() or [""]:
+                    self._log_line(line)
 
     def _fail_all(self, exc: Exception) -> None:
         if not self._hello.done():

@@ -23,7 +23,9 @@ from .settings import SandboxSettings, parse_size
 log = logging.getLogger("groundloop.sandbox")
 
 LABEL = "groundloop.managed"
-AGENT_CMD = ["python3", "-u", "-B", "/opt/groundloop/agent.py"]
+# -P: /workspace (the working directory, writable by the code) never goes on the agent's import path;
+# the image sets PYTHONPATH=/opt/groundloop, where the agent package is.
+AGENT_CMD = ["python3", "-u", "-B", "-P", "-m", "groundloop_agent"]
 SANDBOX_USER = "1000:1000"
 
 
@@ -33,7 +35,9 @@ def hardening(settings: SandboxSettings) -> dict[str, Any]:
 
     mem = parse_size(settings.memory)
     return {
-        "init": True,
+        # No docker-init: it would hold the agent's stdio as a dumpable pid 1, open to the code
+        # through /proc/1/fd. The agent's own pid 1 reaps instead (sandbox/agent/groundloop_agent/init.py).
+        "init": False,
         "network_mode": "none",
         "read_only": True,
         "tmpfs": {
@@ -192,6 +196,7 @@ class DockerBackend:
             writer=writer,
             docker_mux=True,
             closer=self._close_sandbox,
+            max_frame_bytes=self.settings.max_frame_bytes,
         )
         try:
             await sb.handshake(self.settings.start_timeout_s)

@@ -7,7 +7,13 @@ writes is prefixed by an 8-byte header ``[stream, 0, 0, 0, size (u32 BE)]``
 where stream is 1 for stdout and 2 for stderr.
 
 ``DockerDemux`` undoes the multiplexing, ``LineSplitter`` cuts a byte stream
-into lines, ``encode``/``decode`` turn objects into lines and back.
+into lines, ``encode``/``decode`` turn objects into lines and back, and
+``check_event`` holds an agent event to the agent's schema.
+
+Everything read from the agent is untrusted: it runs in the same container as
+the code it runs. Both buffers are bounded (a frame over the bound is a
+FramingError, which loses the sandbox), and an event that is not one the agent
+sends, in the shape it sends it, is a FramingError too.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ class DockerDemux:
     [(1, b'hi')]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = 256 * 1024 * 1024) -> None:
         self._buf = bytearray()
+        self.max_frame = max_frame
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         self._buf += data
@@ -46,6 +53,8 @@ class DockerDemux:
             stream, size = _HEADER.unpack_from(buf, pos)
             if stream not in (0, 1, 2):
                 raise FramingError(f"expected a stream id of 0, 1 or 2 in the attach header, got {stream}")
+            if size > self.max_frame:
+                raise FramingError(f"expected an attach frame of at most {self.max_frame} bytes, got {size}")
             if len(buf) - pos - 8 < size:
                 break
             out.append((stream, bytes(buf[pos + 8 : pos + 8 + size])))
@@ -79,6 +88,8 @@ class LineSplitter:
                 raise FramingError(f"expected a newline within {self.max_line} bytes")
             return []
         if buf:
+            if len(buf) + last > self.max_line:
+                raise FramingError(f"expected a newline within {self.max_line} bytes")
             buf += data[:last]
             lines = bytes(buf).split(b"\n")
             buf.clear()
@@ -86,6 +97,8 @@ class LineSplitter:
             lines = data[:last].split(b"\n")
         if last + 1 < len(data):
             buf += data[last + 1 :]
+            if len(buf) > self.max_line:
+                raise FramingError(f"expected a newline within {self.max_line} bytes")
         return lines
 
     @property
@@ -107,3 +120,82 @@ def decode(line: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise FramingError(f"expected a JSON object from the agent, got {type(obj).__name__}")
     return obj
+
+
+# The fields a ``done`` may carry on to the client, and their types: nothing else of the agent's
+# passes (a forged ``type``, ``seq`` or ``id`` must never reach the client's frame).
+_DONE_FIELDS: dict[str, tuple[type, ...]] = {
+    "ok": (bool,),
+    "agent_ms": (int, float),
+    "truncated": (bool,),
+    "state_lost": (bool,),
+    "context": (str,),
+    "context_id": (str,),
+    "contexts": (list,),
+    "exit_code": (int, type(None)),
+    "path": (str,),
+    "size": (int,),
+    "content": (str,),
+    "encoding": (str,),
+    "entries": (list,),
+    "process_id": (str,),
+    "pid": (int,),
+    "processes": (list,),
+    "found": (bool,),
+    "pong": (bool,),
+}
+_ERROR_FIELDS = ("name", "message", "traceback")
+_STREAMS = ("stdout", "stderr")
+
+
+def _need(ok: bool, ev: dict[str, Any], what: str) -> None:
+    if not ok:
+        raise FramingError(f"expected {what} in a {ev.get('ev')!r} event of the agent")
+
+
+def _lines(ev: dict[str, Any]) -> None:
+    _need(ev.get("s") in _STREAMS, ev, "a stream of stdout or stderr")
+    lines = ev.get("lines")
+    _need(isinstance(lines, list) and all(isinstance(x, str) for x in lines), ev, "lines as a list of strings")
+
+
+def check_event(ev: dict[str, Any]) -> dict[str, Any]:
+    """The event as the server may use it, or FramingError: known events only, each field of the
+    type the agent sends, a done's fields from a fixed list, an error's from name/message/traceback."""
+    kind = ev.get("ev")
+    if kind in ("out", "result", "done"):
+        _need(isinstance(ev.get("rid"), str), ev, "a string rid")
+    if kind == "out":
+        _lines(ev)
+    elif kind == "result":
+        _need(isinstance(ev.get("data"), dict), ev, "data as an object")
+        _need(isinstance(ev.get("main", False), bool), ev, "main as a boolean")
+    elif kind == "done":
+        _need(isinstance(ev.get("ok"), bool), ev, "ok as a boolean")
+        done: dict[str, Any] = {"ev": "done", "rid": ev["rid"]}
+        for key, value in ev.items():
+            types = _DONE_FIELDS.get(key)
+            if types is None:
+                continue  # ev, rid, error (below), or a field no client may see
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise FramingError(f"expected a valid {key} in a 'done' event of the agent")
+            done[key] = value
+        error = ev.get("error")
+        if error is not None:
+            _need(isinstance(error, dict), ev, "error as an object")
+            _need(all(isinstance(error.get(k, ""), str) for k in _ERROR_FIELDS), ev, "error fields as strings")
+            done["error"] = {k: error[k] for k in _ERROR_FIELDS if k in error}
+            done["error"].setdefault("name", "Error")
+            done["error"].setdefault("message", "")
+        return done
+    elif kind == "pout":
+        _need(isinstance(ev.get("proc"), str), ev, "a string proc")
+        _lines(ev)
+    elif kind == "pexit":
+        _need(isinstance(ev.get("proc"), str), ev, "a string proc")
+        _need(isinstance(ev.get("exit_code"), (int, type(None))), ev, "an integer exit_code")
+    elif kind == "log":
+        _need(isinstance(ev.get("message"), str), ev, "a string message")
+    elif kind != "hello":
+        raise FramingError(f"expected an agent event (hello, out, result, done, pout, pexit, log), got {kind!r}")
+    return ev

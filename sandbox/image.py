@@ -27,7 +27,7 @@ log = logging.getLogger("groundloop.image")
 
 ROOT = Path(__file__).resolve().parent
 AGENT_DIR = ROOT / "agent"
-AGENT_FILES = ("agent.py", "pyworker.py", "jsworker.js")
+AGENT_PACKAGE = AGENT_DIR / "groundloop_agent"  # copied whole into the image
 DOCKERFILE = ROOT.parent / "deploy" / "sandbox.Dockerfile"
 REGISTRY_BASE = "debian:bookworm-slim"
 OFFLINE_BASE = "groundloop-sandbox-base:bookworm"
@@ -35,10 +35,19 @@ PACKAGES = "python3,nodejs,git,ca-certificates"
 AGENT_LABEL = "groundloop.agent_sha256"
 
 
+def agent_files() -> list[str]:
+    """The agent package's files (relative to the package), sorted: what the image carries."""
+    return sorted(
+        str(p.relative_to(AGENT_PACKAGE))
+        for p in AGENT_PACKAGE.rglob("*")
+        if p.is_file() and p.suffix in (".py", ".js") and "__pycache__" not in p.parts
+    )
+
+
 def agent_digest() -> str:
     h = hashlib.sha256()
-    for name in AGENT_FILES:
-        h.update(name.encode() + b"\0" + (AGENT_DIR / name).read_bytes())
+    for name in agent_files():
+        h.update(name.encode() + b"\0" + (AGENT_PACKAGE / name).read_bytes())
     h.update(DOCKERFILE.read_bytes() if DOCKERFILE.exists() else b"")
     return h.hexdigest()
 
@@ -107,8 +116,8 @@ def build_context() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(str(DOCKERFILE), arcname="Dockerfile")
-        for name in AGENT_FILES:
-            tar.add(str(AGENT_DIR / name), arcname=name)
+        for name in agent_files():
+            tar.add(str(AGENT_PACKAGE / name), arcname=f"groundloop_agent/{name}")
     return buf.getvalue()
 
 

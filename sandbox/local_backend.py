@@ -20,7 +20,9 @@ from .base import Sandbox, SandboxUnavailable
 from .settings import SandboxSettings
 
 log = logging.getLogger("groundloop.sandbox")
-AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent", "agent.py")
+# The folder that holds the agent package (groundloop_agent), run with -m from there.
+AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent")
+AGENT_ARGV = ["-u", "-B", "-P", "-m", "groundloop_agent"]
 
 
 class LocalBackend:
@@ -49,13 +51,12 @@ class LocalBackend:
             "HOME": workdir,
             "GROUNDLOOP_WORKDIR": workdir,
             "LANG": "C.UTF-8",
+            "PYTHONPATH": AGENT_PATH,
         }
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-u",
-                "-B",
-                AGENT,
+                *AGENT_ARGV,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=None,
@@ -80,6 +81,7 @@ class LocalBackend:
             writer=proc.stdin,
             docker_mux=False,
             closer=self._close_sandbox,
+            max_frame_bytes=self.settings.max_frame_bytes,
         )
         try:
             await sb.handshake(self.settings.start_timeout_s)

@@ -135,6 +135,14 @@ class SandboxSettings:
         "this server's id in a fleet (letters, digits, `-`): session ids start with `<id>.` so a proxy can "
         "route a resume to its owner (docs/deploy.md)",
     )
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The longest frame the server reads from the agent (a longer one loses the sandbox): the largest
+        answer, a file read (base64) or a request's output, twice over for JSON escaping, plus room for one
+        batch of output lines."""
+        return 2 * max(self.max_output_bytes, self.max_file_bytes) + (4 << 20)
+
     allow_local: bool = env(
         "GROUNDLOOP_ALLOW_LOCAL_BACKEND",
         False,

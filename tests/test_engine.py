@@ -365,6 +365,6 @@ async def test_killed_container_fails_requests_clearly(engine):
 async def test_agent_killed(engine):
     sb = await engine.acquire()
     with pytest.raises(SandboxLost):
-        # PID 1 is docker-init; the agent is its child. Killing it ends the container.
+        # PID 1 is the agent's own init; the agent is its child. Killing it ends the container.
         await asyncio.wait_for(sb.request("exec", {"command": "kill -9 $PPID; sleep 5"}), WAIT)
     await engine.release(sb)

@@ -198,7 +198,7 @@ with open('/workspace/big', 'wb') as f:
 """
 READ_ONLY_ROOT = """
 import os
-for p in ('/etc/evil', '/usr/bin/evil', '/opt/groundloop/agent.py', '/evil'):
+for p in ('/etc/evil', '/usr/bin/evil', '/opt/groundloop/groundloop_agent/agent.py', '/evil'):
     try:
         open(p, 'w').write('x')
     except OSError as exc:

@@ -56,7 +56,7 @@ async def test_container_is_hardened(monkeypatch):
         assert hc["NanoCpus"] == 1_000_000_000
         assert {u["Name"] for u in hc["Ulimits"]} == {"nofile", "fsize"}
         assert hc["LogConfig"]["Type"] == "none"
-        assert hc["Init"] is True and hc["AutoRemove"] is True
+        assert not hc["Init"] and hc["AutoRemove"] is True  # the agent's own init is pid 1
         assert info["Config"]["User"] == "1000:1000"
         labels = info["Config"]["Labels"]
         assert labels["groundloop.managed"] == "true" and labels["groundloop.namespace"] == NAMESPACE

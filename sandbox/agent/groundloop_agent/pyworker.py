@@ -12,6 +12,7 @@ before results.
 
 import ast
 import base64
+import io
 import json
 import linecache
 import os
@@ -36,6 +37,31 @@ sys.argv = [""]
 sys.path.insert(0, "")
 
 
+# Copies of the cell's stdio, to give every cell back what an earlier one closed or redirected
+# (os.close(1), os.dup2(x, 1), sys.stdout.close()), as Jupyter's kernels do. Not inherited.
+_STDIO = {fd: os.dup(fd) for fd in (0, 1, 2)}
+_STREAMS = {"stdout": sys.stdout, "stderr": sys.stderr}
+
+
+def restore_stdio():
+    flush_stdio()  # what the cell wrote goes where the cell sent it
+    for fd, saved in _STDIO.items():
+        try:
+            os.dup2(saved, fd)
+        except OSError:
+            pass
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is not None and not getattr(stream, "closed", False):
+            continue
+        orig = _STREAMS[name]
+        if orig.closed:  # a new one on the same descriptor, line by line as python -u writes
+            orig = _STREAMS[name] = io.TextIOWrapper(
+                io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+            )
+        setattr(sys, name, orig)
+
+
 FORKED = False
 
 
@@ -55,10 +81,17 @@ def only_the_worker():
         os._exit(0)
 
 
+def flush_stdio():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced by the cell
+            pass
+
+
 def send(obj):
     only_the_worker()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_stdio()
     data = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode("utf-8", "replace")
     view = memoryview(data)
     while view:
@@ -200,11 +233,14 @@ def main():
             try:
                 result = run(cmd.get("code", ""), cmd.get("n", 0))
             except CellError as exc:
+                restore_stdio()
                 send({"t": "done", "ok": False, "error": exc.args[0]})
                 continue
+            restore_stdio()
             # The main result rides on the done answer: one write, one read.
             send({"t": "done", "ok": True, "result": result} if result is not None else {"t": "done", "ok": True})
         except KeyboardInterrupt:
+            restore_stdio()
             send(
                 {
                     "t": "done",

@@ -1,0 +1,49 @@
+"""What every part of the agent shares: limits, the children's environment, request errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+AGENT_VERSION = 1
+WORKDIR = os.environ.get("GROUNDLOOP_WORKDIR") or ("/workspace" if os.path.isdir("/workspace") else os.getcwd())
+LINE_MAX = 16 * 1024
+MAX_OUTPUT = 16 * 1024 * 1024
+MAX_FILE = 32 * 1024 * 1024
+INTERRUPT_GRACE = 1.0
+ERROR_TEXT_MAX = 64 * 1024  # characters of an error's message or traceback
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": os.environ.get("HOME", "/workspace"),
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "MPLBACKEND": "Agg",
+    "TERM": "dumb",
+}
+
+
+class RequestError(Exception):
+    """An error that ends one request with ``ok: false``."""
+
+    def __init__(self, name: str, message: str, **extra):
+        super().__init__(message)
+        self.name = name
+        self.message = message
+        self.extra = extra
+
+    @classmethod
+    def of_answer(cls, ev: dict) -> RequestError | None:
+        """The error of a worker's ``done`` answer; None when it is ok."""
+        if ev.get("ok"):
+            return None
+        err = ev.get("error") or {}
+        return cls(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
+
+
+def os_error(exc: OSError) -> RequestError:
+    name = type(exc).__name__
+    if name == "OSError" and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, "OSError")
+    return RequestError(name, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))

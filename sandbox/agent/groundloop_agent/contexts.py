@@ -1,0 +1,400 @@
+"""Code contexts: one persistent worker process (Python or JavaScript) each."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import select
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from .common import INTERRUPT_GRACE, RequestError
+from .pipes import Pipe, Target, spawn
+from .procs import Cancel, exit_code_of, kill_group, kill_group_except, kill_tree
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------
+# Code contexts: one persistent worker process each.
+
+
+class Run:
+    """One run_code request: queued on a context, begun by a write to its worker,
+    finished by the worker's answer (in the reader callback, with no task in between)."""
+
+    __slots__ = ("rid", "code", "target", "cancel", "timeout", "timer", "t0", "finished")
+
+    def __init__(self, rid: str, code: str, target: Target, cancel: Cancel, timeout: float | None, t0: float):
+        self.rid = rid
+        self.code = code
+        self.target = target
+        self.cancel = cancel
+        self.timeout = timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.t0 = t0
+        self.finished = False
+
+
+class Context:
+    """A persistent interpreter (Python or JavaScript) in a worker process.
+
+    Runs are queued and go to the worker one at a time. The common path has no
+    task: ``submit`` writes the cell to an idle worker, ``_on_ctrl`` reads its
+    answer and sends ``done``. Starting, restarting, interrupting and burying a
+    worker are tasks (``self.busy``); the queue waits for them.
+    """
+
+    def __init__(self, agent: Agent, cid: str, language: str, cwd: str, env: dict):
+        self.agent = agent
+        self.id = cid
+        self.language = language
+        self.cwd = cwd
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pipes: tuple[Pipe, Pipe] | None = None
+        self.ctrl_w: int | None = None
+        self.ctrl_r: int | None = None
+        self.ctrl_buf = bytearray()
+        self.ctrl_eof = False
+        self.current: Run | None = None  # the run the worker has
+        self.queue: collections.deque[Run] = collections.deque()
+        self.busy: asyncio.Future | None = None  # a start, restart, interrupt or burial in progress
+        self.waiter: asyncio.Future | None = None  # set while an interrupt waits for the worker
+        self.closed: RequestError | None = None  # what ended the context, once it has ended
+        self.runs = 0
+        self.restarts = 0
+        self.created = time.time()
+
+    async def start(self) -> None:
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        env = dict(self.env)
+        env["GROUNDLOOP_CMD_FD"] = str(cmd_r)
+        env["GROUNDLOOP_RES_FD"] = str(res_w)
+        if self.language == "python":
+            # -P: the worker's own folder (the agent's modules) must not shadow the user's modules.
+            argv = [sys.executable, "-u", "-P", os.path.join(HERE, "pyworker.py")]
+        else:
+            argv = ["node", os.path.join(HERE, "jsworker.js")]
+        try:
+            self.proc, self.pipes = await spawn(self.agent, argv, self.cwd, env, None, extra_fds=(cmd_r, res_w))
+        except BaseException:
+            os.close(cmd_w)
+            os.close(res_r)
+            raise
+        finally:
+            os.close(cmd_r)
+            os.close(res_w)
+        self.ctrl_w = cmd_w
+        self.ctrl_r = res_r
+        self.ctrl_buf = bytearray()
+        self.ctrl_eof = False
+        os.set_blocking(res_r, False)
+        self.agent.loop.add_reader(res_r, self._on_ctrl)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and not self.ctrl_eof
+
+    # ---- the queue
+
+    def submit(self, run: Run) -> None:
+        if self.closed is not None:
+            self.agent.finish(run, error=self.closed)
+            return
+        self.queue.append(run)
+        run.cancel.on(lambda: self._stop(run, "Cancelled"))
+        self._next()
+
+    def _next(self) -> None:
+        """Give the worker its next run, when it is idle; (re)start a dead worker first."""
+        if self.current is not None or self.busy is not None or not self.queue or self.closed is not None:
+            return
+        if not self.alive():
+            self._busy(self._restart_for_queue())
+            return
+        self._begin(self.queue.popleft())
+
+    def _busy(self, coro) -> None:
+        self.busy = asyncio.ensure_future(coro)
+
+        def idle(task):
+            if self.busy is task:
+                self.busy = None
+            if not task.cancelled() and task.exception() is not None:
+                self.agent.out.send(
+                    {"ev": "log", "level": "error", "message": f"context {self.id}: {task.exception()!r}"}
+                )
+            self._next()
+
+        self.busy.add_done_callback(idle)
+
+    async def _first_start(self) -> None:
+        try:
+            await self.start()
+        except Exception as exc:
+            if self.agent.contexts.get(self.id) is self:
+                del self.agent.contexts[self.id]
+            self.close(RequestError("WorkerDied", f"the {self.language} worker could not start: {exc}"))
+
+    async def _restart_for_queue(self) -> None:
+        try:
+            await self.restart()
+        except Exception as exc:
+            while self.queue:
+                self.agent.finish(
+                    self.queue.popleft(),
+                    error=RequestError(
+                        "WorkerDied", f"the {self.language} worker could not be restarted: {exc}", state_lost=True
+                    ),
+                )
+
+    def _begin(self, run: Run) -> None:
+        self.current = run
+        self.runs += 1
+        for p in self.pipes:
+            p.target = run.target
+        data = json.dumps({"code": run.code, "n": self.runs}).encode() + b"\n"
+        if len(data) < 32768:
+            try:
+                os.write(self.ctrl_w, data)  # fits the pipe buffer: never blocks
+            except OSError:
+                pass  # the worker is gone: its end of the answer pipe says so
+        else:
+            fut = self.agent.loop.run_in_executor(None, _write_all, self.ctrl_w, data)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if run.timeout:
+            run.timer = self.agent.loop.call_later(run.timeout, self._stop, run, "Timeout")
+
+    def _end(self, run: Run) -> None:
+        """The worker is done with ``run``: its output so far goes before its done."""
+        if run.timer is not None:
+            run.timer.cancel()
+        for p in self.pipes or ():
+            p.flush_partial()
+            p.target = None
+        if self.current is run:
+            self.current = None
+
+    def _stop(self, run: Run, reason: str) -> None:
+        """A timeout or a cancel: drop a queued run, interrupt a running one."""
+        if run.finished:
+            return
+        if run is not self.current:
+            try:
+                self.queue.remove(run)
+            except ValueError:
+                return
+            self.agent.finish(run, error=RequestError(reason, "the request was cancelled before it started"))
+            return
+        if self.busy is None:
+            self._busy(self._interrupt(run, reason))
+
+    # ---- the worker's answers
+
+    def _on_ctrl(self) -> None:
+        """Results are sent on at once; done finishes the run (or wakes an interrupt)."""
+        with self.agent.out:
+            self._read_ctrl()
+
+    def _read_ctrl(self) -> None:
+        try:
+            data = os.read(self.ctrl_r, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.agent.loop.remove_reader(self.ctrl_r)
+            self.ctrl_eof = True
+            if self.waiter is not None:
+                self._wake(("eof", None))
+            elif self.current is not None and self.busy is None:
+                self._busy(self._bury(self.current))
+            return
+        # Newlines are looked for in the new bytes only: a long answer (a big result) costs one pass.
+        buf = self.ctrl_buf
+        start = len(buf)
+        buf += data
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            start = 0
+            try:
+                ev = json.loads(line)
+                if not isinstance(ev, dict):
+                    raise ValueError("not an object")
+            except ValueError:  # the cell's code can write to this pipe: a bad line is its own doing
+                continue
+            run = self.current
+            self._flush_output()  # output written before a result/done goes first
+            if ev.get("t") == "result":
+                if run is not None:
+                    run.target.emit_result(ev.get("data"), ev.get("main", False))
+                continue
+            result = ev.pop("result", None)
+            if result is not None and run is not None:
+                run.target.emit_result(result, True)
+            if self.waiter is not None:
+                self._wake(("done", ev))
+            elif run is not None:
+                self._end(run)
+                self.agent.finish(run, {"context": self.id}, RequestError.of_answer(ev))
+                self._next()
+
+    def _wake(self, value) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(value)
+
+    def _flush_output(self) -> None:
+        """Read what the worker wrote before its answer (one poll, no read when nothing is there)."""
+        if not self.pipes:
+            return
+        poller = select.poll()
+        for p in self.pipes:
+            if not p.eof.done():
+                poller.register(p.fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(0)}
+        for p in self.pipes:
+            if p.fd in ready:
+                p.drain()
+
+    # ---- the slow paths (tasks)
+
+    async def _interrupt(self, run: Run, reason: str) -> None:
+        """SIGINT the worker's process group; kill and restart it if it does not stop."""
+        loop = self.agent.loop
+        timeout = run.timeout
+        if reason == "Timeout":
+            message = f"execution exceeded the timeout of {timeout:g} s"
+        else:
+            message = "the request was cancelled"
+        extra = {"context": self.id}
+        self.waiter = loop.create_future()
+        kill_group(self.proc.pid, signal.SIGINT)
+        timer = loop.call_later(INTERRUPT_GRACE, self._wake, ("stop", None))
+        try:
+            kind, value = await self.waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+        if kind == "done":
+            # The worker answered the SIGINT (KeyboardInterrupt, or it finished): state kept.
+            # Whatever else runs in its group (children, or forks of the worker itself
+            # that would answer on its pipes) was part of the interrupted run.
+            kill_group_except(self.proc.pid, self.proc.pid)
+            self._end(run)
+            error = RequestError.of_answer(value)
+            if error is not None and error.name != "KeyboardInterrupt":
+                self.agent.finish(run, extra, error)
+            else:
+                self.agent.finish(
+                    run,
+                    extra,
+                    RequestError(reason, message + " (interrupted; the context's state is kept)", state_lost=False),
+                )
+            return
+        self._flush_output()
+        self._end(run)
+        try:
+            await self.restart()
+        finally:
+            self.agent.finish(
+                run,
+                extra,
+                RequestError(
+                    reason,
+                    message + "; the worker did not stop on SIGINT and was killed: "
+                    "the context was restarted and its state was lost",
+                    state_lost=True,
+                ),
+            )
+
+    async def _bury(self, run: Run) -> None:
+        """The worker died under ``run``: say how, and restart it."""
+        self._flush_output()
+        rc = await self.proc.wait() if self.proc else None
+        self._end(run)
+        how = f"exit code {exit_code_of(rc)}" if rc is not None else "unknown status"
+        if rc is not None and rc < 0:
+            how = f"signal {signal.Signals(-rc).name}" if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
+        try:
+            await self.restart()
+        finally:
+            self.agent.finish(
+                run,
+                {"context": self.id},
+                RequestError(
+                    "WorkerDied",
+                    f"the {self.language} worker died ({how}); the context was restarted and its state was lost",
+                    state_lost=True,
+                ),
+            )
+
+    # ---- life cycle
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            kill_tree(self.proc.pid, signal.SIGKILL)
+        for attr in ("ctrl_w", "ctrl_r"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                if attr == "ctrl_r":
+                    self.agent.loop.remove_reader(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, attr, None)
+        for p in self.pipes or ():
+            p.close()
+        self.pipes = None
+        self.proc = None
+
+    async def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        await self.start()
+
+    def close(self, error: RequestError) -> None:
+        """Delete the context: kill its worker and end every run it holds with ``error``."""
+        self.closed = error
+        if self.busy is not None and self.busy is not asyncio.current_task():
+            self.busy.cancel()
+        runs = ([self.current] if self.current is not None else []) + list(self.queue)
+        self.queue.clear()
+        if self.current is not None:
+            self._end(self.current)
+        self.stop()
+        for run in runs:
+            self.agent.finish(run, {"context": self.id}, error)
+
+    def describe(self) -> dict:
+        return {
+            "context_id": self.id,
+            "language": self.language,
+            "cwd": self.cwd,
+            "runs": self.runs,
+            "restarts": self.restarts,
+            "alive": self.alive(),
+        }
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            time.sleep(0.001)
+            continue
+        view = view[n:]

@@ -1,0 +1,208 @@
+"""The in-container agent without Docker: the same agent package run as a local subprocess
+(the local backend), driven through the server's own Sandbox reader. Seconds, no Docker marker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import pytest
+from groundloop.sandbox.local_backend import LocalBackend
+from groundloop.sandbox.settings import SandboxSettings
+
+
+class Events:
+    def __init__(self):
+        self.events: list[dict] = []
+
+    async def __call__(self, ev: dict) -> None:
+        self.events.append(ev)
+
+    def text(self, stream: str = "stdout") -> str:
+        return "".join(
+            line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]
+        )
+
+    def results(self) -> list[dict]:
+        return [ev for ev in self.events if ev.get("ev") == "result"]
+
+
+@pytest.fixture
+async def sb():
+    backend = LocalBackend(SandboxSettings(backend="local"))
+    sandbox = await backend.start("test-agent-local")
+    events = Events()
+    sandbox.set_listener(events)
+    sandbox.background = events  # pout/pexit land here
+    yield sandbox
+    await sandbox.close()
+    await backend.close()
+
+
+async def run(sb, op: str, **params) -> tuple[dict, Events]:
+    ev = Events()
+    done = await sb.request(op, params, ev, deadline_s=60)
+    return done, ev
+
+
+async def test_hello_names_the_agent_and_its_languages(sb):
+    assert sb.hello["agent"] == 1
+    assert "python" in sb.hello["languages"]
+    assert os.path.isdir(sb.hello["workdir"])
+
+
+async def test_run_code_python_output_result_and_state(sb):
+    done, ev = await run(sb, "run_code", code="x = 6\nprint('a')\nimport sys; print('b', file=sys.stderr)\nx * 7")
+    assert done["ok"] and done["context"] == "default-python"
+    assert ev.text() == "a\n" and ev.text("stderr") == "b\n"
+    assert ev.results() and ev.results()[-1]["data"]["text/plain"] == "42" and ev.results()[-1]["main"]
+    done, ev = await run(sb, "run_code", code="x + 1")
+    assert ev.results()[-1]["data"]["text/plain"] == "7"
+    done, ev = await run(sb, "run_code", code="1/0")
+    assert not done["ok"] and done["error"]["name"] == "ZeroDivisionError"
+    assert "<cell-" in done["error"]["traceback"]
+
+
+async def test_the_agents_modules_do_not_shadow_user_modules(sb):
+    # The worker's folder holds the agent's modules (files.py, wire.py...): a user's module of the same name wins.
+    await run(sb, "write_file", path="files.py", content="WHO = 'user'\n")
+    done, ev = await run(sb, "run_code", code="import files; files.WHO")
+    assert done["ok"], done
+    assert ev.results()[-1]["data"]["text/plain"] == "'user'"
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+async def test_run_code_javascript(sb):
+    done, ev = await run(sb, "run_code", language="javascript", code="let y = 20; console.log('hi'); y + 22")
+    assert done["ok"], done
+    assert ev.text() == "hi\n" and ev.results()[-1]["data"]["text/plain"] == "42"
+
+
+async def test_exec_exit_code_and_output_cap(sb):
+    done, ev = await run(sb, "exec", command="echo out; echo err >&2; exit 3")
+    assert done["ok"] and done["exit_code"] == 3
+    assert ev.text() == "out\n" and ev.text("stderr") == "err\n"
+    done, ev = await run(sb, "exec", command="yes | head -c 100000", max_output_bytes=1000)
+    assert done["truncated"] is True and len(ev.text()) <= 1000
+
+
+async def test_contexts_create_list_delete(sb):
+    done, _ = await run(sb, "create_context", language="python", context="c1")
+    assert done["ok"] and done["context_id"] == "c1"
+    await run(sb, "run_code", context="c1", code="v = 'mine'")
+    done, ev = await run(sb, "run_code", code="'v' in dir()")
+    assert ev.results()[-1]["data"]["text/plain"] == "False"  # the default context is another one
+    done, _ = await run(sb, "list_contexts")
+    assert {"c1", "default-python"} <= {c["context_id"] for c in done["contexts"]}
+    done, _ = await run(sb, "delete_context", context="c1")
+    assert done["ok"]
+    done, _ = await run(sb, "run_code", context="c1", code="1")
+    assert not done["ok"] and done["error"]["name"] == "ContextNotFound"
+
+
+async def test_files_round_trip(sb):
+    done, _ = await run(sb, "write_file", path="d/a.txt", content="héllo")
+    assert done["ok"] and done["size"] == len("héllo".encode())
+    done, _ = await run(sb, "read_file", path="d/a.txt")
+    assert done["content"] == "héllo" and done["encoding"] == "utf-8"
+    await run(sb, "write_file", path="d/b.bin", content="/w==", encoding="base64")
+    done, _ = await run(sb, "read_file", path="d/b.bin")
+    assert done["encoding"] == "base64" and done["content"] == "/w=="
+    done, _ = await run(sb, "list_files", path="d")
+    assert [(e["name"], e["type"]) for e in done["entries"]] == [("a.txt", "file"), ("b.bin", "file")]
+    done, _ = await run(sb, "mkdir", path="d/e/f")
+    assert done["ok"]
+    done, _ = await run(sb, "delete_file", path="d")
+    assert not done["ok"]  # a directory needs recursive
+    done, _ = await run(sb, "delete_file", path="d", recursive=True)
+    assert done["ok"]
+    done, _ = await run(sb, "read_file", path="d/a.txt")
+    assert not done["ok"] and done["error"]["name"] == "FileNotFoundError"
+
+
+async def test_background_process_output_exit_and_kill(sb):
+    done, _ = await run(sb, "start_process", command="echo started; exec sleep 30", process_id="p1")
+    assert done["ok"] and done["process_id"] == "p1"
+    events = sb.background
+    for _ in range(200):
+        if any(e.get("ev") == "pout" for e in events.events):
+            break
+        await asyncio.sleep(0.05)
+    assert [line for e in events.events if e.get("ev") == "pout" for line in e["lines"]] == ["started\n"]
+    done, _ = await run(sb, "list_processes")
+    assert done["processes"][0]["running"] is True
+    done, _ = await run(sb, "kill_process", process_id="p1")
+    assert done["ok"]
+    for _ in range(200):
+        if any(e.get("ev") == "pexit" for e in events.events):
+            break
+        await asyncio.sleep(0.05)
+    exits = [e for e in events.events if e.get("ev") == "pexit"]
+    assert exits and exits[0]["proc"] == "p1" and exits[0]["exit_code"] == 128 + 15
+
+
+async def test_cancel_interrupts_a_run_and_keeps_state(sb):
+    await run(sb, "run_code", code="kept = 5")
+    ev = Events()
+    fut = sb.submit("run_code", {"code": "import time\nprint('go', flush=True)\nwhile True: time.sleep(0.01)"}, ev)
+    for _ in range(200):
+        if ev.text():
+            break
+        await asyncio.sleep(0.05)
+    sb.cancel(next(iter(sb._pending)))
+    done = await asyncio.wait_for(fut, 30)
+    assert not done["ok"] and done["error"]["name"] == "Cancelled"
+    done, ev = await run(sb, "run_code", code="kept")
+    assert ev.results()[-1]["data"]["text/plain"] == "5"
+
+
+async def test_timeout_of_a_run(sb):
+    done, _ = await run(sb, "run_code", code="import time; time.sleep(30)", timeout_s=0.5)
+    assert not done["ok"] and done["error"]["name"] == "Timeout"
+
+
+async def test_unknown_op_and_ping(sb):
+    done, _ = await run(sb, "nonsense")
+    assert not done["ok"] and done["error"]["name"] == "UnknownOp"
+    done, _ = await run(sb, "ping")
+    assert done["ok"] and done["pong"] is True
+
+
+async def test_a_cell_that_closes_its_stdio_leaves_the_context_usable(sb):
+    done, _ = await run(sb, "run_code", code="import os\nos.close(1)\nos.close(2)")
+    assert done["ok"], done
+    done, ev = await run(sb, "run_code", code="import sys\nprint('back')\nprint('err', file=sys.stderr)")
+    assert done["ok"] and ev.text() == "back\n" and ev.text("stderr") == "err\n"
+    done, _ = await run(sb, "run_code", code="import sys\nsys.stdout.close()")
+    done, ev = await run(sb, "run_code", code="print('again')")
+    assert done["ok"] and ev.text() == "again\n"
+
+
+async def test_files_that_are_not_regular_fail_fast_with_a_clear_error(sb):
+    fifo = os.path.join(sb.hello["workdir"], "fifo")
+    os.mkfifo(fifo)
+    for op, params in (("read_file", {"path": "fifo"}), ("write_file", {"path": "fifo", "content": "x"})):
+        done, _ = await run(sb, op, **params)
+        assert not done["ok"] and done["error"]["name"] == "NotARegularFile", done
+    done, _ = await run(sb, "read_file", path="/proc/self/fd/0")  # the agent's own stdin
+    assert not done["ok"] and done["error"]["name"] == "NotARegularFile", done
+    done, _ = await run(sb, "ping")
+    assert done["ok"]
+
+
+async def test_an_answer_over_the_frame_bound_becomes_a_clear_error():
+    settings = SandboxSettings(backend="local", max_output_bytes=1 << 20, max_file_bytes=3 << 20)
+    backend = LocalBackend(settings)
+    sb = await backend.start("test-agent-local-frame")
+    try:
+        # 3 MiB of a character JSON must escape (6 bytes each): 18 MiB as text, over the 10 MiB bound.
+        with open(os.path.join(sb.hello["workdir"], "ctl.txt"), "wb") as f:
+            f.write(b"\x01" * (3 << 20))
+        done, _ = await run(sb, "read_file", path="ctl.txt", encoding="utf-8")
+        assert not done["ok"] and done["error"]["name"] == "FrameTooLarge", done
+        assert "base64" in done["error"]["message"]
+        done, _ = await run(sb, "read_file", path="ctl.txt", encoding="base64")
+        assert done["ok"] and done["size"] == 3 << 20
+    finally:
+        await sb.close()
