@@ -161,3 +161,33 @@ async def test_runsc_subset():
         done = await sb.request("run_code", {"code": "for i in range(100000): print(i)", "max_output_bytes": 10000})
         assert done["truncated"] is True
         await eng.release(sb)
+
+
+# Each line runs in /workspace and prints a marker only when the tool succeeded with the expected output;
+# a failing tool prints its own error (`ls: cannot access '/': Invalid argument` under gVisor 20221219
+# before deploy/statx_shim.c).
+SHELL_TOOLS = r"""
+set -u
+cd /workspace
+mkdir -p proj/src && printf 'needle\n' > proj/src/a.txt && ln -s src/a.txt proj/link
+check() { name=$1; shift; if out=$("$@" 2>&1); then printf '%s ok\n' "$name"; else printf '%s FAILED %s\n' "$name" "$out"; fi; }
+check ls_root ls /
+check ls_la sh -c 'ls -la proj | grep -q " link -> src/a.txt"'
+check stat sh -c 'test "$(stat -c %F proj/src)" = directory'
+check find sh -c 'test "$(find proj -type f)" = proj/src/a.txt'
+check cp sh -c 'cp -a proj copy && cmp proj/src/a.txt copy/src/a.txt && test -L copy/link'
+check tar sh -c 'tar -cf p.tar proj && mkdir x && tar -C x -xf p.tar && cmp proj/src/a.txt x/proj/src/a.txt'
+check grep_r sh -c 'test "$(grep -r needle proj/src)" = "proj/src/a.txt:needle"'
+check git sh -c 'cd proj && git init -q && git add -A && git status --short | grep -q "^A  src/a.txt"'
+"""
+TOOLS = ["ls_root", "ls_la", "stat", "find", "cp", "tar", "grep_r", "git"]
+
+
+@pytest.mark.parametrize("runtime", ["runc", pytest.param("runsc", marks=pytest.mark.runsc)])
+async def test_common_shell_tools_work(runtime):
+    async with started_engine(pool_size=0, runtime=runtime) as eng:
+        sb = await eng.acquire()
+        done, out = await lines_of(sb, SHELL_TOOLS)
+        assert done["ok"] and done["exit_code"] == 0, (done, out)
+        assert out.splitlines() == [f"{name} ok" for name in TOOLS], out
+        await eng.release(sb)
