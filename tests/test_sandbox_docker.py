@@ -136,11 +136,21 @@ async def test_sandbox_stops_when_the_server_connection_drops():
 
 @pytest.mark.runsc
 async def test_runsc_subset():
-    async with started_engine(pool_size=0, runtime="runsc") as eng:
+    async with started_engine(pool_size=0, runtime="runsc", memory="256m", pids_limit=128) as eng:
         sb = await eng.acquire()
         assert sb.runtime == "runsc"
         info = await asyncio.to_thread(inspect, sb.id)
         assert info["HostConfig"]["Runtime"] == "runsc"
+        # the guest's process cap fits 256 MiB ((256 - 64) / 8 = 24); the host's pids limit is far above
+        # it (the Sentry's tasks); the agent's memory guard fires at 256 - 51 MiB (docs/security.md, 8)
+        ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in info["HostConfig"]["Ulimits"]}
+        assert ulimits["nproc"] == (24, 24)
+        assert info["HostConfig"]["PidsLimit"] == 24 * 24 + 128
+        assert f"GROUNDLOOP_MEMORY_GUARD_BYTES={(256 << 20) - int((256 << 20) * 0.2)}" in info["Config"]["Env"]
+        done, text = await lines_of(
+            sb, "python3 -c 'import resource; print(resource.getrlimit(resource.RLIMIT_NPROC)[0])'"
+        )
+        assert text.strip() == "24"
         out = []
 
         async def grab(ev):

@@ -39,6 +39,7 @@ import shutil
 import signal
 import stat
 import sys
+import threading
 import time
 
 AGENT_VERSION = 1
@@ -468,6 +469,105 @@ def kill_tree(pid: int, sig: int) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     kill_group(pid, sig)
+
+
+# ---- memory guard (gVisor only; issue 21, item 8) ----------------------------------------------
+# Under gVisor the host's OOM killer cannot take one guest process: the guest's memory is one file
+# of the Sentry, the killer picks a ptrace stub that maps it, and the Sentry then kills itself, so
+# the whole sandbox is lost. The server sets GROUNDLOOP_MEMORY_GUARD_BYTES below the container's
+# limit (runsc only); this thread kills the process session holding the most memory when the
+# guest's use passes it, so a memory or fork bomb ends like an OOM kill under runc: in its worker.
+MEMORY_GUARD_VAR = "GROUNDLOOP_MEMORY_GUARD_BYTES"
+MEMORY_GUARD_PERIOD = 0.01  # a memory bomb grows ~8 MiB per 10 ms under gVisor (measured)
+
+
+def guest_memory_used() -> int | None:
+    """Bytes the sandbox's processes use: MemTotal - MemFree of gVisor's /proc/meminfo."""
+    values = {}
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                key, _, rest = line.partition(b":")
+                if key in (b"MemTotal", b"MemFree"):
+                    values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(values) != 2:
+        return None
+    return values[b"MemTotal"] - values[b"MemFree"]
+
+
+def session_rss(spare: set[int]) -> dict[int, int]:
+    """Resident bytes per process session, but the sessions in ``spare``."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    by_sid: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            sid, pages = int(fields[3]), int(fields[21])
+        except (OSError, IndexError, ValueError):
+            continue
+        if sid not in spare:
+            by_sid[sid] = by_sid.get(sid, 0) + pages * page
+    return by_sid
+
+
+def kill_session(sid: int, rounds: int = 50) -> int:
+    """SIGKILL every process of session sid, again while a fork bomb still adds some."""
+    killed = 0
+    for _ in range(rounds):
+        found = 0
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.getsid(int(name)) == sid:
+                        os.kill(int(name), signal.SIGKILL)
+                        found += 1
+                except (ProcessLookupError, PermissionError):
+                    continue
+        if not found:
+            break
+        killed += found
+    return killed
+
+
+def memory_guard(limit: int, report) -> None:
+    spare = {os.getsid(0), 0}
+    try:
+        spare.add(os.getsid(1))
+    except OSError:
+        pass
+    while True:
+        used = guest_memory_used()
+        if used is not None and used > limit:
+            sessions = session_rss(spare)
+            if sessions:
+                sid = max(sessions, key=sessions.get)
+                n = kill_session(sid)
+                report(
+                    f"memory guard: {used >> 20} MiB in use, past {limit >> 20} MiB: killed session {sid} "
+                    f"({n} processes, {sessions[sid] >> 20} MiB resident)"
+                )
+                time.sleep(0.1)  # let the Sentry free the killed processes' memory
+                continue
+        time.sleep(MEMORY_GUARD_PERIOD)
+
+
+def start_memory_guard(agent: Agent) -> None:
+    raw = os.environ.get(MEMORY_GUARD_VAR)
+    if not raw:
+        return
+
+    def report(message: str) -> None:
+        agent.loop.call_soon_threadsafe(agent.out.send, {"ev": "log", "level": "warning", "message": message})
+
+    threading.Thread(target=memory_guard, args=(int(raw), report), name="memory-guard", daemon=True).start()
+
+
+# ---- end of memory guard ------------------------------------------------------------------------
 
 
 def exit_code_of(returncode: int) -> int:
@@ -957,6 +1057,7 @@ class Agent:
                 "uid": os.getuid(),
             }
         )
+        start_memory_guard(self)  # issue 21, item 8
         transport, _ = await loop.connect_read_pipe(lambda: In(self), sys.stdin.buffer)
         if isinstance(getattr(transport, "max_size", None), int):
             # asyncio reads 256 KiB at a time, which glibc serves with an mmap (three
