@@ -479,9 +479,10 @@ def kill_tree(pid: int, sig: int) -> None:
 # guest's use passes it, so a memory or fork bomb ends like an OOM kill under runc: in its worker.
 MEMORY_GUARD_VAR = "GROUNDLOOP_MEMORY_GUARD_BYTES"
 # A memory bomb grows ~800 MiB/s under gVisor (measured): the guard looks again before the headroom
-# left could be used at that rate, at most every 100 ms (reading /proc/meminfo costs ~0.3 ms there).
+# left could be used at 1 GiB/s, so an idle sandbox is looked at a few times a second (each look
+# costs ~1 ms of host CPU under the ptrace platform) and one near its limit every 2 ms.
 MEMORY_GUARD_RATE = 1 << 30
-MEMORY_GUARD_PERIOD = (0.002, 0.1)
+MEMORY_GUARD_PERIOD = (0.002, 0.5)
 
 
 def guest_memory_used() -> int | None:
