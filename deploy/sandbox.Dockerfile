@@ -27,7 +27,7 @@ COPY statx_shim.so /usr/local/lib/groundloop/statx_shim.so
 RUN chmod 0644 /usr/local/lib/groundloop/statx_shim.so && \
     echo /usr/local/lib/groundloop/statx_shim.so > /etc/ld.so.preload
 
-COPY agent.py pyworker.py jsworker.js /opt/groundloop/
+COPY agent.py memguard.py pyworker.py jsworker.js /opt/groundloop/
 ENV HOME=/workspace LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
 USER 1000:1000
 WORKDIR /workspace

@@ -34,19 +34,20 @@ SANDBOX_USER = "1000:1000"
 # sandbox, threads included), and the host limit is set far enough above it never to be reached.
 GVISOR_HOST_TASKS_PER_PROCESS = 24
 GVISOR_HOST_TASKS_BASE = 128
-# And each guest process costs the container memory: a Python fork bomb (128 processes, 1 GiB limit)
-# peaked at 508 MiB of guest memory and 56 MiB of host kernel memory for the stubs' tasks; at 256 MiB
-# and 42 processes the OOM killer struck at 222 MiB of guest memory plus 42 MiB of the Sentry's own:
-# ~5 MiB a process over ~45 MiB. A fork bomb outruns any watchdog inside the sandbox (the watchdog
-# is one runnable task among a hundred), so the process cap itself keeps a fork bomb of small
-# processes under the limit.
-GVISOR_MEMORY_PER_PROCESS = 8 << 20
-GVISOR_MEMORY_BASE = 64 << 20
-# Under gVisor a host OOM kill loses the whole sandbox (the Sentry kills itself when the OOM killer
-# takes one of its stubs), so the agent's memory guard kills the largest process session first
-# when the guest's memory use comes this close to the limit (docs/security.md, item 8).
-GVISOR_MEMORY_RESERVE = 48 << 20
-GVISOR_MEMORY_RESERVE_FRACTION = 0.2
+# Under gVisor a host OOM kill loses the whole sandbox too (the Sentry kills itself when the OOM
+# killer takes one of its stubs), so the agent's memory guard kills the largest process session
+# when the guest's memory use passes the limit less this reserve: the Sentry's own ~45 MiB (its
+# heap and the runsc binary's pages), plus what a bomb adds before the guard runs (0-11 MiB on an
+# idle machine; under load it outran a 48 MiB reserve at 256 MiB). See docs/security.md, item 8.
+GVISOR_MEMORY_RESERVE = 64 << 20
+GVISOR_MEMORY_RESERVE_FRACTION = 0.1
+# And each guest process costs memory: a Python fork bomb (128 processes, 1 GiB limit) peaked at
+# 508 MiB of guest memory and 56 MiB of host kernel memory for the stubs' tasks; at 256 MiB and 42
+# processes the OOM killer struck at 222 MiB of guest memory: ~5 MiB a forked worker. A fork bomb
+# outruns a watchdog inside the sandbox (one runnable task among a hundred), so the process cap
+# keeps a fork bomb of small processes under the guard's threshold (the agent and a worker: ~32 MiB).
+GVISOR_MEMORY_PER_PROCESS = 6 << 20
+GVISOR_MEMORY_BASE = 32 << 20
 MEMORY_GUARD_VAR = "GROUNDLOOP_MEMORY_GUARD_BYTES"
 
 
@@ -58,16 +59,19 @@ def is_gvisor(runtime: str | None) -> bool:
 def guest_process_cap(settings: SandboxSettings) -> int:
     """Processes and threads a gVisor sandbox may hold (RLIMIT_NPROC): the pids setting, lowered so
     that as many small processes fit in the memory limit."""
-    fit = (parse_size(settings.memory) - GVISOR_MEMORY_BASE) // GVISOR_MEMORY_PER_PROCESS
+    fit = (guard_threshold(parse_size(settings.memory)) - GVISOR_MEMORY_BASE) // GVISOR_MEMORY_PER_PROCESS
     return max(16, min(settings.pids_limit, fit))
+
+
+def guard_threshold(memory: int) -> int:
+    return memory - GVISOR_MEMORY_RESERVE - int(memory * GVISOR_MEMORY_RESERVE_FRACTION)
 
 
 def memory_guard_bytes(settings: SandboxSettings) -> int | None:
     """The guest memory use past which the agent kills a process session (gVisor only)."""
     if not is_gvisor(settings.runtime):
         return None
-    mem = parse_size(settings.memory)
-    return mem - max(GVISOR_MEMORY_RESERVE, int(mem * GVISOR_MEMORY_RESERVE_FRACTION))
+    return guard_threshold(parse_size(settings.memory))
 
 
 def hardening(settings: SandboxSettings) -> dict[str, Any]:

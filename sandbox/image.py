@@ -31,7 +31,7 @@ log = logging.getLogger("groundloop.image")
 
 ROOT = Path(__file__).resolve().parent
 AGENT_DIR = ROOT / "agent"
-AGENT_FILES = ("agent.py", "pyworker.py", "jsworker.js")
+AGENT_FILES = ("agent.py", "memguard.py", "pyworker.py", "jsworker.js")
 DOCKERFILE = ROOT.parent / "deploy" / "sandbox.Dockerfile"
 STATX_SHIM = ROOT.parent / "deploy" / "statx_shim.c"
 REGISTRY_BASE = "debian:bookworm-slim"

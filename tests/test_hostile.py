@@ -436,7 +436,7 @@ def _binary(frames, s, runtime):
 
 def _zombies(frames, s, runtime):
     if runtime == "runsc" and not s["ok"]:
-        # gVisor's process cap (RLIMIT_NPROC, 24 at 256 MiB: docker_backend.guest_process_cap) refuses
+        # gVisor's process cap (RLIMIT_NPROC, 22 at 256 MiB: docker_backend.guest_process_cap) refuses
         # the fork past it, before 40 forks of the worker (~5 MiB each) fill the memory
         assert s["error"] == "BlockingIOError", s
         return

@@ -141,16 +141,19 @@ async def test_runsc_subset():
         assert sb.runtime == "runsc"
         info = await asyncio.to_thread(inspect, sb.id)
         assert info["HostConfig"]["Runtime"] == "runsc"
-        # the guest's process cap fits 256 MiB ((256 - 64) / 8 = 24); the host's pids limit is far above
-        # it (the Sentry's tasks); the agent's memory guard fires at 256 - 51 MiB (docs/security.md, 8)
+        # the agent's memory guard fires at 256 - 64 - 25.6 MiB; the guest's process cap fits under it
+        # ((166 - 32) / 6 = 22); the host's pids limit is far above it (docs/security.md, item 8)
         ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in info["HostConfig"]["Ulimits"]}
-        assert ulimits["nproc"] == (24, 24)
-        assert info["HostConfig"]["PidsLimit"] == 24 * 24 + 128
-        assert f"GROUNDLOOP_MEMORY_GUARD_BYTES={(256 << 20) - int((256 << 20) * 0.2)}" in info["Config"]["Env"]
+        assert ulimits["nproc"] == (22, 22)
+        assert info["HostConfig"]["PidsLimit"] == 22 * 24 + 128
+        assert (
+            f"GROUNDLOOP_MEMORY_GUARD_BYTES={(256 << 20) - (64 << 20) - int((256 << 20) * 0.1)}"
+            in info["Config"]["Env"]
+        )
         done, text = await lines_of(
             sb, "python3 -c 'import resource; print(resource.getrlimit(resource.RLIMIT_NPROC)[0])'"
         )
-        assert text.strip() == "24"
+        assert text.strip() == "22"
         out = []
 
         async def grab(ev):

@@ -39,8 +39,9 @@ import shutil
 import signal
 import stat
 import sys
-import threading
 import time
+
+import memguard  # beside this file (the image copies both to /opt/groundloop)
 
 AGENT_VERSION = 1
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -469,117 +470,6 @@ def kill_tree(pid: int, sig: int) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     kill_group(pid, sig)
-
-
-# ---- memory guard (gVisor only; issue 21, item 8) ----------------------------------------------
-# Under gVisor the host's OOM killer cannot take one guest process: the guest's memory is one file
-# of the Sentry, the killer picks a ptrace stub that maps it, and the Sentry then kills itself, so
-# the whole sandbox is lost. The server sets GROUNDLOOP_MEMORY_GUARD_BYTES below the container's
-# limit (runsc only); this thread kills the process session holding the most memory when the
-# guest's use passes it, so a memory or fork bomb ends like an OOM kill under runc: in its worker.
-MEMORY_GUARD_VAR = "GROUNDLOOP_MEMORY_GUARD_BYTES"
-# A memory bomb grows ~800 MiB/s under gVisor (measured): the guard looks again before the headroom
-# left could be used at 1 GiB/s, so an idle sandbox is looked at a few times a second (each look
-# costs ~1 ms of host CPU under the ptrace platform) and one near its limit every 2 ms.
-MEMORY_GUARD_RATE = 1 << 30
-MEMORY_GUARD_PERIOD = (0.002, 0.5)
-
-
-def guest_memory_used() -> int | None:
-    """Bytes the sandbox's processes use: MemTotal - MemFree of gVisor's /proc/meminfo."""
-    values = {}
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                key, _, rest = line.partition(b":")
-                if key in (b"MemTotal", b"MemFree"):
-                    values[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    if len(values) != 2:
-        return None
-    return values[b"MemTotal"] - values[b"MemFree"]
-
-
-def live_processes() -> list[tuple[int, int, int]]:
-    """(pid, session, resident bytes) of every process but zombies."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            if fields[0] not in (b"Z", b"X"):
-                found.append((int(name), int(fields[3]), int(fields[21]) * page))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def kill_session(sid: int, rounds: int = 50) -> int:
-    """SIGKILL every process of session sid, again while a fork bomb still adds some."""
-    killed: set[int] = set()
-    for _ in range(rounds):
-        victims = [pid for pid, s, _ in live_processes() if s == sid and pid not in killed]
-        if not victims:
-            break
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except (ProcessLookupError, PermissionError):
-                continue
-    return len(killed)
-
-
-def memory_guard(limit: int, report) -> None:
-    spare = {os.getsid(0), 0}
-    try:
-        spare.add(os.getsid(1))
-    except OSError:
-        pass
-    while True:
-        used = guest_memory_used()
-        if used is None:
-            return
-        if used > limit:
-            sessions: dict[int, int] = {}
-            for _, sid, rss in live_processes():
-                if sid not in spare:
-                    sessions[sid] = sessions.get(sid, 0) + rss
-            if sessions:
-                sid = max(sessions, key=sessions.get)
-                n = kill_session(sid)
-                report(
-                    f"memory guard: {used >> 20} MiB in use, past {limit >> 20} MiB: killed session {sid} "
-                    f"({n} processes, {sessions[sid] >> 20} MiB resident)"
-                )
-                # The Sentry frees a dead process's memory a little later: wait for it (up to 2 s)
-                # rather than take another, innocent, session for memory already being freed.
-                for _ in range(200):
-                    time.sleep(0.01)
-                    again = guest_memory_used()
-                    if again is None or again <= limit:
-                        break
-                continue
-        low, high = MEMORY_GUARD_PERIOD
-        time.sleep(min(high, max(low, (limit - used) / MEMORY_GUARD_RATE)))
-
-
-def start_memory_guard(agent: Agent) -> None:
-    raw = os.environ.get(MEMORY_GUARD_VAR)
-    if not raw:
-        return
-
-    def report(message: str) -> None:
-        agent.loop.call_soon_threadsafe(agent.out.send, {"ev": "log", "level": "warning", "message": message})
-
-    threading.Thread(target=memory_guard, args=(int(raw), report), name="memory-guard", daemon=True).start()
-
-
-# ---- end of memory guard ------------------------------------------------------------------------
 
 
 def exit_code_of(returncode: int) -> int:
@@ -1069,7 +959,11 @@ class Agent:
                 "uid": os.getuid(),
             }
         )
-        start_memory_guard(self)  # issue 21, item 8
+        memguard.start(  # gVisor only (issue 21, item 8)
+            lambda message: loop.call_soon_threadsafe(
+                self.out.send, {"ev": "log", "level": "warning", "message": message}
+            )
+        )
         transport, _ = await loop.connect_read_pipe(lambda: In(self), sys.stdin.buffer)
         if isinstance(getattr(transport, "max_size", None), int):
             # asyncio reads 256 KiB at a time, which glibc serves with an mmap (three
