@@ -37,8 +37,9 @@ GVISOR_HOST_TASKS_BASE = 128
 # Under gVisor a host OOM kill loses the whole sandbox too (the Sentry kills itself when the OOM
 # killer takes one of its stubs), so the agent's memory guard kills the largest process session
 # when the guest's memory use passes the limit less this reserve: the Sentry's own ~45 MiB (its
-# heap and the runsc binary's pages), plus what a bomb adds before the guard runs (0-11 MiB on an
-# idle machine; under load it outran a 48 MiB reserve at 256 MiB). See docs/security.md, item 8.
+# heap and the runsc binary's pages), plus what a bomb adds before the guard runs (0-14 MiB on an
+# idle machine, 34 MiB under load, and once more than a 48 MiB reserve at 256 MiB). A small limit
+# keeps at least half for the guest. See docs/security.md, item 8.
 GVISOR_MEMORY_RESERVE = 64 << 20
 GVISOR_MEMORY_RESERVE_FRACTION = 0.1
 # And each guest process costs memory: a Python fork bomb (128 processes, 1 GiB limit) peaked at
@@ -58,13 +59,13 @@ def is_gvisor(runtime: str | None) -> bool:
 
 def guest_process_cap(settings: SandboxSettings) -> int:
     """Processes and threads a gVisor sandbox may hold (RLIMIT_NPROC): the pids setting, lowered so
-    that as many small processes fit in the memory limit."""
+    that as many small processes fit under the memory guard's threshold."""
     fit = (guard_threshold(parse_size(settings.memory)) - GVISOR_MEMORY_BASE) // GVISOR_MEMORY_PER_PROCESS
     return max(16, min(settings.pids_limit, fit))
 
 
 def guard_threshold(memory: int) -> int:
-    return memory - GVISOR_MEMORY_RESERVE - int(memory * GVISOR_MEMORY_RESERVE_FRACTION)
+    return max(memory // 2, memory - GVISOR_MEMORY_RESERVE - int(memory * GVISOR_MEMORY_RESERVE_FRACTION))
 
 
 def memory_guard_bytes(settings: SandboxSettings) -> int | None:

@@ -204,3 +204,21 @@ async def test_common_shell_tools_work(runtime):
         assert done["ok"] and done["exit_code"] == 0, (done, out)
         assert out.splitlines() == [f"{name} ok" for name in TOOLS], out
         await eng.release(sb)
+
+
+def test_gvisor_limits_follow_the_memory_limit():
+    """Under runsc only: a process cap (nproc) that fits under the memory guard's threshold, a host pids
+    limit far above it, and a guard threshold that leaves the Sentry its share (docs/security.md, item 8)."""
+    from groundloop.sandbox.docker_backend import hardening, memory_guard_bytes
+
+    def limits(runtime, memory, pids=256):
+        s = sandbox_settings(runtime=runtime, memory=memory, pids_limit=pids)
+        hc = hardening(s)
+        return {u["Name"]: u["Soft"] for u in hc["ulimits"]}.get("nproc"), hc["pids_limit"], memory_guard_bytes(s)
+
+    assert limits("runc", "512m") == (None, 256, None)
+    assert limits("runsc", "512m") == (60, 60 * 24 + 128, (512 - 64) * 2**20 - int(512 * 2**20 * 0.1))
+    assert limits("runsc", "4g") == (256, 256 * 24 + 128, (4096 - 64) * 2**20 - int(4096 * 2**20 * 0.1))
+    assert limits("runsc", "4g", pids=64)[0] == 64
+    # a small limit still leaves the guest half, and a few processes
+    assert limits("runsc", "64m") == (16, 16 * 24 + 128, 32 * 2**20)
