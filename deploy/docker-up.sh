@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Install and start a Docker engine with gVisor (runsc) registered, on a Debian
-# machine with no engine running. Idempotent. Needs root.
+# machine with no engine running. Idempotent. Needs root. Also installs what
+# `groundloop image build` needs on the host: debootstrap, and a C compiler for
+# deploy/statx_shim.c.
 set -euo pipefail
 if docker info >/dev/null 2>&1; then
   exit 0
 fi
-if ! command -v dockerd >/dev/null 2>&1 || ! command -v runsc >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v runsc >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \
+  || ! command -v cc >/dev/null 2>&1 || ! dpkg -s libc6-dev >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q docker.io runsc debootstrap
+  apt-get install -y -q docker.io runsc debootstrap gcc libc6-dev
 fi
 mkdir -p /etc/docker
 if [ ! -f /etc/docker/daemon.json ] || ! grep -q runsc /etc/docker/daemon.json; then

@@ -1,8 +1,9 @@
 # The groundloop sandbox image.
 #
-# With a registry:   docker build -f deploy/sandbox.Dockerfile -t groundloop-sandbox:latest sandbox/agent
-# Without one, `groundloop image build` makes a Debian base offline (debootstrap +
-# docker import) and builds this same file on top of it with --build-arg BASE=...
+# Build it with `groundloop image build` (sandbox/image.py): its context is the agent's files plus
+# statx_shim.so, compiled from deploy/statx_shim.c on the host. With a registry the base is
+# debian:bookworm-slim; without one, a Debian base made offline (debootstrap + docker import),
+# passed as --build-arg BASE=...
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
@@ -18,6 +19,13 @@ RUN if ! command -v python3 >/dev/null || ! command -v node >/dev/null || ! comm
 RUN (getent group sandbox || groupadd --gid 1000 sandbox) && \
     (getent passwd sandbox || useradd --uid 1000 --gid 1000 --home-dir /workspace --no-create-home --shell /bin/sh sandbox) && \
     mkdir -p /workspace /opt/groundloop && chown 1000:1000 /workspace
+
+# Preloaded into every dynamically linked process (whatever its environment): under gVisor
+# 20221219, statx() with AT_NO_AUTOMOUNT fails with EINVAL, which breaks coreutils' ls and stat;
+# the shim retries without the flag (deploy/statx_shim.c).
+COPY statx_shim.so /usr/local/lib/groundloop/statx_shim.so
+RUN chmod 0644 /usr/local/lib/groundloop/statx_shim.so && \
+    echo /usr/local/lib/groundloop/statx_shim.so > /etc/ld.so.preload
 
 COPY groundloop_agent /opt/groundloop/groundloop_agent
 # PYTHONPATH is the agent's alone: it starts every child with an environment of its own.

@@ -28,12 +28,71 @@ LABEL = "groundloop.managed"
 AGENT_CMD = ["python3", "-u", "-B", "-P", "-m", "groundloop_agent"]
 SANDBOX_USER = "1000:1000"
 
+# Under gVisor the host sees the Sentry, the gofer and one ptrace stub process per guest process,
+# with a stub thread per Sentry thread that ran it: a Python fork bomb measured ~22 host tasks per
+# guest process (128 guest processes: 2284 host tasks) over a base of ~60. When the host pids limit
+# is reached the Sentry panics ("error initializing first thread") and the whole sandbox is lost.
+# So under runsc the guest's own count is capped by RLIMIT_NPROC (the Sentry enforces it per
+# sandbox, threads included), and the host limit is set far enough above it never to be reached.
+GVISOR_HOST_TASKS_PER_PROCESS = 24
+GVISOR_HOST_TASKS_BASE = 128
+# Under gVisor a host OOM kill loses the whole sandbox too (the Sentry kills itself when the OOM
+# killer takes one of its stubs), so the agent's memory guard kills the largest process session
+# when the guest's memory use passes the limit less this reserve: the Sentry's own ~45 MiB (its
+# heap and the runsc binary's pages), plus what a bomb adds before the guard runs (0-14 MiB on an
+# idle machine, 34 MiB under load, and once more than a 48 MiB reserve at 256 MiB). A small limit
+# keeps at least half for the guest. See docs/security.md, item 8.
+GVISOR_MEMORY_RESERVE = 64 << 20
+GVISOR_MEMORY_RESERVE_FRACTION = 0.1
+# And each guest process costs memory: a Python fork bomb (128 processes, 1 GiB limit) peaked at
+# 508 MiB of guest memory and 56 MiB of host kernel memory for the stubs' tasks; at 256 MiB and 42
+# processes the OOM killer struck at 222 MiB of guest memory: ~5 MiB a forked worker. A fork bomb
+# outruns a watchdog inside the sandbox (one runnable task among a hundred), so the process cap
+# keeps a fork bomb of small processes under the guard's threshold (the agent and a worker: ~32 MiB).
+GVISOR_MEMORY_PER_PROCESS = 6 << 20
+GVISOR_MEMORY_BASE = 32 << 20
+MEMORY_GUARD_VAR = "GROUNDLOOP_MEMORY_GUARD_BYTES"
+
+
+def is_gvisor(runtime: str | None) -> bool:
+    """runsc, or another name registered for it (runsc-debug, ...)."""
+    return bool(runtime) and runtime.startswith("runsc")
+
+
+def guest_process_cap(settings: SandboxSettings) -> int:
+    """Processes and threads a gVisor sandbox may hold (RLIMIT_NPROC): the pids setting, lowered so
+    that as many small processes fit under the memory guard's threshold."""
+    fit = (guard_threshold(parse_size(settings.memory)) - GVISOR_MEMORY_BASE) // GVISOR_MEMORY_PER_PROCESS
+    return max(16, min(settings.pids_limit, fit))
+
+
+def guard_threshold(memory: int) -> int:
+    return max(memory // 2, memory - GVISOR_MEMORY_RESERVE - int(memory * GVISOR_MEMORY_RESERVE_FRACTION))
+
+
+def memory_guard_bytes(settings: SandboxSettings) -> int | None:
+    """The guest memory use past which the agent kills a process session (gVisor only)."""
+    if not is_gvisor(settings.runtime):
+        return None
+    return guard_threshold(parse_size(settings.memory))
+
 
 def hardening(settings: SandboxSettings) -> dict[str, Any]:
     """Host config of every sandbox container (keyword arguments of create_host_config)."""
     import docker.types
 
     mem = parse_size(settings.memory)
+    ulimits = [
+        docker.types.Ulimit(name="nofile", soft=settings.nofile, hard=settings.nofile),
+        docker.types.Ulimit(name="fsize", soft=settings.max_file_bytes, hard=settings.max_file_bytes),
+    ]
+    pids = settings.pids_limit
+    if is_gvisor(settings.runtime):
+        # Under runc, RLIMIT_NPROC would count every uid-1000 process of the host kernel, other
+        # sandboxes' included: only the Sentry counts per sandbox.
+        nproc = guest_process_cap(settings)
+        ulimits.append(docker.types.Ulimit(name="nproc", soft=nproc, hard=nproc))
+        pids = nproc * GVISOR_HOST_TASKS_PER_PROCESS + GVISOR_HOST_TASKS_BASE
     return {
         # No docker-init: it would hold the agent's stdio as a dumpable pid 1, open to the code
         # through /proc/1/fd. The agent's own pid 1 reaps instead (sandbox/agent/groundloop_agent/init.py).
@@ -46,14 +105,11 @@ def hardening(settings: SandboxSettings) -> dict[str, Any]:
         },
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],
-        "pids_limit": settings.pids_limit,
+        "pids_limit": pids,
         "mem_limit": mem,
         "memswap_limit": mem,
         "nano_cpus": int(settings.cpus * 1e9),
-        "ulimits": [
-            docker.types.Ulimit(name="nofile", soft=settings.nofile, hard=settings.nofile),
-            docker.types.Ulimit(name="fsize", soft=settings.max_file_bytes, hard=settings.max_file_bytes),
-        ],
+        "ulimits": ulimits,
         "log_config": docker.types.LogConfig(type="none"),
         "auto_remove": True,
         "ipc_mode": "private",
@@ -132,6 +188,13 @@ class DockerBackend:
             if exc.status_code != 409:  # 409: removal already in progress (auto_remove)
                 raise
 
+    def environment(self) -> dict[str, str]:
+        env = {"HOME": "/workspace", "LANG": "C.UTF-8"}
+        guard = memory_guard_bytes(self.settings)
+        if guard is not None:
+            env[MEMORY_GUARD_VAR] = str(guard)
+        return env
+
     def create_and_attach(self, session_id: str, command: list[str] = AGENT_CMD) -> tuple[str, socket.socket]:
         """Create a hardened container running ``command``, attach a non-blocking socket to its
         stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way."""
@@ -146,7 +209,7 @@ class DockerBackend:
             user=SANDBOX_USER,
             working_dir="/workspace",
             hostname="sandbox",
-            environment={"HOME": "/workspace", "LANG": "C.UTF-8"},
+            environment=self.environment(),
             labels=self.labels(session_id),
             network_disabled=True,
             host_config=host_config,

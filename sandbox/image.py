@@ -10,6 +10,10 @@ Two paths to one Dockerfile (deploy/sandbox.Dockerfile):
 
 The image carries a label with the SHA-256 of the agent's files, so a server
 can tell a stale image from the agent it ships (``image_is_current``).
+
+Both paths also compile deploy/statx_shim.c with the host's C compiler into
+the build context: the image preloads it in every process so that coreutils'
+``ls`` and ``stat`` work under gVisor (see the file for why).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parent
 AGENT_DIR = ROOT / "agent"
 AGENT_PACKAGE = AGENT_DIR / "groundloop_agent"  # copied whole into the image
 DOCKERFILE = ROOT.parent / "deploy" / "sandbox.Dockerfile"
+STATX_SHIM = ROOT.parent / "deploy" / "statx_shim.c"
 REGISTRY_BASE = "debian:bookworm-slim"
 OFFLINE_BASE = "groundloop-sandbox-base:bookworm"
 PACKAGES = "python3,nodejs,git,ca-certificates"
@@ -49,7 +54,24 @@ def agent_digest() -> str:
     for name in agent_files():
         h.update(name.encode() + b"\0" + (AGENT_PACKAGE / name).read_bytes())
     h.update(DOCKERFILE.read_bytes() if DOCKERFILE.exists() else b"")
+    h.update(STATX_SHIM.read_bytes() if STATX_SHIM.exists() else b"")
     return h.hexdigest()
+
+
+def compile_statx_shim(out: Path) -> None:
+    """Compile deploy/statx_shim.c into the shared library ``out`` with the host's compiler (``$CC``,
+    else ``cc``). The image has no compiler and the offline build no network, so it is built here; the
+    library needs only glibc 2.2.5 symbols, so any glibc host builds one the image can load."""
+    cc = os.environ.get("CC") or "cc"
+    cmd = [cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(out), str(STATX_SHIM)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"building the sandbox image needs a C compiler ({cc!r} not found): apt-get install gcc libc6-dev"
+        ) from None
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"compiling {STATX_SHIM.name} failed:\n{exc.stderr}") from None
 
 
 def _client():
@@ -118,6 +140,10 @@ def build_context() -> bytes:
         tar.add(str(DOCKERFILE), arcname="Dockerfile")
         for name in agent_files():
             tar.add(str(AGENT_PACKAGE / name), arcname=f"groundloop_agent/{name}")
+        with tempfile.TemporaryDirectory(prefix="groundloop-shim-") as tmp:
+            shim = Path(tmp) / "statx_shim.so"
+            compile_statx_shim(shim)
+            tar.add(str(shim), arcname=shim.name)
     return buf.getvalue()
 
 

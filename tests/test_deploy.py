@@ -444,3 +444,30 @@ def test_haproxy_configs_are_valid(cfg):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (DEPLOY / cfg).read_text()
     assert "disable-on-404" in text and "balance leastconn" in text and "urlp(session)" in text
+
+
+def test_sandbox_image_context_carries_the_statx_shim(monkeypatch):
+    """The image build compiles deploy/statx_shim.c on the host (docs/security.md, item 7): the context has
+    the library, which defines statx() and needs nothing newer than glibc 2.2.5; without a compiler the
+    build says which packages to install."""
+    import io
+    import tarfile
+    import tempfile
+
+    from groundloop.sandbox import image
+
+    with tarfile.open(fileobj=io.BytesIO(image.build_context())) as tar:
+        names = tar.getnames()
+        assert {"Dockerfile", "statx_shim.so", *(f"groundloop_agent/{n}" for n in image.agent_files())} <= set(names)
+        with tempfile.TemporaryDirectory() as tmp:
+            tar.extract("statx_shim.so", tmp)
+            symbols = subprocess.run(
+                ["objdump", "-T", os.path.join(tmp, "statx_shim.so")], capture_output=True, text=True, check=True
+            ).stdout
+    assert re.search(r"\.text\s.*\sstatx$", symbols, re.M), symbols
+    versions = set(re.findall(r"GLIBC_([0-9.]+)", symbols))
+    assert versions <= {"2.2.5"}, versions
+    assert "statx_shim.so" in (DEPLOY / "sandbox.Dockerfile").read_text()
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(RuntimeError, match="apt-get install gcc"):
+        image.build_context()

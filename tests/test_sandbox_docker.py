@@ -136,11 +136,24 @@ async def test_sandbox_stops_when_the_server_connection_drops():
 
 @pytest.mark.runsc
 async def test_runsc_subset():
-    async with started_engine(pool_size=0, runtime="runsc") as eng:
+    async with started_engine(pool_size=0, runtime="runsc", memory="256m", pids_limit=128) as eng:
         sb = await eng.acquire()
         assert sb.runtime == "runsc"
         info = await asyncio.to_thread(inspect, sb.id)
         assert info["HostConfig"]["Runtime"] == "runsc"
+        # the agent's memory guard fires at 256 - 64 - 25.6 MiB; the guest's process cap fits under it
+        # ((166 - 32) / 6 = 22); the host's pids limit is far above it (docs/security.md, item 8)
+        ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in info["HostConfig"]["Ulimits"]}
+        assert ulimits["nproc"] == (22, 22)
+        assert info["HostConfig"]["PidsLimit"] == 22 * 24 + 128
+        assert (
+            f"GROUNDLOOP_MEMORY_GUARD_BYTES={(256 << 20) - (64 << 20) - int((256 << 20) * 0.1)}"
+            in info["Config"]["Env"]
+        )
+        done, text = await lines_of(
+            sb, "python3 -c 'import resource; print(resource.getrlimit(resource.RLIMIT_NPROC)[0])'"
+        )
+        assert text.strip() == "22"
         out = []
 
         async def grab(ev):
@@ -161,3 +174,51 @@ async def test_runsc_subset():
         done = await sb.request("run_code", {"code": "for i in range(100000): print(i)", "max_output_bytes": 10000})
         assert done["truncated"] is True
         await eng.release(sb)
+
+
+# Each line runs in /workspace and prints a marker only when the tool succeeded with the expected output;
+# a failing tool prints its own error (`ls: cannot access '/': Invalid argument` under gVisor 20221219
+# before deploy/statx_shim.c).
+SHELL_TOOLS = r"""
+set -u
+cd /workspace
+mkdir -p proj/src && printf 'needle\n' > proj/src/a.txt && ln -s src/a.txt proj/link
+check() { name=$1; shift; if out=$("$@" 2>&1); then printf '%s ok\n' "$name"; else printf '%s FAILED %s\n' "$name" "$out"; fi; }
+check ls_root ls /
+check ls_la sh -c 'ls -la proj | grep -q " link -> src/a.txt"'
+check stat sh -c 'test "$(stat -c %F proj/src)" = directory'
+check find sh -c 'test "$(find proj -type f)" = proj/src/a.txt'
+check cp sh -c 'cp -a proj copy && cmp proj/src/a.txt copy/src/a.txt && test -L copy/link'
+check tar sh -c 'tar -cf p.tar proj && mkdir x && tar -C x -xf p.tar && cmp proj/src/a.txt x/proj/src/a.txt'
+check grep_r sh -c 'test "$(grep -r needle proj/src)" = "proj/src/a.txt:needle"'
+check git sh -c 'cd proj && git init -q && git add -A && git status --short | grep -q "^A  src/a.txt"'
+"""
+TOOLS = ["ls_root", "ls_la", "stat", "find", "cp", "tar", "grep_r", "git"]
+
+
+@pytest.mark.parametrize("runtime", ["runc", pytest.param("runsc", marks=pytest.mark.runsc)])
+async def test_common_shell_tools_work(runtime):
+    async with started_engine(pool_size=0, runtime=runtime) as eng:
+        sb = await eng.acquire()
+        done, out = await lines_of(sb, SHELL_TOOLS)
+        assert done["ok"] and done["exit_code"] == 0, (done, out)
+        assert out.splitlines() == [f"{name} ok" for name in TOOLS], out
+        await eng.release(sb)
+
+
+def test_gvisor_limits_follow_the_memory_limit():
+    """Under runsc only: a process cap (nproc) that fits under the memory guard's threshold, a host pids
+    limit far above it, and a guard threshold that leaves the Sentry its share (docs/security.md, item 8)."""
+    from groundloop.sandbox.docker_backend import hardening, memory_guard_bytes
+
+    def limits(runtime, memory, pids=256):
+        s = sandbox_settings(runtime=runtime, memory=memory, pids_limit=pids)
+        hc = hardening(s)
+        return {u["Name"]: u["Soft"] for u in hc["ulimits"]}.get("nproc"), hc["pids_limit"], memory_guard_bytes(s)
+
+    assert limits("runc", "512m") == (None, 256, None)
+    assert limits("runsc", "512m") == (60, 60 * 24 + 128, (512 - 64) * 2**20 - int(512 * 2**20 * 0.1))
+    assert limits("runsc", "4g") == (256, 256 * 24 + 128, (4096 - 64) * 2**20 - int(4096 * 2**20 * 0.1))
+    assert limits("runsc", "4g", pids=64)[0] == 64
+    # a small limit still leaves the guest half, and a few processes
+    assert limits("runsc", "64m") == (16, 16 * 24 + 128, 32 * 2**20)

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 
+from . import memguard
 from .common import AGENT_VERSION, BASE_ENV, ERROR_TEXT_MAX, INTERRUPT_GRACE, MAX_OUTPUT, WORKDIR, RequestError
 from .contexts import Context, Run
 from .files import FileOps
@@ -80,6 +81,11 @@ class Agent(FileOps):
                 "workdir": WORKDIR,
                 "uid": os.getuid(),
             }
+        )
+        memguard.start(  # gVisor only (issue 21, item 8)
+            lambda message: loop.call_soon_threadsafe(
+                self.out.send, {"ev": "log", "level": "warning", "message": message}
+            )
         )
         transport, _ = await loop.connect_read_pipe(lambda: In(self), sys.stdin.buffer)
         if isinstance(getattr(transport, "max_size", None), int):
