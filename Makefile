@@ -40,7 +40,7 @@ bench-smoke: install
 	$(BIN)/python -m bench --smoke
 
 lint: venv
-	$(BIN)/ruff check server sessions sandbox tests bench
+	$(BIN)/ruff check server sessions sandbox clients/python tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

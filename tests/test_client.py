@@ -7,7 +7,6 @@ so the server sees the socket die mid-stream as it would on a real network.
 from __future__ import annotations
 
 import asyncio
-import base64
 
 import pytest
 from conftest import run_server, server_settings
@@ -317,4 +316,37 @@ def test_public_exports():
     import groundloop.client as c
 
     assert set(c.__all__) <= set(dir(c))
-    assert base64  # the module is used by PNG checks above
+    assert c.AuthError.__mro__[1] is c.ConnectError and issubclass(c.GapError, c.GroundloopError)
+
+
+async def test_the_example_in_docs_clients_md_runs(server):
+    import os
+    import re
+    import sys
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "clients.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    env = {**os.environ, "GROUNDLOOP_URL": server.http, "GROUNDLOOP_TOKEN": "tok1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == [
+        "> 0",
+        "> 1",
+        "> 2",
+        "True True 42",
+        "ZeroDivisionError",
+        "3 hi",
+        "hello",
+        "['a.txt']",
+        "stdout tick 1",
+        "stdout tick 2",
+        "0",
+        "stdout",
+        "result",
+        "done",
+        "True",
+    ]

@@ -158,22 +158,77 @@ async def test_long_output_is_truncated_with_a_note(server):
 
 @pytest.mark.docker
 async def test_without_a_url_it_runs_its_own_server():
+    # a namespace of its own, so that only this server's containers are counted
+    namespace = f"{NAMESPACE}-mcp"
     env = {
-        "GROUNDLOOP_NAMESPACE": NAMESPACE,
+        "GROUNDLOOP_NAMESPACE": namespace,
         "GROUNDLOOP_SANDBOX_IMAGE": IMAGE,
         "GROUNDLOOP_POOL_SIZE": "1",
         **{k: v for k, v in os.environ.items() if k.startswith("DOCKER_")},
     }
-    async with mcp_client(env=env) as c:
-        r = await c.call_tool("run_code", {"code": "print('local')"})
-        assert text_of(r) == "[stdout]\nlocal"
-    # closing stdin ended it cleanly: its server removed its sandboxes before exiting
-    assert await asyncio.to_thread(_running_containers) == []
+    try:
+        async with mcp_client(env=env) as c:
+            r = await c.call_tool("run_code", {"code": "print('local')"})
+            assert text_of(r) == "[stdout]\nlocal"
+            assert await asyncio.to_thread(_containers, namespace)  # its pool and its session's sandbox
+        # closing stdin ended it cleanly: its server removed its sandboxes before exiting
+        assert await asyncio.to_thread(_containers, namespace) == []
+    finally:
+        await asyncio.to_thread(_containers, namespace, remove=True)
 
 
-def _running_containers() -> list[str]:
+def _containers(namespace: str, *, remove: bool = False) -> list[str]:
     import docker
 
     with contextlib.closing(docker.from_env()) as client:
-        found = client.api.containers(filters={"label": [f"groundloop.namespace={NAMESPACE}"], "status": "running"})
+        found = client.api.containers(filters={"label": [f"groundloop.namespace={namespace}"], "status": "running"})
+        if remove:
+            for c in found:
+                with contextlib.suppress(Exception):
+                    client.api.remove_container(c["Id"], force=True)
         return [c["Id"] for c in found]
+
+
+@pytest.mark.docker
+async def test_streamable_http_transport(server):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        GROUNDLOOP,
+        "mcp",
+        "--transport",
+        "http",
+        "--port",
+        str(port),
+        "--url",
+        server.url,
+        "--token",
+        "tok1",
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.wait_for(_listening(port), 60)
+        async with Client(f"http://127.0.0.1:{port}/mcp", read_timeout_seconds=120) as c:
+            assert {t.name for t in (await c.list_tools()).tools} == TOOLS
+            r = await c.call_tool("run_code", {"code": "print('over http')"})
+            assert text_of(r) == "[stdout]\nover http"
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+
+
+async def _listening(port: int) -> None:
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
