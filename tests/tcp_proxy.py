@@ -50,6 +50,11 @@ class TcpProxy:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def close_listener(self) -> None:
+        """Refuse new connections from now on."""
+        assert self._server is not None
+        self._server.close()
+
     def cut(self) -> None:
         """Abort every open connection, both sides, and forward normally from now on."""
         self.hold_down = False

@@ -16,6 +16,8 @@ from groundloop.client import (
     GapError,
     RequestError,
     Result,
+    Session,
+    SessionClosed,
     connect,
 )
 from tcp_proxy import TcpProxy
@@ -279,6 +281,35 @@ async def test_gap_fails_the_pending_request_and_the_session_goes_on():
             assert info.value.missed > 0
             assert [e["type"] for e in events][:2] == ["ready", "gap"]
             assert (await s.run_code("print('still here')")).stdout == "still here\n"
+
+
+async def test_takeover_and_unresumable_sessions_end_with_session_closed(server):
+    from wsclient import WSClient
+
+    async with connect(server.url, "tok1") as s:
+        req = await s.request("run_code", code="import time; time.sleep(300)", timeout_s=300)
+        # another connection resumes this session: this one is closed 4409 and does not fight back
+        other = await WSClient.connect(server.url, token="tok1", session=s.session_id, last_seq=s.last_seq)
+        with pytest.raises(SessionClosed) as info:
+            await req.wait()
+        assert info.value.close_code == 4409 and s.closed is info.value
+        with pytest.raises(SessionClosed):
+            await s.run_code("1")
+        await other.call("cancel", target=req.id)
+        await other.ws.close()
+
+    async with run_server(server_settings(resume_grace_s=1.0)) as srv:
+        proxy = TcpProxy(srv.port)
+        async with proxy:
+            s = await Session(f"ws://127.0.0.1:{proxy.port}/v1/ws", "tok1").open()
+            try:
+                proxy.close_listener()  # the link dies and stays dead past the resume grace
+                proxy.cut()
+                with pytest.raises(SessionClosed) as info:
+                    await s.run_code("1")
+                assert "could not be resumed" in str(info.value)
+            finally:
+                await s.close()
 
 
 async def test_assist_streams_tokens(fake):

@@ -12,7 +12,6 @@ import enum
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import GroundloopError
 from .frames import DoneFrame, Frame
 from .results import _Fold
 
@@ -43,6 +42,7 @@ class Request:
         self.frame = frame
         self.state = SendState.NEW
         self.generation = 0
+        self.resent = False
         self.done: DoneFrame | None = None
         self.errors: list[dict[str, Any]] = []  # `error` frames that named this request
         self.fold = _Fold()
@@ -66,6 +66,10 @@ class Request:
         if kind == "done":
             self.done = cast(DoneFrame, frame)
         elif kind == "error":
+            if self.resent and frame.get("code") == "bad_request":
+                # A resend of a request the server already runs: "duplicate id", and no done
+                # (its done belongs to the original). Were it a real refusal, a done follows.
+                return
             self.errors.append(frame)
         elif kind == "token":
             self.tokens.append(frame.get("text") or "")
@@ -198,4 +202,4 @@ class Process:
         return f"<Process {self.process_id} pid={self.pid} {state}>"
 
 
-__all__ = ["GroundloopError", "Process", "Request", "SendState"]
+__all__ = ["Process", "Request", "SendState"]

@@ -16,6 +16,9 @@ Resume, nothing lost and nothing twice:
   still running silently (resending it gets a duplicate-id ``error``, no
   ``done``: harmless) or was never read (resending runs it once). Only then are
   the uncertain requests resent, in order, and the gate opened for new ones.
+  One window stays open, because the protocol cannot be asked whether it has
+  seen an id: a request the server read, that sent no frame before the replay
+  was in, and that ends within the one round trip of its resend, runs twice.
 - A ``gap`` (frames evicted before the resume) fails every request sent before
   it with ``GapError`` and cancels it on the server: its output or its ``done``
   may be among the lost frames, and a result with silent holes is worse than
@@ -270,7 +273,7 @@ class Session:
         await barrier.wait()
         for req in sorted(self._requests.values(), key=lambda r: r.generation):
             if req.state == SendState.UNCERTAIN:
-                req.state, req.generation = SendState.SENT, self._generation
+                req.state, req.generation, req.resent = SendState.SENT, self._generation, True
                 await ws.send(json.dumps(req.frame))
         self._gate.set()
 
@@ -305,8 +308,12 @@ class Session:
             proc._push(frame)
             return
         rid = frame.get("id")
-        req = self._requests.get(str(rid)) if rid is not None else None
-        if req is not None:
+        if rid is not None:
+            req = self._requests.get(str(rid))
+            if req is None:
+                # a request this client gave up on (cancelled, failed by a gap): nobody waits for it
+                log.debug("groundloop: dropped a %s frame of abandoned request %s", kind, rid)
+                return
             req._push(frame)
             if kind == "done":
                 del self._requests[req.id]
@@ -598,8 +605,8 @@ async def connect(
     """Open a session; ``async with connect("ws://127.0.0.1:8000", "tok1") as session: ...``.
 
     ``on_event`` gets the frames that belong to no request: ``gap``,
-    ``sandbox_replaced``, ``error`` without a request, and ``ready`` after each
-    resume. Raises ``ConnectError`` (``AuthError`` for a refused token).
+    ``sandbox_replaced``, ``error`` without a request id, and ``ready`` after
+    each resume. Raises ``ConnectError`` (``AuthError`` for a refused token).
     """
     session = Session(
         url,
