@@ -158,6 +158,11 @@ async def test_background_processes(server):
         assert sleeper.exited and not (await s.list_processes())[-1].running
         with pytest.raises(RequestError):
             await s.kill_process("no-such-process")
+    # unread output of a chatty process is bounded: the oldest frames go, and are counted
+    async with connect(server.url, "tok1", process_buffer_frames=5) as s:
+        chatty = await s.start_process("seq 1 20")
+        assert await chatty.wait() == 0
+        assert [f["text"] for f in chatty.read()] == [f"{i}\n" for i in range(16, 21)] and chatty.dropped == 15
 
 
 async def test_cancel_explicit_and_by_cancelling_the_task(server):

@@ -114,6 +114,9 @@ async def test_tools_over_stdio(server):
         w = await c.call_tool("write_file", {"path": "sub/dir/a.txt", "content": "héllo\n"})
         assert not w.is_error and text_of(w) == "wrote 7 bytes to sub/dir/a.txt"
         assert text_of(await c.call_tool("read_file", {"path": "sub/dir/a.txt"})) == "héllo\n"
+        await c.call_tool("run_shell", {"command": "printf '\\377\\376' > sub/dir/b.bin"})
+        binary = await c.call_tool("read_file", {"path": "sub/dir/b.bin"})
+        assert not binary.is_error and text_of(binary) == "[sub/dir/b.bin is binary (2 bytes) and is not shown]"
         listing = text_of(await c.call_tool("list_files", {"path": "sub/dir"}))
         assert listing.startswith("sub/dir:\n") and "a.txt" in listing and "7" in listing
 
@@ -232,3 +235,29 @@ async def _listening(port: int) -> None:
         writer.close()
         await writer.wait_closed()
         return
+
+
+@pytest.mark.docker
+async def test_a_session_the_server_ended_is_replaced_with_a_note():
+    from conftest import run_server, server_settings
+    from groundloop.mcp.server import SessionHolder, build_server
+
+    async with run_server(server_settings(idle_timeout_s=1.0)) as srv:
+        holder = SessionHolder(srv.url, "tok1")
+        try:
+            async with Client(build_server(holder)) as c:  # in process: the stdio path is tested above
+                first = await c.call_tool("run_code", {"code": "x = 1\nx"})
+                assert text_of(first) == "[result]\n1"
+                session = holder._session
+                await asyncio.wait_for(_closed(session), 60)  # idle past 1 s: the server closes it (4410)
+                again = await c.call_tool("run_code", {"code": "print('new')"})
+                text = text_of(again)
+                assert text.startswith("[groundloop: the previous session ended") and "4410" in text
+                assert text.endswith("[stdout]\nnew") and holder._session is not session
+        finally:
+            await holder.close()
+
+
+async def _closed(session) -> None:
+    while session.closed is None:
+        await asyncio.sleep(0.05)

@@ -137,7 +137,7 @@ def build_server(holder: SessionHolder, *, max_chars: int = fmt.DEFAULT_MAX_CHAR
         try:
             body = await session.read_text(path)
         except RequestError as exc:
-            if exc.name not in ("UnicodeDecodeError", "BadEncoding", "DecodeError"):
+            if exc.name != "UnicodeDecodeError":
                 raise
             size = len(await session.read_bytes(path))
             body = f"[{path} is binary ({size} bytes) and is not shown]"
