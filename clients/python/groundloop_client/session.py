@@ -135,12 +135,8 @@ class Session:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def drop_connection(self) -> None:
-        """Abort the current socket without a close frame, as a network failure would (for tests and demos)."""
-        if self._ws is not None:
-            self._ws.transport.abort()
-
-    async def _dial(self, *, resume: bool) -> tuple[ClientConnection, ReadyFrame]:
+    async def _dial(self, *, resume: bool, timeout: float | None = None) -> tuple[ClientConnection, ReadyFrame]:
+        timeout = self._open_timeout if timeout is None else timeout
         url = self.url
         if resume:
             query = urlencode({"session": self.session_id, "last_seq": self.last_seq})
@@ -151,7 +147,7 @@ class Session:
                 additional_headers=self._headers,
                 compression=None,
                 max_size=self._max_size,
-                open_timeout=self._open_timeout,
+                open_timeout=timeout,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -161,7 +157,7 @@ class Session:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ConnectError(f"cannot connect to {self.url}: {exc}") from exc
         try:
-            first = json.loads(await asyncio.wait_for(ws.recv(), self._open_timeout))
+            first = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         except (ConnectionClosed, TimeoutError) as exc:
             await ws.close()
             raise ConnectError(f"the server sent no ready frame: {exc}", close_code=ws.close_code) from exc
@@ -246,7 +242,8 @@ class Session:
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                ws, ready = await self._dial(resume=True)
+                remaining = max(0.1, deadline - time.monotonic())
+                ws, ready = await self._dial(resume=True, timeout=min(self._open_timeout, remaining))
             except (AuthError, SessionClosed, ProtocolError):
                 raise
             except ConnectError as exc:

@@ -262,6 +262,7 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         if not url:
             url, token = await stack.enter_async_context(local_server())
+        assert url is not None
         holder = SessionHolder(url, token)
         stack.push_async_callback(holder.close)
         mcp = build_server(holder, max_chars=max_chars)
