@@ -195,6 +195,16 @@ async def test_cancel_explicit_and_by_cancelling_the_task(server):
         after = await s.run_code("print('after')")
         assert after.ok and after.stdout == "after\n"
 
+        # a callback that raises: the error reaches the caller and the run is stopped on the server
+        def boom(line: str) -> None:
+            raise ValueError(line)
+
+        with pytest.raises(ValueError, match="started"):
+            await s.run_code(
+                "import time\nprint('started', flush=True)\ntime.sleep(300)", timeout_s=300, on_stdout=boom
+            )
+        await until(lambda: not session.inflight)
+
 
 async def test_auth_and_connect_errors(server):
     with pytest.raises(AuthError) as info:

@@ -43,6 +43,7 @@ class Request:
         self.state = SendState.NEW
         self.generation = 0
         self.resent = False
+        self.abandoned = False  # the caller gave up on it; a cancel was sent
         self.done: DoneFrame | None = None
         self.errors: list[dict[str, Any]] = []  # `error` frames that named this request
         self.fold = _Fold()

@@ -380,8 +380,9 @@ class Session:
 
     def _abandon(self, req: Request) -> None:
         """The caller stopped waiting for ``req``: cancel it on the server, from a task the session owns."""
-        if req.finished or self.closed is not None:
+        if req.finished or req.abandoned or self.closed is not None:
             return
+        req.abandoned = True
         if req.state == SendState.NEW:
             self._requests.pop(req.id, None)
             return
@@ -411,6 +412,21 @@ class Session:
         on_stderr: Callback[str] | None,
         on_result: Callback[R.Result] | None = None,
         on_frame: Callback[Frame] | None = None,
+    ) -> DoneFrame:
+        try:
+            return await self._dispatch(req, on_stdout, on_stderr, on_result, on_frame)
+        except BaseException:
+            # a callback raised, or the caller was cancelled inside one: stop the request too
+            self._abandon(req)
+            raise
+
+    async def _dispatch(
+        self,
+        req: Request,
+        on_stdout: Callback[str] | None,
+        on_stderr: Callback[str] | None,
+        on_result: Callback[R.Result] | None,
+        on_frame: Callback[Frame] | None,
     ) -> DoneFrame:
         async for frame in req:
             cb: Any = None
