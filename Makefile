@@ -68,8 +68,8 @@ bench-smoke: install
 	$(BIN)/python -m bench --smoke
 
 lint: venv
-	$(BIN)/ruff check server sessions sandbox tests bench
-	$(BIN)/ruff format --check server sessions sandbox tests bench
+	$(BIN)/ruff check server sessions sandbox clients/python tests bench
+	$(BIN)/ruff format --check server sessions sandbox clients/python tests bench
 
 clean:
 	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache test-artifacts $(JS)/node_modules $(JS)/dist

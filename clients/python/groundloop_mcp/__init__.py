@@ -1,0 +1,1 @@
+"""The Model Context Protocol server of groundloop (``groundloop mcp``)."""
