@@ -16,25 +16,16 @@ the token is what authenticates them.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from groundloop.sandbox.engine import is_loopback
 from groundloop.sandbox.settings import SettingsError
 from groundloop.sessions.errors import AuthError
 from groundloop.sessions.protocol import PROTOCOL
 
 ANONYMOUS = "local"
 BEARER_PREFIX = "bearer."
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_tokens(items: Iterable[str]) -> dict[str, str]:
