@@ -39,8 +39,14 @@ bench: install
 bench-smoke: install
 	$(BIN)/python -m bench --smoke
 
+# mypy reads its configuration from pyproject.toml; it checks the folders under their installed names
+# (groundloop.*), linked under build/typecheck/ (the editable install's import hook is opaque to it).
 lint: venv
 	$(BIN)/ruff check server sessions sandbox tests bench
+	$(BIN)/ruff format --check server sessions sandbox tests bench
+	@mkdir -p build/typecheck/groundloop
+	@for d in server sessions sandbox; do ln -sfn ../../../$$d build/typecheck/groundloop/$$d; done
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -132,6 +132,7 @@ class Connection:
 
     async def _new(self) -> bool:
         try:
+            assert self.gl.manager is not None  # set before the first connection is accepted
             session = await self.gl.manager.create(self.user)
         except LimitError as exc:
             await self._fail(exc.code, exc.message, CLOSE_TOO_MANY_SESSIONS)
@@ -149,6 +150,7 @@ class Connection:
         except ValueError:
             await self._fail("bad_request", "last_seq must be an integer", CLOSE_BAD_REQUEST)
             return False
+        assert self.gl.manager is not None
         session = self.gl.manager.find(self.user, session_id)
         if session is None:
             await self._fail("not_found", "no such session (it may have expired)", CLOSE_NOT_FOUND)

@@ -148,7 +148,8 @@ def model_error(exc: BaseException) -> ModelError:
         return ModelError("ModelUnreachable", f"the model API {kind} (check ANTHROPIC_BASE_URL): {exc}")
     if isinstance(exc, anthropic.APIStatusError):
         body = exc.body if isinstance(exc.body, dict) else {}
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        found = body.get("error")
+        err: dict[str, Any] = found if isinstance(found, dict) else {}
         etype = err.get("type") or _STATUS_TYPES.get(exc.status_code) or "api_error"
         name, what = _MODEL_ERRORS.get(etype, ("ModelError", "the model API failed"))
         where = "in the middle of the stream" if exc.status_code == 200 else f"HTTP {exc.status_code}"
@@ -265,7 +266,7 @@ class AssistRunner:
                 return await self._rerun(key, hit, language, rid, emit, execute)
 
         usage = {"input_tokens": 0, "output_tokens": 0}
-        timings = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": 0.0}
+        timings: dict[str, Any] = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": 0.0}
         messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
         system = SYSTEM_PROMPT.format(tag=LANG_TAGS[language], name=LANG_NAMES[language])
         last: dict[str, Any] | None = None  # the result of the last try that had code
@@ -337,6 +338,7 @@ class AssistRunner:
         }
         if not res["ok"]:
             attempt["error"] = res.get("error") or {"name": "Error", "message": "the code failed"}
+            assert self.cache is not None  # a hit came from it
             self.cache.pop(key)
         await emit(attempt)
         timings = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": res.get("duration_ms") or 0.0}

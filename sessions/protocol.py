@@ -18,7 +18,7 @@ Server frames are dicts built here and serialized once with orjson
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -68,7 +68,7 @@ class Request:
     params: dict[str, Any]
 
 
-def _valid_id(value: Any) -> bool:
+def _valid_id(value: Any) -> TypeGuard[str | int]:
     if isinstance(value, bool):
         return False
     if isinstance(value, str):

@@ -106,7 +106,7 @@ class Session:
         self.conn: Conn | None = None
         self.requests = RequestTable()
         self.ops = AgentOps(self)
-        self.procs: dict[str, Any] = {}  # process id -> the id of the request that started it
+        self.procs: dict[Any, Any] = {}  # process id -> the id of the request that started it
         self.created = time.monotonic()
         self.last_activity = self.created
         self.detached_at: float | None = None
@@ -188,7 +188,7 @@ class Session:
         if conn is not None:
             await conn.close(code, reason)
         await asyncio.gather(*tasks, return_exceptions=True)
-        sbs = {self.sb, self._replacing} - {None}
+        sbs = {sb for sb in (self.sb, self._replacing) if sb is not None}
         for sb in sbs:
             try:
                 await self.engine.release(sb)

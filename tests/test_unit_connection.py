@@ -17,10 +17,9 @@ import uvicorn
 import websockets
 from groundloop.server import uvicorn_fast
 from groundloop.server.app import transport_max_size
+from support.units import fake_server, settings
 from websockets.exceptions import ConnectionClosed
 from wsclient import WSClient
-
-from support.units import fake_server, settings
 
 
 def url(uv) -> str:

@@ -29,7 +29,7 @@ async def test_create_find_and_the_per_user_cap():
         assert h.manager.find("alice", a2.id) is None
         assert await h.manager.create("alice")  # room again
         assert {s.user for s in h.manager.sessions.values()} == {"alice", "bob"} and b1.live
-        assert 'groundloop_sessions 3.0' in h.metrics.exposition().decode()
+        assert "groundloop_sessions 3.0" in h.metrics.exposition().decode()
 
 
 async def test_a_sandbox_that_cannot_start_fails_the_create():
