@@ -445,21 +445,10 @@ class AssistRunner:
     def _model_metrics(self, t0: float, first: float | None, n_in: int, n_out: int) -> None:
         """One model call ended: time to first token, generation time, tokens."""
         now = time.monotonic()
-        m = self.metrics
-        if hasattr(m, "model_call_done"):
-            m.model_call_done(None if first is None else first - t0, now - t0, n_in, n_out)
-            return
-        if first is not None:
-            m.model_ttft.observe(first - t0)
-        m.model_generation.observe(now - t0)
-        m.tokens.labels("input").inc(n_in)
-        m.tokens.labels("output").inc(n_out)
+        self.metrics.model_call_done(None if first is None else first - t0, now - t0, n_in, n_out)
 
     def _iterations_metric(self, n: int) -> None:
-        if hasattr(self.metrics, "assist_done"):
-            self.metrics.assist_done(n)
-        else:
-            self.metrics.assist_iterations.observe(n)
+        self.metrics.assist_done(n)
 
     async def _on_block(
         self, block: CodeBlock, language: str, current: _Try, rid: str, emit: Emit, execute: Execute

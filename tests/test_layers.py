@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 import zipfile
@@ -22,7 +23,7 @@ LAYERS = ("server", "sessions", "sandbox")  # top to bottom
 BELOW = {"server": {"sessions", "sandbox"}, "sessions": {"sandbox"}, "sandbox": set()}
 
 
-def _imports(path: Path, layer: str) -> set[str]:
+def _imports(path: Path, layer: str, root: Path = ROOT) -> set[str]:
     """The groundloop layers a module imports (relative imports resolved within its own package)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     found: set[str] = set()
@@ -32,7 +33,7 @@ def _imports(path: Path, layer: str) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                rel = path.relative_to(ROOT).parts
+                rel = path.relative_to(root).parts
                 if node.level > len(rel) - 1:
                     found.add("<outside>")
                     continue
@@ -48,6 +49,7 @@ def _imports(path: Path, layer: str) -> set[str]:
     return found
 
 
+@functools.cache
 def _graph() -> dict[str, dict[str, set[str]]]:
     """layer -> {module path: layers it imports}"""
     graph: dict[str, dict[str, set[str]]] = {}
@@ -83,13 +85,44 @@ def test_no_cycle_between_the_layers():
 
 def test_the_scan_sees_an_upward_import(tmp_path):
     """The scanner itself: an upward import and a relative import out of the package are caught."""
-    pkg = ROOT / "sandbox"
-    probe = pkg / "_layer_probe_tmp.py"
-    probe.write_text("from groundloop.sessions import protocol\nfrom ..server import app\n")
-    try:
-        assert _imports(probe, "sandbox") == {"sessions", "<outside>"}
-    finally:
-        probe.unlink()
+    (tmp_path / "sandbox").mkdir()
+    probe = tmp_path / "sandbox" / "probe.py"
+    probe.write_text("from groundloop.sessions import protocol\nfrom ..server import app\nimport server.app\n")
+    assert _imports(probe, "sandbox", tmp_path) == {"sessions", "<outside>", "<top-level server>"}
+
+
+def test_labelled_metrics_are_updated_only_through_the_helpers():
+    """``x.metric.labels(...)`` appears in server/metrics.py only: elsewhere the label-safe helpers are used."""
+    bad = []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            if path == ROOT / "server" / "metrics.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "labels"
+                    and isinstance(node.func.value, ast.Attribute)
+                ):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad
+
+
+def test_metric_label_sets_come_from_the_wire_contract():
+    from groundloop.server import metrics
+    from groundloop.sessions.errors import ERROR_CODES
+    from groundloop.sessions.protocol import EXECUTIONS, SPECS
+
+    assert metrics.ERROR_CODES == tuple(ERROR_CODES)
+    assert set(metrics.REQUEST_TYPES) == set(SPECS) | {"validate_code", "rejected"}
+    assert set(metrics.FIRST_OUTPUT_KINDS) == set(EXECUTIONS) and "assist" in metrics.FIRST_OUTPUT_KINDS
+    m = metrics.Metrics()
+    m.first_output_seen("assist", 0.1)
+    m.first_output_seen("not a type", 0.1)
+    text = m.exposition().decode()
+    assert 'groundloop_first_output_seconds_count{kind="assist"} 1.0' in text
+    assert 'groundloop_first_output_seconds_count{kind="other"} 1.0' in text
 
 
 @pytest.mark.slow
