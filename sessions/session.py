@@ -188,6 +188,8 @@ class Session:
         if conn is not None:
             await conn.close(code, reason)
         await asyncio.gather(*tasks, return_exceptions=True)
+        for r in self.requests.values():  # a task cancelled before its first step never reached finish
+            self.finish(r, False, *self.failed(r, Cancelled()), {})
         sbs = {sb for sb in (self.sb, self._replacing) if sb is not None}
         for sb in sbs:
             try:

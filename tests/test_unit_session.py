@@ -340,3 +340,20 @@ async def test_cancel_of_assist_cancels_its_execution():
         done = await rd.done(1)
         assert done["error"]["name"] == "Cancelled" and h.agent(s).ops("cancel")
         assert not s._tasks and all(t.done() for t in [r.task for r in s.requests.values()] if t)
+
+
+async def test_close_ends_requests_whose_task_never_ran():
+    """A request whose task is cancelled before its first step (the session closes in the same turn)
+    still leaves the table and the in-flight gauge."""
+    async with harness() as h:
+        s, rd = await h.session()
+        h.backend.hold_starts = asyncio.Event()
+        await s.handle_frame(orjson.dumps({"type": "run_code", "id": 1, "code": "die"}))
+        await rd.done(1)
+        while s._sb_ready.is_set():
+            await asyncio.sleep(0)
+        await s.handle_frame(orjson.dumps({"type": "write_file", "id": 2, "path": "f", "content": "x"}))
+        await s.handle_frame(orjson.dumps({"type": "assist", "id": 3, "prompt": "x"}))
+        assert s.requests.get(2).task is not None and s.requests.get(3).task is not None
+        await h.manager.close_session(s, "test")  # no turn of the loop between: neither task has run
+        assert not s.requests and h.metrics.inflight._value.get() == 0
