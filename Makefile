@@ -67,9 +67,16 @@ bench: install
 bench-smoke: install
 	$(BIN)/python -m bench --smoke
 
+# mypy reads its configuration from pyproject.toml; it checks the folders under their installed names
+# (groundloop.*), linked under build/typecheck/ (the editable install's import hook is opaque to it).
 lint: venv
 	$(BIN)/ruff check server sessions sandbox clients/python tests bench
 	$(BIN)/ruff format --check server sessions sandbox clients/python tests bench
+	@mkdir -p build/typecheck/groundloop
+	@for d in server sessions sandbox; do ln -sfn ../../../$$d build/typecheck/groundloop/$$d; done
+	@ln -sfn ../../../clients/python/groundloop_client build/typecheck/groundloop/client
+	@ln -sfn ../../../clients/python/groundloop_mcp build/typecheck/groundloop/mcp
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache test-artifacts $(JS)/node_modules $(JS)/dist

@@ -26,13 +26,13 @@ from .stats import Table, summary_ms
 
 
 def _echo_app():
-    from groundloop.server.connection import RawSendStash, _set_nodelay
+    from groundloop.server.uvicorn_fast import RawSendStash, set_nodelay
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
     from starlette.websockets import WebSocket
 
     async def echo(ws: WebSocket) -> None:
-        _set_nodelay(ws)  # as the server does: uvicorn leaves Nagle on
+        set_nodelay(ws.scope)  # as the server does: uvicorn leaves Nagle on
         await ws.accept()
         while True:
             msg = await ws.receive()

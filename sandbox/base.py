@@ -237,7 +237,7 @@ class Sandbox:
             raise SandboxLost(self.lost_reason or "the sandbox is not running")
         rid = rid or f"r{next(self._rids)}"
         pending = _Pending(on_event, on_done)
-        frame = {"op": op, "rid": rid}
+        frame: dict[str, Any] = {"op": op, "rid": rid}
         if params:
             frame.update(params)
         # The agent holds each answer to this bound (a larger done becomes an error), and so do we.

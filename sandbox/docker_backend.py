@@ -56,7 +56,7 @@ MEMORY_GUARD_VAR = "GROUNDLOOP_MEMORY_GUARD_BYTES"
 
 def is_gvisor(runtime: str | None) -> bool:
     """runsc, or another name registered for it (runsc-debug, ...)."""
-    return bool(runtime) and runtime.startswith("runsc")
+    return runtime is not None and runtime.startswith("runsc")
 
 
 def guest_process_cap(settings: SandboxSettings) -> int:

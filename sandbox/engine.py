@@ -72,7 +72,7 @@ async def make_backend(
     backend = DockerBackend(settings, instance=instance)
     if await backend.ping():
         return backend
-    if settings.allow_local and _is_loopback(bind_host):
+    if settings.allow_local and is_loopback(bind_host):
         from .local_backend import LocalBackend
 
         log.warning("Docker is unreachable: falling back to the LOCAL backend (no isolation)")
@@ -80,11 +80,15 @@ async def make_backend(
     return backend  # stays unready; /readyz says so and sessions get sandbox_unavailable
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether a bind or Host name is loopback only: ``localhost``, 127.0.0.0/8, ``::1`` (bracketed or not).
+
+    The one test of it: the local-backend fallback here and the server's anonymous access (server/auth.py).
+    """
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 

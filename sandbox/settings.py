@@ -93,7 +93,7 @@ def describe(cls: type) -> list[tuple[str, Any, str]]:
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(describe(hints[f.name]))
         elif f.metadata.get("env"):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
             rows.append((f.metadata["env"], default, f.metadata.get("doc", "")))
     return rows
 

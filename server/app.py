@@ -32,9 +32,10 @@ from starlette.staticfiles import StaticFiles
 
 from . import http
 from .auth import Authenticator, LoopbackHostOnly
-from .connection import RawSendStash, websocket_endpoint
+from .connection import websocket_endpoint
 from .metrics import Metrics
 from .settings import Settings, SettingsError
+from .uvicorn_fast import RawSendStash
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 

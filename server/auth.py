@@ -24,11 +24,11 @@ refused (``forbidden``) before anything else, the Origin check included.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
+from groundloop.sandbox.engine import is_loopback
 from groundloop.sandbox.settings import SettingsError
 from groundloop.sessions.errors import AuthError
 from groundloop.sessions.protocol import PROTOCOL
@@ -45,15 +45,6 @@ def host_name(host_header: str) -> str:
         return value[1:end] if end > 0 else ""
     name, _, _port = value.partition(":")
     return name
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_tokens(items: Iterable[str]) -> dict[str, str]:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from groundloop.sandbox.base import SandboxError
 from groundloop.sessions import logs
@@ -40,88 +38,19 @@ from groundloop.sessions.errors import (
     LimitError,
 )
 from groundloop.sessions.outbox import ResumeError
-from groundloop.sessions.protocol import SEQ_HEAD, encode, error_frame, with_seq
+from groundloop.sessions.protocol import encode, error_frame, with_seq
 from groundloop.sessions.session import Session, SessionClosed
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
+from . import uvicorn_fast
+from .uvicorn_fast import RAW_SEND, BatchWriter
+
+if TYPE_CHECKING:
+    from .app import AppState
+
 CLOSE_WAIT_S = 2.0
 WRITE_BATCH_FRAMES = 256
-
-
-class RawSendStash:
-    """ASGI middleware: keep the server's own ``send`` in the scope, to reach the transport.
-
-    A client that stops reading leaves the server's send paused; a close frame
-    cannot be written then, so a slow consumer is cut by aborting the transport.
-    """
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
-            scope["groundloop.raw_send"] = send
-        await self.app(scope, receive, send)
-
-
-_HEAD16 = struct.Struct("!BBH").pack
-_HEAD64 = struct.Struct("!BBQ").pack
-
-
-def _text_header(n: int) -> bytes:
-    """The header of an unmasked, final text frame of n bytes (RFC 6455 section 5.2)."""
-    if n < 126:
-        return bytes((0x81, n))
-    if n < 65536:
-        return _HEAD16(0x81, 126, n)
-    return _HEAD64(0x81, 127, n)
-
-
-def _batcher(send: Any) -> Any:
-    """A way to write many text frames with one transport write, when the server is uvicorn's
-    websockets-sansio protocol; None otherwise (frames then go one by one through ``send``).
-
-    With no extension negotiated (groundloop turns compression off), a server's text frame
-    is a header and the payload, so frames are framed here, without a call per frame into
-    the protocol object; with an extension they go through it.
-    """
-    proto = getattr(send, "__self__", None)
-    conn = getattr(proto, "conn", None)
-    if proto is None or conn is None or not hasattr(proto, "writable") or not hasattr(conn, "send_text"):
-        return None
-
-    async def write_all(frames: list[Any]) -> tuple[int, int]:
-        """Write outbox frames (``{"seq":N,`` and each one's ``rest``), with one copy. Returns the
-        bytes of the frames' payloads and of their rests."""
-        await proto.writable.wait()  # the transport's flow control, as uvicorn's own send
-        if proto.close_sent or proto.transport.is_closing() or conn.state.name != "OPEN":
-            raise ConnectionError("the connection is closing")
-        size = rests = 0
-        if conn.extensions:
-            for f in frames:
-                wire = f.wire()
-                conn.send_text(wire)
-                size += len(wire)
-                rests += len(f.rest)
-            proto.transport.write(b"".join(conn.data_to_send()))
-            return size, rests
-        parts: list[Any] = []
-        append = parts.append
-        for f in frames:
-            head = SEQ_HEAD % f.seq
-            rest = f.rest
-            k = len(rest)
-            n = len(head) + k
-            append(_text_header(n))
-            append(head)
-            append(rest)
-            size += n
-            rests += k
-        proto.transport.write(b"".join(parts))
-        return size, rests
-
-    return write_all
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
@@ -129,14 +58,14 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     try:
         user, subprotocol = gl.auth.websocket(ws.headers, list(ws.scope.get("subprotocols") or []), ws.url.scheme)
     except AuthError as exc:
-        gl.metrics.errors.labels(exc.code).inc()
+        gl.metrics.error(exc.code)
         logs.event("refused", logging.WARNING, code=exc.code, client=_client(ws), origin=ws.headers.get("origin"))
         await _deny(ws, exc.status, exc.message)
         return
     if gl.manager is None or gl.manager.closing:
         await _deny(ws, 503, "the server is shutting down")
         return
-    _set_nodelay(ws)
+    uvicorn_fast.set_nodelay(ws.scope)
     await ws.accept(subprotocol=subprotocol)
     gl.metrics.connections.inc()
     conn = Connection(ws, gl, user)
@@ -153,36 +82,19 @@ async def _deny(ws: WebSocket, status: int, message: str) -> None:
         await ws.close(CLOSE_FORBIDDEN if status == 403 else CLOSE_UNAUTHORIZED)
 
 
-def _transport(ws: WebSocket) -> Any:
-    send = ws.scope.get("groundloop.raw_send")
-    return getattr(getattr(send, "__self__", None), "transport", None)
-
-
-def _set_nodelay(ws: WebSocket) -> None:
-    """Small frames go out at once. asyncio sets TCP_NODELAY only on sockets made with
-    proto IPPROTO_TCP, which uvicorn's are not: without it Nagle and delayed ACKs add 40 ms
-    to every request/response exchange."""
-    transport = _transport(ws)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover
-            pass
-
-
 def _client(ws: WebSocket) -> str | None:
     c = ws.client
     return f"{c.host}:{c.port}" if c else None
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, gl: Any, user: str):
+    def __init__(self, ws: WebSocket, gl: AppState, user: str):
         self.ws = ws
         self.gl = gl
         self.user = user
         self.session: Session | None = None
-        self.writer: asyncio.Task | None = None
+        self.writer: asyncio.Task[None] | None = None
+        self.batch: BatchWriter | None = None  # the fast path of the writer, see _write_loop
         self.closed = False
         self.close_code: int | None = None
         self._sending_since: float | None = None
@@ -221,6 +133,7 @@ class Connection:
 
     async def _new(self) -> bool:
         try:
+            assert self.gl.manager is not None  # set before the first connection is accepted
             session = await self.gl.manager.create(self.user)
         except LimitError as exc:
             # A draining server tells the client to connect again at once: the proxy has taken it
@@ -242,6 +155,7 @@ class Connection:
         except ValueError:
             await self._fail("bad_request", "last_seq must be an integer", CLOSE_BAD_REQUEST)
             return False
+        assert self.gl.manager is not None
         session = self.gl.manager.find(self.user, session_id)
         if session is None:
             await self._fail("not_found", "no such session (it may have expired)", CLOSE_NOT_FOUND)
@@ -259,7 +173,7 @@ class Connection:
 
     async def _fail(self, code: str, message: str, close_code: int) -> None:
         """Refuse after the upgrade: one error frame with seq 0 (no session), then close."""
-        self.gl.metrics.errors.labels(code).inc()
+        self.gl.metrics.error(code)
         logs.event("error", logging.WARNING, user=self.user, code=code, message=message)
         try:
             await self.ws.send_text(with_seq(0, encode(error_frame(code, message))).decode())
@@ -286,9 +200,7 @@ class Connection:
         await self.close(CLOSE_TAKEN_OVER, "taken over by another connection")
 
     def abort(self) -> None:
-        transport = _transport(self.ws)
-        if transport is not None:
-            transport.abort()
+        uvicorn_fast.abort(self.ws.scope)
 
     async def _stop_writer(self) -> None:
         w, self.writer = self.writer, None
@@ -326,11 +238,11 @@ class Connection:
         session = self.session
         assert session is not None
         outbox = session.outbox
-        send = self.ws.scope.get("groundloop.raw_send") or self.ws.send
+        send = self.ws.scope.get(RAW_SEND) or self.ws.send
         m = self.gl.metrics
         observe, frames_inc, bytes_inc = m.send_wait.observe, m.frames_out.inc, m.bytes_out.inc
         clock = time.perf_counter
-        batch = _batcher(send)
+        batch = self.batch = uvicorn_fast.batch_writer(send)
         while True:
             try:
                 # Everything queued goes in one write (up to a bound), or one by one without a batcher.

@@ -112,7 +112,8 @@ def http_protocol(settings: Any) -> type[H11Protocol]:
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
-            if self.conn.error_status != 431:
+            # h11 sets error_status on the connection when it refuses a head (431 when it is too large).
+            if getattr(self.conn, "error_status", None) != 431:
                 super().send_400_response(msg)
                 return
             logs.event("refused", logging.INFO, code="header_too_large", client=_addr(self.client))

@@ -89,12 +89,12 @@ async def validate_code(request: Request) -> Response:
     try:
         user = gl.auth.http(request.headers, request.url.scheme)
     except AuthError as exc:
-        gl.metrics.errors.labels(exc.code).inc()
+        gl.metrics.error(exc.code)
         return _error(exc.status, exc.code, exc.message)
     limit = gl.settings.max_message_bytes
     body = await _read_body(request, limit)
     if body is None:
-        gl.metrics.errors.labels("too_large").inc()
+        gl.metrics.error("too_large")
         return _error(413, "too_large", f"the body is over {limit} bytes")
     try:
         req = orjson.loads(body)
@@ -119,10 +119,10 @@ async def validate_code(request: Request) -> Response:
             finally:
                 await gl.engine.release(sb)
     except LimitError as exc:
-        gl.metrics.errors.labels(exc.code).inc()
+        gl.metrics.error(exc.code)
         return _error(503 if exc.code == "draining" else 429, exc.code, exc.message)
     except SandboxError as exc:
-        gl.metrics.errors.labels("sandbox_unavailable").inc()
+        gl.metrics.error("sandbox_unavailable")
         return _error(503, "sandbox_unavailable", str(exc))
     seconds = time.perf_counter() - t0
     result["duration_ms"] = round(seconds * 1000, 3)

@@ -9,9 +9,10 @@ to the names below), one quantity per metric.
 
 Labels are bounded: no user ids, session ids, request ids, paths or code ever
 appear in a label. The helper methods (``execution_done``, ``request_done``,
-``error``, ...) clamp every label value to a fixed set (the ``*_LABELS``
-tuples below), anything else becoming ``other``; call them rather than
-``.labels()`` with a value that came from a client.
+``error``, ...) clamp every label value to a fixed set (the tuples below:
+request types and error codes are derived from the wire contract,
+sessions/protocol.py and sessions/errors.py), anything else becoming
+``other``; outside this module, call them rather than ``.labels()``.
 
 The exported families (what ``deploy/grafana/dashboards/groundloop.json``
 queries; tests/test_metrics.py checks the two agree):
@@ -48,10 +49,13 @@ groundloop_replayed_frames_total               counter
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from groundloop.sandbox.engine import EngineHooks
+from groundloop.sessions.errors import ERROR_CODES as PROTOCOL_ERROR_CODES
+from groundloop.sessions.inflight import outcome_of
+from groundloop.sessions.protocol import EXECUTIONS, SPECS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -95,73 +99,24 @@ OTHER = "other"
 KIND_LABELS = ("run_code", "exec")
 LANGUAGE_LABELS = ("python", "javascript", "shell")
 # "unavailable": no sandbox could be had; "internal": a server bug ended the request.
-# Rejected requests (type "rejected") carry their protocol error code as outcome.
 OUTCOME_LABELS = ("ok", "error", "timeout", "cancelled", "lost", "unavailable", "internal")
 SOURCE_LABELS = ("pool", "cold")
 STATE_LABELS = ("warm", "starting", "in_use")
 DIRECTION_LABELS = ("input", "output")
-REQUEST_TYPES = (
-    "run_code",
-    "exec",
-    "create_context",
-    "delete_context",
-    "list_contexts",
-    "write_file",
-    "read_file",
-    "list_files",
-    "delete_file",
-    "mkdir",
-    "start_process",
-    "kill_process",
-    "list_processes",
-    "cancel",
-    "assist",
-    "ping",
-    "validate_code",
-    "rejected",
-)
-ERROR_CODES = (
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "not_found",
-    "rate_limited",
-    "too_large",
-    "busy",
-    "sandbox_unavailable",
-    "llm_unavailable",
-    "draining",
-    "internal",
-)
-
-# Agent / sandbox error names that are not plain failures of the user's code.
-_OUTCOME_BY_ERROR = {"Timeout": "timeout", "Cancelled": "cancelled", "SandboxLost": "lost", "WorkerDied": "lost"}
+# Derived from the wire contract, so a new request type or error code is counted under its own name.
+# Besides the protocol's requests: the HTTP validate-code, and "rejected" (a request refused before it
+# ran, counted with its protocol error code as outcome).
+REQUEST_TYPES = (*SPECS, "validate_code", "rejected")
+ERROR_CODES = tuple(PROTOCOL_ERROR_CODES)
+# A request answered without running (a refusal, a cancel): its outcome, or the error code it was refused with.
+ANSWERED_OUTCOME_LABELS = OUTCOME_LABELS + ERROR_CODES
+# First output, by request type: the requests that run code (assist's first output is its code's).
+FIRST_OUTPUT_KINDS = tuple(t for t in SPECS if t in EXECUTIONS)
 
 
 def bounded(value: Any, allowed: Iterable[str]) -> str:
     """``value`` when it is one of ``allowed``, else ``"other"``."""
     return value if isinstance(value, str) and value in allowed else OTHER
-
-
-def outcome_of(done: Mapping[str, Any] | None) -> str:
-    """The outcome label of a request from its agent ``done`` dict (or the wire ``done`` frame).
-
-    ``ok``; ``timeout``, ``cancelled`` or ``lost`` by error name; otherwise
-    ``error`` (an exception in the user's code, a non-zero exit code, a bad
-    argument). ``None`` (no done at all: the sandbox vanished) is ``lost``.
-    """
-    if done is None:
-        return "lost"
-    error = done.get("error") or {}
-    name = error.get("name") if isinstance(error, Mapping) else None
-    if name in _OUTCOME_BY_ERROR:
-        return _OUTCOME_BY_ERROR[name]
-    if not done.get("ok"):
-        return "error"
-    exit_code = done.get("exit_code")
-    if exit_code not in (None, 0):
-        return "error"
-    return "ok"
 
 
 def _version() -> str:
@@ -325,13 +280,19 @@ class Metrics(EngineHooks):
             self.truncations.inc()
 
     def first_output_seen(self, kind: str, seconds: float) -> None:
-        self._child(self.first_output, bounded(kind, KIND_LABELS)).observe(seconds)
+        """The first output line of a request (``kind``: its type), seconds after it arrived."""
+        self._child(self.first_output, bounded(kind, FIRST_OUTPUT_KINDS)).observe(seconds)
 
     def request_done(self, type_: str, outcome: str, seconds: float) -> None:
         """Any client request finished (its done frame was queued)."""
         type_ = bounded(type_, REQUEST_TYPES)
         self._child(self.requests, type_, bounded(outcome, OUTCOME_LABELS)).inc()
         self._child(self.request_duration, type_).observe(seconds)
+
+    def request_answered(self, type_: str, outcome: str) -> None:
+        """A request answered without running (a cancel, or one refused: ``outcome`` is then its
+        protocol error code); counted, with no duration."""
+        self._child(self.requests, bounded(type_, REQUEST_TYPES), bounded(outcome, ANSWERED_OUTCOME_LABELS)).inc()
 
     def _child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, kept: labels() costs microseconds a call, and the values
@@ -344,7 +305,7 @@ class Metrics(EngineHooks):
 
     def error(self, code: str) -> None:
         """An error frame or a failed request, by protocol error code."""
-        self.errors.labels(bounded(code, ERROR_CODES)).inc()
+        self._child(self.errors, bounded(code, ERROR_CODES)).inc()
 
     def frame_sent(self, nbytes: int, queue_wait_s: float | None = None) -> None:
         """A frame was written to a client; ``queue_wait_s`` is how long it waited in the send queue."""
@@ -365,9 +326,9 @@ class Metrics(EngineHooks):
             self.model_ttft.observe(first_token_s)
         self.model_generation.observe(generation_s)
         if input_tokens:
-            self.tokens.labels("input").inc(input_tokens)
+            self._child(self.tokens, "input").inc(input_tokens)
         if output_tokens:
-            self.tokens.labels("output").inc(output_tokens)
+            self._child(self.tokens, "output").inc(output_tokens)
 
     def assist_done(self, iterations: int) -> None:
         self.assist_iterations.observe(iterations)
@@ -399,4 +360,5 @@ __all__ = [
     "OUTCOME_LABELS",
     "KIND_LABELS",
     "LANGUAGE_LABELS",
+    "FIRST_OUTPUT_KINDS",
 ]

@@ -148,7 +148,8 @@ def model_error(exc: BaseException) -> ModelError:
         return ModelError("ModelUnreachable", f"the model API {kind} (check ANTHROPIC_BASE_URL): {exc}")
     if isinstance(exc, anthropic.APIStatusError):
         body = exc.body if isinstance(exc.body, dict) else {}
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        found = body.get("error")
+        err: dict[str, Any] = found if isinstance(found, dict) else {}
         etype = err.get("type") or _STATUS_TYPES.get(exc.status_code) or "api_error"
         name, what = _MODEL_ERRORS.get(etype, ("ModelError", "the model API failed"))
         where = "in the middle of the stream" if exc.status_code == 200 else f"HTTP {exc.status_code}"
@@ -265,7 +266,7 @@ class AssistRunner:
                 return await self._rerun(key, hit, language, rid, emit, execute)
 
         usage = {"input_tokens": 0, "output_tokens": 0}
-        timings = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": 0.0}
+        timings: dict[str, Any] = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": 0.0}
         messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
         system = SYSTEM_PROMPT.format(tag=LANG_TAGS[language], name=LANG_NAMES[language])
         last: dict[str, Any] | None = None  # the result of the last try that had code
@@ -337,6 +338,7 @@ class AssistRunner:
         }
         if not res["ok"]:
             attempt["error"] = res.get("error") or {"name": "Error", "message": "the code failed"}
+            assert self.cache is not None  # a hit came from it
             self.cache.pop(key)
         await emit(attempt)
         timings = {"ttft_ms": None, "generation_ms": 0.0, "execution_ms": res.get("duration_ms") or 0.0}
@@ -443,21 +445,10 @@ class AssistRunner:
     def _model_metrics(self, t0: float, first: float | None, n_in: int, n_out: int) -> None:
         """One model call ended: time to first token, generation time, tokens."""
         now = time.monotonic()
-        m = self.metrics
-        if hasattr(m, "model_call_done"):
-            m.model_call_done(None if first is None else first - t0, now - t0, n_in, n_out)
-            return
-        if first is not None:
-            m.model_ttft.observe(first - t0)
-        m.model_generation.observe(now - t0)
-        m.tokens.labels("input").inc(n_in)
-        m.tokens.labels("output").inc(n_out)
+        self.metrics.model_call_done(None if first is None else first - t0, now - t0, n_in, n_out)
 
     def _iterations_metric(self, n: int) -> None:
-        if hasattr(self.metrics, "assist_done"):
-            self.metrics.assist_done(n)
-        else:
-            self.metrics.assist_iterations.observe(n)
+        self.metrics.assist_done(n)
 
     async def _on_block(
         self, block: CodeBlock, language: str, current: _Try, rid: str, emit: Emit, execute: Execute

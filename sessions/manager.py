@@ -20,15 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
 
 from groundloop.sandbox.engine import Engine
 
 from . import logs
 from .errors import CLOSE_RESTART, CLOSE_SESSION_CLOSED, LimitError
 from .protocol import Request
+from .seams import Assistant, SessionMetrics, SessionSettings
 from .session import Session
 
 
@@ -37,7 +37,7 @@ class TokenBucket:
 
     __slots__ = ("rate", "burst", "tokens", "t")
 
-    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
         self.rate = rate
         self.burst = max(1, burst)
         self.tokens = float(self.burst)
@@ -53,7 +53,9 @@ class TokenBucket:
 
 
 class SessionManager:
-    def __init__(self, settings: Any, engine: Engine, metrics: Any, assist: Any = None):
+    def __init__(
+        self, settings: SessionSettings, engine: Engine, metrics: SessionMetrics, assist: Assistant | None = None
+    ):
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
@@ -62,15 +64,15 @@ class SessionManager:
         self._buckets: dict[str, TokenBucket] = {}
         self._pending: dict[str, int] = {}  # sessions being created, and validations running, per user
         self._validating = 0  # validate-code runs in progress, server-wide
-        self._tasks: set[asyncio.Task] = set()
-        self._reaper: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
         self.closing = False
         self.draining = False
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_loop(), name="session-reaper")
 
-    def own(self, task: asyncio.Task) -> None:
+    def own(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -171,9 +173,9 @@ class SessionManager:
                 code="draining",
                 id=req.id,
             )
-        if len(session.inflight) >= self.settings.max_inflight:
+        if len(session.requests) >= self.settings.max_inflight:
             return LimitError(
-                f"{len(session.inflight)} requests in flight, the limit is {self.settings.max_inflight}",
+                f"{len(session.requests)} requests in flight, the limit is {self.settings.max_inflight}",
                 code="busy",
                 id=req.id,
             )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -87,7 +87,7 @@ def shown(value: Any) -> str:
     return text if len(text) <= 2 * SHOWN_MAX else text[: 2 * SHOWN_MAX] + "..."
 
 
-def _valid_id(value: Any) -> bool:
+def _valid_id(value: Any) -> TypeGuard[str | int]:
     if isinstance(value, bool):
         return False
     if isinstance(value, str):

@@ -12,8 +12,19 @@ Life cycle (``State``, changed only by ``transition``)::
   producers block at the send-queue limit, so nothing is lost in the grace.
 - ``close()`` cancels every request, closes the outbox and releases the sandbox.
 
-Requests: ``handle_frame`` parses one client frame and starts one owned task
-per request. Every accepted request ends with exactly one ``done`` frame,
+Requests: ``handle_frame`` parses one client frame, refuses it (an error
+frame, and a ``done`` when its id could be read), or enters it in the request
+table (sessions/inflight.py, one state per request) and starts it through a
+table of request type -> starter:
+
+- ``cancel`` is answered in place, before the limits, and never in flight;
+- ``ping`` is answered in place;
+- a sandbox op goes to the agent at once, with no task (sessions/streaming.py),
+  unless the sandbox is being replaced or an earlier op waits for it: then it
+  gets a task that waits its turn;
+- ``assist`` runs in a task of its own (sessions/assist_adapter.py).
+
+Every accepted request ends with exactly one ``done`` frame (``finish``),
 whatever happens (success, error, timeout, cancel, lost sandbox). A sandbox
 that dies fails its requests with ``SandboxLost``; the session then gets a new
 sandbox from the engine and says so with a ``sandbox_replaced`` frame.
@@ -23,34 +34,34 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from groundloop.sandbox.base import Sandbox, SandboxError, SandboxLost
+from groundloop.sandbox.base import EventHandler, Sandbox, SandboxError, SandboxLost
 
 from . import logs
+from .assist_adapter import run_assist
 from .errors import CLOSE_SESSION_CLOSED, ProtocolError
+from .inflight import Cancelled, InFlight, ReqState, RequestTable, outcome_of
 from .outbox import Outbox
 from .protocol import (
     EXECUTIONS,
-    Request,
+    REQUEST_TYPES,
     done_frame,
     error_frame,
     failure,
     output_frame,
-    output_frame_parts,
     parse_request,
     ready_frame,
 )
+from .seams import Conn
+from .streaming import AgentOps
 
 if TYPE_CHECKING:
     from .manager import SessionManager
-
-OUTPUT_TAIL = 8 << 10
-_STRIP = frozenset({"ev", "rid", "ok", "error", "agent_ms"})
 
 
 class State(enum.IntEnum):
@@ -74,36 +85,10 @@ class SessionClosed(Exception):
     pass
 
 
-class Cancelled(Exception):
-    """A request was cancelled before it reached the sandbox."""
-
-
-class _Req:
-    __slots__ = (
-        "req",
-        "task",
-        "t0",
-        "t_sent",
-        "agent_rid",
-        "sb",
-        "cancelled",
-        "started",
-        "waiting",
-        "first_out",
-        "finished",
-    )
-
-    def __init__(self, req: Request):
-        self.req = req
-        self.task: asyncio.Task | None = None
-        self.t0 = self.t_sent = time.perf_counter()
-        self.agent_rid: str | None = None
-        self.sb: Sandbox | None = None
-        self.cancelled = False
-        self.started = False
-        self.waiting = False
-        self.first_out = False
-        self.finished = False
+Handler = Callable[[InFlight], Awaitable[dict[str, Any]]]
+# Every request type but cancel (answered in place) that is neither answered in place
+# (ping) nor run by a handler of its own (assist) is an op of the sandbox agent.
+AGENT_OPS = REQUEST_TYPES - {"cancel", "ping", "assist"}
 
 
 class Session:
@@ -123,21 +108,24 @@ class Session:
             high_bytes=s.send_queue_bytes,
         )
         self.state = State.STARTING
-        self.conn: Any = None
-        self.inflight: dict[Any, _Req] = {}
-        self.procs: dict[str, Any] = {}
+        self.conn: Conn | None = None
+        self.requests = RequestTable()
+        self.ops = AgentOps(self)
+        self.procs: dict[Any, Any] = {}  # process id -> the id of the request that started it
         self.created = time.monotonic()
         self.last_activity = self.created
         self.detached_at: float | None = None
-        self._rids = itertools.count(1)
-        self._waiting = 0  # agent ops whose task waits for a sandbox: later ops queue behind them
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._sb_ready = asyncio.Event()
         self._sb_ready.set()
         self._replacing: Sandbox | None = None
         self.detached = asyncio.Event()  # set while no connection is attached (tests, introspection)
         self.closed = asyncio.Event()
         self._attach_lock = asyncio.Lock()
+        # How each request type starts (cancel never gets here); see handle_frame.
+        self._start: dict[str, Callable[[InFlight], None]] = dict.fromkeys(AGENT_OPS, self._start_agent_op)
+        self._start["ping"] = self._answer_ping
+        self._start["assist"] = self._start_assist
         sandbox.set_listener(self._make_listener(sandbox))
 
     # ---- life cycle
@@ -154,12 +142,17 @@ class Session:
     def live(self) -> bool:
         return self.state < State.CLOSING
 
-    async def attach(self, conn: Any, last_seq: int | None = None) -> None:
+    @property
+    def inflight(self) -> RequestTable:
+        """The requests in flight (an alias of ``requests``: tests and introspection read it)."""
+        return self.requests
+
+    async def attach(self, conn: Conn, last_seq: int | None = None) -> None:
         """Bind ``conn``; queue ``ready`` (after a rewind when resuming). Raises ResumeError."""
         async with self._attach_lock:
             await self._attach(conn, last_seq)
 
-    async def _attach(self, conn: Any, last_seq: int | None) -> None:
+    async def _attach(self, conn: Conn, last_seq: int | None) -> None:
         if not self.live:
             raise SessionClosed("the session is closed")
         if last_seq is not None:
@@ -173,14 +166,14 @@ class Session:
             self.outbox.put_nowait(ready)
         else:
             replayed, missed = self.outbox.rewind(last_seq, ready)
-            self.metrics.replayed.inc(replayed)
+            self.metrics.frames_replayed(replayed)
             logs.event("resume", user=self.user, session=self.id, last_seq=last_seq, replayed=replayed, missed=missed)
         self.conn = conn
         self.detached_at = None
         self.detached.clear()
         self.transition(State.ATTACHED)
 
-    def detach(self, conn: Any) -> None:
+    def detach(self, conn: Conn) -> None:
         """The connection ``conn`` ended; the session waits resume_grace_s for a new one."""
         if self.conn is not conn or not self.live:
             return
@@ -195,14 +188,16 @@ class Session:
             return
         self.transition(State.CLOSING)
         conn, self.conn = self.conn, None
-        tasks = [r.task for r in self.inflight.values() if r.task is not None] + list(self._tasks)
+        tasks = [r.task for r in self.requests.values() if r.task is not None] + list(self._tasks)
         for t in tasks:
             t.cancel()
         self.outbox.close()
         if conn is not None:
             await conn.close(code, reason)
         await asyncio.gather(*tasks, return_exceptions=True)
-        sbs = {self.sb, self._replacing} - {None}
+        for r in self.requests.values():  # a task cancelled before its first step never reached finish
+            self.finish(r, False, *self.failed(r, Cancelled()), {})
+        sbs = {sb for sb in (self.sb, self._replacing) if sb is not None}
         for sb in sbs:
             try:
                 await self.engine.release(sb)
@@ -213,7 +208,7 @@ class Session:
         logs.event("session_closed", user=self.user, session=self.id, reason=reason)
 
     def idle_for(self, now: float) -> float:
-        return 0.0 if self.inflight else now - self.last_activity
+        return 0.0 if self.requests else now - self.last_activity
 
     def sandbox_info(self) -> dict[str, Any]:
         sb = self.sb
@@ -240,7 +235,7 @@ class Session:
             "id": self.id,
             "user": self.user,
             "state": self.state.name,
-            "inflight": len(self.inflight),
+            "inflight": len(self.requests),
             "outbox": self.outbox.stats(),
         }
 
@@ -250,8 +245,9 @@ class Session:
         """Queue a frame for the client (waits while the send queue is full)."""
         await self.outbox.put(frame)
 
-    async def _error(self, code: str, message: str, id: Any = None) -> None:
-        self.metrics.errors.labels(code).inc()
+    async def error(self, code: str, message: str, id: Any = None) -> None:
+        """An error frame to the client, counted and logged."""
+        self.metrics.error(code)
         logs.event("error", user=self.user, session=self.id, id=id, code=code, message=message[:200])
         await self.emit(error_frame(code, message, id))
 
@@ -261,50 +257,60 @@ class Session:
         try:
             req = parse_request(data, self.settings.max_message_bytes)
         except ProtocolError as exc:
-            await self._error(exc.code, exc.message, exc.id)
-            if exc.id is not None and exc.id not in self.inflight:
+            await self.error(exc.code, exc.message, exc.id)
+            if exc.id is not None and exc.id not in self.requests:
                 await self._done_now(exc.id, "bad_request", failure("BadRequest", exc.message))
             return
-        if req.id in self.inflight:
-            await self._error("bad_request", f"a request with id {req.id!r} is already in flight", req.id)
+        if req.id in self.requests:
+            await self.error("bad_request", f"a request with id {req.id!r} is already in flight", req.id)
             return
-        if req.type == "cancel":
+        if req.type == "cancel":  # a control request: answered in place, never in flight or limited
             found = self.cancel(req.params["target"])
             await self._done_now(req.id, "ok", None, found=found)
             return
         await self.outbox.wait_turn()  # a client that reads nothing is not read either
         limited = self.manager.check_limits(self, req)
         if limited is not None:
-            await self._error(limited.code, limited.message, req.id)
+            await self.error(limited.code, limited.message, req.id)
             await self._done_now(req.id, limited.code, failure(limited.name, limited.message))
             return
-        r = _Req(req)
-        self.inflight[req.id] = r
+        r = self.requests.add(req)
         self.metrics.inflight.inc()
-        if req.type == "ping":  # no task: answered in place
-            self.outbox.put_nowait({"type": "pong", "id": req.id})
-            self._finish(r, True, "ok", None, {})
+        self._start[req.type](r)
+
+    def _answer_ping(self, r: InFlight) -> None:
+        """No task: answered in place."""
+        self.outbox.put_nowait({"type": "pong", "id": r.req.id})
+        self.finish(r, True, "ok", None, {})
+
+    def _start_agent_op(self, r: InFlight) -> None:
+        if not self.requests.queued and self._sb_ready.is_set():
+            self.ops.submit(r, self.sb)  # no task: the sandbox reader queues its done
             return
-        if not hasattr(self, "_op_" + req.type):  # an agent op
-            if not self._waiting and self._sb_ready.is_set():
-                self._submit(r, self.sb)  # no task: the sandbox reader queues its done
-                return
-            r.waiting = True
-            self._waiting += 1
-        r.task = asyncio.create_task(self._run(r), name=f"req-{self.id[:8]}-{req.type}")
+        self.requests.queue(r)  # later ops queue behind this one
+        self._start_task(r, self.ops.run)
+
+    def _start_assist(self, r: InFlight) -> None:
+        self._start_task(r, partial(run_assist, self))
+
+    def _start_task(self, r: InFlight, handler: Handler) -> None:
+        r.task = asyncio.create_task(self._run(r, handler), name=f"req-{self.id[:8]}-{r.req.type}")
 
     async def _done_now(self, id: Any, outcome: str, error: dict | None, **extra: Any) -> None:
-        self.metrics.requests.labels("rejected" if error else "cancel", outcome).inc()
+        """The done of a request that never entered the table (refused, or a cancel)."""
+        self.metrics.request_answered("rejected" if error else "cancel", outcome)
         await self.emit(done_frame(id, error is None, 0.0, error, **extra))
 
     def cancel(self, target: Any) -> bool:
         """Cancel request ``target``: it ends with ``done`` ok:false ``Cancelled``."""
-        r = self.inflight.get(target)
+        r = self.requests.get(target)
         if r is None:
             return False
-        r.cancelled = True
-        if not r.started:
-            return True  # _run sees the flag first thing
+        if r.state is not ReqState.RUNNING:
+            if r.state is ReqState.NEW:
+                r.transition(ReqState.CANCELLING)  # its task sees this first thing
+            return True
+        r.transition(ReqState.CANCELLING)
         if r.agent_rid is not None and r.sb is not None and r.req.type != "assist":
             r.sb.cancel(r.agent_rid)
         elif r.task is not None:
@@ -313,52 +319,30 @@ class Session:
 
     # ---- running requests
 
-    async def _run(self, r: _Req) -> None:
-        req = r.req
+    async def _run(self, r: InFlight, handler: Handler) -> None:
         ok, outcome, error, extra = False, "error", None, {}
         try:
-            r.started = True
-            if r.cancelled:
+            if r.cancelling:
                 raise Cancelled()
-            handler = getattr(self, "_op_" + req.type, None) or self._op_sandbox
+            r.transition(ReqState.RUNNING)
             result = await handler(r)
-            if r.finished:
+            if r.done:
                 return  # its done left as soon as the sandbox gave it
-            ok = bool(result.pop("ok", True))
+            result.setdefault("ok", True)
+            outcome = outcome_of(result)
+            ok = bool(result.pop("ok"))
             error = result.pop("error", None)
             extra = result
-            outcome = "ok" if ok else _outcome(error)
         except asyncio.CancelledError:
             t = asyncio.current_task()
             if t is not None and t.cancelling():
                 t.uncancel()
-            outcome, error = self._failed(r, Cancelled())
+            outcome, error = self.failed(r, Cancelled())
         except Exception as exc:
-            outcome, error = self._failed(r, exc)
-        self._finish(r, ok, outcome, error, extra)
+            outcome, error = self.failed(r, exc)
+        self.finish(r, ok, outcome, error, extra)
 
-    def _submit(self, r: _Req, sb: Sandbox) -> None:
-        """Start a sandbox op from the frame handler, with no task: the sandbox reader
-        queues its done (on_done), and a failure (the sandbox lost) ends it from the future."""
-        r.started = True
-        op, params, deadline = self._agent_params(r)
-        try:
-            fut = self._send(r, sb, op, params, deadline, {}, finish=True)
-        except Exception as exc:
-            self._finish(r, False, *self._failed(r, exc), {})
-            return
-
-        def ended(fut: asyncio.Future) -> None:
-            r.agent_rid = None
-            exc = Cancelled() if fut.cancelled() else fut.exception()
-            if exc is not None:
-                if not self.live:  # the sandbox went with the session
-                    exc = Cancelled()
-                self._finish(r, False, *self._failed(r, exc), {})
-
-        fut.add_done_callback(ended)
-
-    def _failed(self, r: _Req, exc: BaseException) -> tuple[str, dict[str, Any]]:
+    def failed(self, r: InFlight, exc: BaseException) -> tuple[str, dict[str, Any]]:
         """(outcome, error) of a request that ended with ``exc``; a lost sandbox starts its replacement."""
         if isinstance(exc, Cancelled):
             return "cancelled", failure("Cancelled", "the request was cancelled")
@@ -369,18 +353,15 @@ class Session:
             return "unavailable", failure(exc.name, str(exc))
         # a server bug must still end the request
         logs.log.error("request %s failed", r.req.type, exc_info=exc)
-        self.metrics.errors.labels("internal").inc()
+        self.metrics.error("internal")
         return "internal", failure("InternalError", f"{type(exc).__name__}: {exc}")
 
-    def _finish(self, r: _Req, ok: bool, outcome: str, error: dict | None, extra: dict[str, Any]) -> None:
+    def finish(self, r: InFlight, ok: bool, outcome: str, error: dict | None, extra: dict[str, Any]) -> None:
         """The request's one done: accounted, logged and queued (past the high water mark:
         a done is never held back behind output, and there is one per request in flight)."""
-        if r.finished:
+        if not self.requests.finish(r):
             return
-        r.finished = True
-        self._submitted(r)  # or never will be
         req = r.req
-        self.inflight.pop(req.id, None)
         self.metrics.inflight.dec()
         self.last_activity = time.monotonic()
         seconds = time.perf_counter() - r.t0
@@ -392,7 +373,7 @@ class Session:
         if error is not None:
             ok = False
             if outcome in ("lost", "unavailable"):
-                self.metrics.errors.labels("sandbox_unavailable").inc()
+                self.metrics.error("sandbox_unavailable")
         logs.event(
             "request",
             user=self.user,
@@ -408,7 +389,7 @@ class Session:
         except ConnectionError:
             pass  # the session closed under the request
 
-    def _audit(self, r: _Req, outcome: str, seconds: float) -> None:
+    def _audit(self, r: InFlight, outcome: str, seconds: float) -> None:
         p = r.req.params
         text = p.get("code") or p.get("command") or p.get("prompt") or ""
         logs.audit(
@@ -428,226 +409,9 @@ class Session:
             raise SessionClosed("the session is closed")
         return self.sb
 
-    def _timeout(self, r: _Req) -> float:
-        sb = self.settings.sandbox
-        t = r.req.params.get("timeout_s") or sb.exec_timeout_s
-        return float(min(t, sb.max_exec_timeout_s))
-
-    def _agent_params(self, r: _Req) -> tuple[str, dict[str, Any], float]:
-        """(op, params, deadline_s) for a request that the agent runs."""
-        req, sb = r.req, self.settings.sandbox
-        p = dict(req.params)
-        op = req.type
-        deadline = max(sb.exec_timeout_s, 30.0) + 10
-        if op in ("run_code", "exec"):
-            p["timeout_s"] = self._timeout(r)
-            p["max_output_bytes"] = sb.max_output_bytes
-            deadline = p["timeout_s"] + 10
-            if op == "run_code":
-                p.setdefault("language", "python")
-        elif op in ("write_file", "read_file"):
-            p["max_file_bytes"] = sb.max_file_bytes
-        elif op == "start_process":
-            p.setdefault("process_id", f"proc-{next(self._rids)}")
-            self.procs[p["process_id"]] = req.id
-        elif op == "create_context":
-            p.setdefault("language", "python")
-        elif op == "list_files":
-            p.setdefault("path", ".")
-        return op, p, deadline
-
-    async def _op_sandbox(self, r: _Req) -> dict[str, Any]:
-        op, params, deadline = self._agent_params(r)
-        done = await self._agent_request(r, op, params, deadline, {}, finish=True)
-        return _done_fields(done)
-
-    async def _agent_request(
-        self,
-        r: _Req,
-        op: str,
-        params: dict[str, Any],
-        deadline: float,
-        tags: dict[str, Any],
-        tail: list[str] | None = None,
-        finish: bool = False,
-    ) -> dict[str, Any]:
-        """Run one agent op for request ``r``, streaming its frames; returns the agent's done.
-
-        With ``finish``, the client's done is queued by the sandbox reader as the agent's
-        done arrives, in the same turn of the loop as the request's last output, so both
-        usually leave in one write.
-        """
-        sb = await self.sandbox()
-        if r.cancelled:
-            raise Cancelled()
-        fut = self._send(r, sb, op, params, deadline, tags, tail, finish)
-        rid = r.agent_rid
-        try:
-            await sb.drain()
-            done = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # The request's task was cancelled (assist): stop the sandbox work and wait for it.
-            for wait in (0.5, deadline):
-                sb.cancel(rid)
-                finished, _ = await asyncio.wait([fut], timeout=wait)
-                if finished:
-                    break
-            if not fut.done():
-                fut.cancel()
-            else:
-                fut.exception() if not fut.cancelled() else None
-            raise
-        finally:
-            r.agent_rid = None
-        if not finish:
-            self._observe(r, op, params, done)  # with finish, on_done did (a done always passes through it first)
-        return done
-
-    def _send(
-        self,
-        r: _Req,
-        sb: Sandbox,
-        op: str,
-        params: dict[str, Any],
-        deadline: float,
-        tags: dict[str, Any],
-        tail: list[str] | None = None,
-        finish: bool = False,
-    ) -> asyncio.Future:
-        """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
-        self._submitted(r)
-        rid = f"{r.req.type}-{next(self._rids)}"
-        on_event = self._streamer(r, tags, tail)
-        r.t_sent = time.perf_counter()
-
-        def on_done(done: dict[str, Any]) -> None:
-            self._observe(r, op, params, done)
-            result = _done_fields(done)
-            ok = bool(result.pop("ok", True))
-            error = result.pop("error", None)
-            self._finish(r, ok, "ok" if ok else _outcome(error), error, result)
-
-        fut = sb.submit(op, params, on_event, rid=rid, deadline_s=deadline, on_done=on_done if finish else None)
-        r.sb, r.agent_rid = sb, rid
-        return fut
-
-    def _submitted(self, r: _Req) -> None:
-        if r.waiting:
-            r.waiting = False
-            self._waiting -= 1
-
-    def _observe(self, r: _Req, op: str, params: dict[str, Any], done: dict[str, Any]) -> None:
-        """The execution-time metric of one run_code or exec."""
-        if op in ("run_code", "exec"):
-            outcome = "ok" if done.get("ok") else _outcome(done.get("error"))
-            language = params.get("language", "python") if op == "run_code" else "shell"
-            self.metrics.execution_done(op, language, outcome, time.perf_counter() - r.t_sent)
-
-    def _streamer(self, r: _Req, tags: dict[str, Any], tail: list[str] | None):
-        rid = r.req.id
-        outbox = self.outbox
-        put = outbox.put
-        metrics = self.metrics
-        kind = r.req.type
-        parts: dict[str, tuple[bytes, bytes]] = {}  # a line's frame around it, by stream, made at its first line
-
-        async def on_event(ev: dict[str, Any]) -> None:
-            try:
-                await deliver(ev)
-            except ConnectionError:
-                pass  # the session closed: the request is being cancelled
-
-        async def deliver(ev: dict[str, Any]) -> None:
-            what = ev.get("ev")
-            if what == "out":
-                if not r.first_out:
-                    r.first_out = True
-                    metrics.first_output.labels(kind).observe(time.perf_counter() - r.t0)
-                stream = ev.get("s", "stdout")
-                lines = ev.get("lines") or ()
-                if tail is not None:
-                    tail.extend(lines)
-                around = parts.get(stream)
-                if around is None:
-                    around = parts[stream] = output_frame_parts(stream, rid, **tags)
-                before, after = around
-                dumps = orjson.dumps
-                i = 0
-                while i < len(lines):
-                    space = outbox.space
-                    if space <= 0:
-                        await outbox.wait_room()
-                        continue
-                    outbox.put_encoded_many([before + dumps(line) + after for line in lines[i : i + space]])
-                    i += space
-            elif what == "result":
-                await put(
-                    {"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")), **tags}
-                )
-
-        return on_event
-
-    async def _op_assist(self, r: _Req) -> dict[str, Any]:
-        runner = self.manager.assist
-        if runner is None or not getattr(runner, "available", False):
-            msg = "assist needs a model: set ANTHROPIC_API_KEY in the server's environment"
-            await self._error("llm_unavailable", msg, r.req.id)
-            return {"ok": False, "error": failure("LLMUnavailable", msg)}
-        p = r.req.params
-        language = p.get("language", "python")
-        context = p.get("context")
-
-        async def emit(frame: dict[str, Any]) -> None:
-            frame.setdefault("id", r.req.id)
-            await self.outbox.put(frame)
-
-        async def execute(code: str, language: str = language, iteration: int = 1) -> dict[str, Any]:
-            params: dict[str, Any] = {
-                "code": code,
-                "language": language or "python",
-                "timeout_s": self._timeout(r),
-                "max_output_bytes": self.settings.sandbox.max_output_bytes,
-            }
-            if context:
-                params["context"] = context
-            tail: list[str] = []
-            t0 = time.perf_counter()
-            done = await self._agent_request(
-                r, "run_code", params, params["timeout_s"] + 10, {"iteration": iteration}, tail
-            )
-            out = {
-                "ok": bool(done.get("ok")),
-                "output": _tail(tail),
-                "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
-            }
-            if done.get("error"):
-                out["error"] = done["error"]
-            if done.get("truncated"):
-                out["truncated"] = True
-            return out
-
-        max_it = min(p.get("max_iterations", 3), self.settings.max_iterations)
-        try:
-            result = await runner.run(
-                rid=r.req.id,
-                prompt=p["prompt"],
-                language=language,
-                max_iterations=max_it,
-                context=context,
-                emit=emit,
-                execute=execute,
-                scope=self.user,
-            )
-        except Exception as exc:
-            if getattr(exc, "code", None) != "llm_unavailable":
-                raise
-            await self._error("llm_unavailable", str(exc), r.req.id)
-            return {"ok": False, "error": failure("LLMUnavailable", str(exc))}
-        return dict(result)
-
     # ---- sandbox events
 
-    def _make_listener(self, sb: Sandbox):
+    def _make_listener(self, sb: Sandbox) -> EventHandler:
         async def listener(ev: dict[str, Any]) -> None:
             what = ev.get("ev")
             if what == "pout":
@@ -689,7 +453,7 @@ class Session:
             new = await self.engine.replace(old)
         except SandboxError as exc:
             self._replacing = None
-            await self._error("sandbox_unavailable", f"the sandbox died and could not be replaced: {exc}")
+            await self.error("sandbox_unavailable", f"the sandbox died and could not be replaced: {exc}")
             t = asyncio.create_task(self.manager.close_session(self, "sandbox_unavailable"))
             self.manager.own(t)
             return
@@ -714,23 +478,3 @@ class Session:
                 "message": "the sandbox died and was replaced: code contexts, files and processes are lost",
             }
         )
-
-
-def _outcome(error: dict | None) -> str:
-    name = (error or {}).get("name", "")
-    return {"Timeout": "timeout", "Cancelled": "cancelled", "SandboxLost": "lost"}.get(name, "error")
-
-
-def _done_fields(done: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in done.items() if k not in _STRIP}
-    out["ok"] = bool(done.get("ok"))
-    if done.get("error"):
-        out["error"] = done["error"]
-    return out
-
-
-def _tail(lines: list[str]) -> str:
-    text = "".join(lines)
-    if len(text) > OUTPUT_TAIL:
-        text = text[-OUTPUT_TAIL:]
-    return text
