@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
+from importlib.metadata import entry_points
 
 from groundloop.sandbox.settings import SettingsError
 
@@ -70,22 +70,6 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mcp(args: argparse.Namespace) -> int:
-    try:
-        from groundloop.mcp.server import run
-    except ImportError as exc:
-        print(f"groundloop mcp needs the mcp extra: pip install 'groundloop[mcp]' ({exc})", file=sys.stderr)
-        return 2
-    return run(
-        args.url,
-        args.token,
-        transport=args.transport,
-        host=args.host,
-        port=args.port,
-        max_chars=args.max_output_chars,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="groundloop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,27 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_image_build)
     cfg = sub.add_parser("config", help="print the configuration table (markdown)")
     cfg.set_defaults(func=_config)
-    mcp = sub.add_parser(
-        "mcp",
-        help="run a Model Context Protocol server holding one groundloop session (tools: code, shell, files, processes)",
-    )
-    mcp.add_argument(
-        "--url",
-        default=os.environ.get("GROUNDLOOP_URL"),
-        help="groundloop server, ws://HOST:PORT/v1/ws (default GROUNDLOOP_URL; none: run a server in this process)",
-    )
-    mcp.add_argument(
-        "--token", default=os.environ.get("GROUNDLOOP_TOKEN"), help="bearer token (default GROUNDLOOP_TOKEN)"
-    )
-    mcp.add_argument(
-        "--transport", choices=["stdio", "http"], default="stdio", help="stdio (default) or streamable HTTP"
-    )
-    mcp.add_argument("--host", default="127.0.0.1", help="HTTP transport: bind address (default 127.0.0.1)")
-    mcp.add_argument("--port", type=int, default=8765, help="HTTP transport: port (default 8765; path /mcp)")
-    mcp.add_argument(
-        "--max-output-chars", type=int, default=20_000, help="each output stream is cut to this, head and tail kept"
-    )
-    mcp.set_defaults(func=_mcp)
+    # Commands of the packages above the server (the MCP server is a client of it) come in by entry
+    # point, so that server/ never imports from them (the layer rule, tests/test_layers.py).
+    for command in entry_points(group="groundloop.commands"):
+        command.load()(sub)
     return p
 
 
