@@ -26,7 +26,7 @@ from .stats import Table, summary_ms
 
 
 def _echo_app():
-    from groundloop.server.uvicorn_fast import RawSendStash, set_nodelay
+    from groundloop.server.uvicorn_adapter import RawSendStash, set_nodelay
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
     from starlette.websockets import WebSocket

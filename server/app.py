@@ -35,7 +35,7 @@ from .auth import Authenticator, LoopbackHostOnly
 from .connection import websocket_endpoint
 from .metrics import Metrics
 from .settings import Settings, SettingsError
-from .uvicorn_fast import RawSendStash
+from .uvicorn_adapter import RawSendStash
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -183,7 +183,7 @@ def uvicorn_config(
     """The uvicorn configuration groundloop runs with (also used by the tests)."""
     import uvicorn
 
-    from .handshake import GuardedWSProtocol, http_protocol
+    from .uvicorn_adapter import GuardedWSProtocol, http_protocol
 
     if settings.loop not in ("auto", "uvloop", "asyncio"):
         raise SettingsError(f"GROUNDLOOP_LOOP: expected auto, uvloop or asyncio, got {settings.loop!r}")

@@ -43,8 +43,8 @@ from groundloop.sessions.session import Session, SessionClosed
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
-from . import uvicorn_fast
-from .uvicorn_fast import RAW_SEND, BatchWriter
+from . import uvicorn_adapter
+from .uvicorn_adapter import RAW_SEND, BatchWriter
 
 if TYPE_CHECKING:
     from .app import AppState
@@ -65,7 +65,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     if gl.manager is None or gl.manager.closing:
         await _deny(ws, 503, "the server is shutting down")
         return
-    uvicorn_fast.set_nodelay(ws.scope)
+    uvicorn_adapter.set_nodelay(ws.scope)
     await ws.accept(subprotocol=subprotocol)
     gl.metrics.connections.inc()
     conn = Connection(ws, gl, user)
@@ -200,7 +200,7 @@ class Connection:
         await self.close(CLOSE_TAKEN_OVER, "taken over by another connection")
 
     def abort(self) -> None:
-        uvicorn_fast.abort(self.ws.scope)
+        uvicorn_adapter.abort(self.ws.scope)
 
     async def _stop_writer(self) -> None:
         w, self.writer = self.writer, None
@@ -242,7 +242,7 @@ class Connection:
         m = self.gl.metrics
         observe, frames_inc, bytes_inc = m.send_wait.observe, m.frames_out.inc, m.bytes_out.inc
         clock = time.perf_counter
-        batch = self.batch = uvicorn_fast.batch_writer(send)
+        batch = self.batch = uvicorn_adapter.batch_writer(send)
         while True:
             try:
                 # Everything queued goes in one write (up to a bound), or one by one without a batcher.

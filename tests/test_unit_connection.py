@@ -1,7 +1,7 @@
 """The connection and uvicorn's fast paths without Docker: a real uvicorn (websockets-sansio) on loopback,
 real WebSocket clients, the fake sandbox backend.
 
-The fast-path tests fail when server/uvicorn_fast.py silently falls back to plain ASGI: after an
+The fast-path tests fail when server/uvicorn_adapter.py silently falls back to plain ASGI: after an
 upgrade of uvicorn that renames what it reaches into, the server would still work, only slower.
 """
 
@@ -15,7 +15,7 @@ import orjson
 import pytest
 import uvicorn
 import websockets
-from groundloop.server import uvicorn_fast
+from groundloop.server import uvicorn_adapter
 from groundloop.server.app import transport_max_size
 from support.units import fake_server, settings
 from websockets.exceptions import ConnectionClosed
@@ -37,7 +37,7 @@ async def test_requests_over_a_socket_use_the_fast_paths():
         conn = session_of(uv, c).conn
         assert conn.batch is not None, "the batched writer fell back to one ASGI send per frame"
         scope = conn.ws.scope
-        transport = uvicorn_fast.transport_of(scope)
+        transport = uvicorn_adapter.transport_of(scope)
         assert transport is not None, "the transport of uvicorn's connection could not be reached"
         sock = transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
@@ -45,7 +45,7 @@ async def test_requests_over_a_socket_use_the_fast_paths():
 
 @contextlib.asynccontextmanager
 async def raw_uvicorn(ws_impl: str, seen: dict):
-    """A bare ASGI app under uvicorn that records what uvicorn_fast makes of its connection."""
+    """A bare ASGI app under uvicorn that records what uvicorn_adapter makes of its connection."""
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -59,9 +59,9 @@ async def raw_uvicorn(ws_impl: str, seen: dict):
         assert scope["type"] == "websocket"
         await receive()
         await send({"type": "websocket.accept"})
-        seen["batch"] = uvicorn_fast.batch_writer(scope[uvicorn_fast.RAW_SEND])
-        seen["transport"] = uvicorn_fast.transport_of(scope)
-        seen["nodelay"] = uvicorn_fast.set_nodelay(scope)
+        seen["batch"] = uvicorn_adapter.batch_writer(scope[uvicorn_adapter.RAW_SEND])
+        seen["transport"] = uvicorn_adapter.transport_of(scope)
+        seen["nodelay"] = uvicorn_adapter.set_nodelay(scope)
         if seen["batch"] is not None:
 
             class F:
@@ -79,7 +79,7 @@ async def raw_uvicorn(ws_impl: str, seen: dict):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        uvicorn_fast.RawSendStash(app), ws=ws_impl, log_config=None, lifespan="on", ws_per_message_deflate=False
+        uvicorn_adapter.RawSendStash(app), ws=ws_impl, log_config=None, lifespan="on", ws_per_message_deflate=False
     )
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
@@ -124,11 +124,11 @@ async def test_the_check_tells_the_fast_path_from_the_fallback():
         async def send(self, message):
             pass
 
-    assert uvicorn_fast.batch_writer(Proto(None).send) is not None
+    assert uvicorn_adapter.batch_writer(Proto(None).send) is not None
     for drop in ("writable", "close_sent", "transport", "send_text", "data_to_send", "state", "extensions"):
-        assert uvicorn_fast.batch_writer(Proto(drop).send) is None, drop
-    assert uvicorn_fast.batch_writer(print) is None
-    assert uvicorn_fast.transport_of({}) is None and uvicorn_fast.abort({}) is False
+        assert uvicorn_adapter.batch_writer(Proto(drop).send) is None, drop
+    assert uvicorn_adapter.batch_writer(print) is None
+    assert uvicorn_adapter.transport_of({}) is None and uvicorn_adapter.abort({}) is False
 
 
 async def test_resume_over_sockets_with_a_gap_and_takeover():
