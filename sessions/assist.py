@@ -187,6 +187,20 @@ def feedback_message(code: str, language: str, result: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def attempt_frame(rid: str, iteration: int, result: dict[str, Any]) -> dict[str, Any]:
+    """The ``attempt`` frame that closes a try with ``result`` (a checked and executed block's)."""
+    frame: dict[str, Any] = {
+        "type": "attempt",
+        "id": rid,
+        "iteration": iteration,
+        "ok": result["ok"],
+        "duration_ms": round(result.get("duration_ms") or 0.0, 3),
+    }
+    if not result["ok"]:
+        frame["error"] = result.get("error") or {"name": "Error", "message": "the code failed"}
+    return frame
+
+
 class _Try:
     """The blocks of one reply and their executions, run in order."""
 
@@ -289,16 +303,7 @@ class AssistRunner:
                 results = await asyncio.gather(*current.tasks)
                 last = results[-1]
                 timings["execution_ms"] += sum(r.get("duration_ms") or 0.0 for r in results)
-                attempt: dict[str, Any] = {
-                    "type": "attempt",
-                    "id": rid,
-                    "iteration": iteration,
-                    "ok": last["ok"],
-                    "duration_ms": round(last.get("duration_ms") or 0.0, 3),
-                }
-                if not last["ok"]:
-                    attempt["error"] = last.get("error") or {"name": "Error", "message": "the code failed"}
-                await emit(attempt)
+                await emit(attempt_frame(rid, iteration, last))
                 if last["ok"]:
                     break
                 messages.append({"role": "assistant", "content": reply})
@@ -329,15 +334,8 @@ class AssistRunner:
             }
         )
         res = await self._check_and_execute(None, hit["code"], language, iteration, execute)
-        attempt: dict[str, Any] = {
-            "type": "attempt",
-            "id": rid,
-            "iteration": iteration,
-            "ok": res["ok"],
-            "duration_ms": round(res.get("duration_ms") or 0.0, 3),
-        }
+        attempt = attempt_frame(rid, iteration, res)
         if not res["ok"]:
-            attempt["error"] = res.get("error") or {"name": "Error", "message": "the code failed"}
             assert self.cache is not None  # a hit came from it
             self.cache.pop(key)
         await emit(attempt)

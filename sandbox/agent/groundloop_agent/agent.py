@@ -280,13 +280,18 @@ class Agent(FileOps):
     async def op_list_contexts(self, req, target, cancel):
         return {"contexts": [c.describe() for c in self.contexts.values()]}
 
-    async def op_exec(self, req, target, cancel):
+    def command_of(self, req):
+        """The ``command`` and working directory of an exec or start_process request, checked."""
         command = req.get("command")
         if not isinstance(command, str):
             raise RequestError("ValueError", "command must be a string")
         cwd = self.path(req.get("cwd") or WORKDIR)
         if not os.path.isdir(cwd):
             raise RequestError("FileNotFoundError", f"no directory {cwd}")
+        return command, cwd
+
+    async def op_exec(self, req, target, cancel):
+        command, cwd = self.command_of(req)
         proc, pipes = await spawn(self, ["/bin/sh", "-c", command], cwd, self.env_for(req.get("env")), target)
         timeout = req.get("timeout_s")
         waiter = asyncio.ensure_future(proc.wait())
@@ -320,12 +325,7 @@ class Agent(FileOps):
                 kill_tree(proc.pid, signal.SIGKILL)
 
     async def op_start_process(self, req, target, cancel):
-        command = req.get("command")
-        if not isinstance(command, str):
-            raise RequestError("ValueError", "command must be a string")
-        cwd = self.path(req.get("cwd") or WORKDIR)
-        if not os.path.isdir(cwd):
-            raise RequestError("FileNotFoundError", f"no directory {cwd}")
+        command, cwd = self.command_of(req)
         pid_id = req.get("process_id") or self.next_id("proc-")
         ptarget = Target(self, proc=pid_id, cap=1 << 62)
         proc, pipes = await spawn(self, ["/bin/sh", "-c", command], cwd, self.env_for(req.get("env")), ptarget)
