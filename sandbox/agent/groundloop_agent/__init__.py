@@ -1,7 +1,7 @@
 """groundloop in-container agent (stdlib only), run as ``python3 -P -m groundloop_agent``.
 
-One stdlib-only process per sandbox, the container's main process (under
-docker's init). It speaks newline-delimited JSON over its stdin/stdout, which
+One stdlib-only process per sandbox, the child of the container's pid 1, which is the
+agent's own init (``init.py``: non-dumpable, reaps orphans; no docker-init). It speaks newline-delimited JSON over its stdin/stdout, which
 are the container's attached streams, and runs many requests at once, each
 tagged by the server-chosen request id ``rid``.
 
