@@ -10,6 +10,11 @@
  * A dropped socket reconnects to `/v1/ws?session=<id>&last_seq=<n>`; frames already processed are dropped by
  * seq, so every line reaches the caller exactly once; frames the server had evicted come back as a `gap`.
  *
+ * A server that drains (a `draining` frame, then close 1012 once the session's requests are done: docs/protocol.md
+ * section 10) is leaving: new requests wait instead of being refused there, and after the 1012 the client opens a
+ * fresh session at once (behind a fleet's proxy, on another server) instead of resuming; its `ready` event says
+ * `drained`. A new session refused by a draining server (close 4503) is tried again with the usual backoff.
+ *
  * One runtime source file on purpose: `tsc` then emits one ES module, which the page serves as it is (no bundler);
  * the types (frames, options, results) are in types.ts, which compiles to nothing.
  */
@@ -21,6 +26,7 @@ import type {
   ConnectionState,
   ContextInfo,
   DoneFrame,
+  DrainingFrame,
   ExecOptions,
   ExecResult,
   Execution,
@@ -48,7 +54,7 @@ export type * from "./types.js";
 
 export const PROTOCOL = "groundloop.v1";
 const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // what a Sec-WebSocket-Protocol token may hold
-const CLOSE = { badResume: 4400, unauthorized: 4401, forbidden: 4403, notFound: 4404, takenOver: 4409, sessionClosed: 4410, tooMany: 4429, drop: 4000 };
+const CLOSE = { badResume: 4400, unauthorized: 4401, forbidden: 4403, notFound: 4404, takenOver: 4409, sessionClosed: 4410, tooMany: 4429, drop: 4000, restart: 1012, draining: 4503 };
 const OPEN = 1; // WebSocket.OPEN, the same in every implementation
 // node 18 has EventTarget but no global CustomEvent.
 const DetailEvent: new <T>(type: string, init: { detail: T }) => CustomEvent<T> =
@@ -207,7 +213,14 @@ export class ProcessHandle implements AsyncIterable<ProcessFrame> {
   }
 }
 
-type Socket = WebSocketLike & { gotReady?: boolean; opened?: boolean; resuming?: boolean; refusal?: number };
+type Socket = WebSocketLike & {
+  gotReady?: boolean;
+  opened?: boolean;
+  resuming?: boolean;
+  refusal?: number;
+  /** The `error` frame `draining` that refused this connection's new session (close 4503 follows). */
+  drainRefusal?: string;
+};
 
 const lost = (id: RequestId, name: string, message: string): DoneFrame =>
   ({ type: "done", seq: 0, id, ok: false, duration_ms: 0, local: true, error: { name, message } });
@@ -219,8 +232,10 @@ export class Session extends EventTarget {
   sessionId: string | null = null;
   lastSeq = 0;
   ready: ReadyFrame | null = null;
+  /** The `draining` frame of the current session while its server drains it (null otherwise). */
+  draining: DrainingFrame | null = null;
   autoReconnect: boolean;
-  readonly stats: SessionStats = { duplicates: 0, seqJumps: 0, resumes: 0, fresh: 0, expired: 0, gaps: 0, frames: 0 };
+  readonly stats: SessionStats = { duplicates: 0, seqJumps: 0, resumes: 0, fresh: 0, expired: 0, drained: 0, gaps: 0, frames: 0 };
   private token: string;
   private ws: Socket | null = null;
   private imported: WebSocketConstructor | undefined;
@@ -228,6 +243,9 @@ export class Session extends EventTarget {
   private attempt = 0;
   private stopped = false;
   private expiredPending = false;
+  private drainedPending = false;
+  /** The retry under way is after a draining server refused a new session: not a failure to connect. */
+  private drainRetry = false;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private pingTimer: ReturnType<typeof setInterval> | undefined;
   private readonly pending = new Map<RequestId, RequestHandle>();
@@ -258,7 +276,12 @@ export class Session extends EventTarget {
       const check = (): void => {
         const { state, reason } = this;
         if (state === "open" && this.ready) resolve(this.ready);
-        else if (state === "closed" || state === "unauthorized" || state === "offline" || (opts.failOnRetry && state === "reconnecting")) {
+        else if (
+          state === "closed" ||
+          state === "unauthorized" ||
+          state === "offline" ||
+          (opts.failOnRetry && state === "reconnecting" && !this.drainRetry)
+        ) {
           reject(new ConnectionError(reason || state, state));
         } else return;
         this.removeEventListener("state", check);
@@ -367,6 +390,16 @@ export class Session extends EventTarget {
       this.refused(ws.refusal === 403 || code === CLOSE.forbidden ? "the server refused the page's origin" : "the server refused the token");
       return;
     }
+    if (code === CLOSE.draining || ws.drainRefusal !== undefined) {
+      // The server takes no new sessions (it is shutting down); a fleet's proxy sends the next try elsewhere.
+      this.retry(ws, code, reason, ws.drainRefusal ?? "this server takes no new sessions (draining)");
+      return;
+    }
+    if (code === CLOSE.restart && this.draining) {
+      // The server drained this session and is going away: nothing is left there to resume.
+      this.drained();
+      return;
+    }
     if ((code === CLOSE.notFound || code === CLOSE.badResume) && ws.resuming && !ws.gotReady) {
       this.sessionExpired();
       return;
@@ -419,7 +452,8 @@ export class Session extends EventTarget {
     else this.retry(null, 1006, "");
   }
 
-  private retry(ws: Socket | null, code: number, reason: string): void {
+  private retry(ws: Socket | null, code: number, reason: string, drainRefusal?: string): void {
+    this.drainRetry = drainRefusal !== undefined;
     if (!this.autoReconnect) {
       this.setState("offline", "connection lost (reconnect is off)");
       return;
@@ -427,12 +461,19 @@ export class Session extends EventTarget {
     this.attempt = ws?.gotReady ? 0 : this.attempt + 1;
     const { initialMs = 300, maxMs = 10_000 } = this.options.backoff ?? {};
     const delayMs = Math.round(Math.min(maxMs, initialMs * 2 ** Math.min(this.attempt, 16)) * (0.8 + 0.4 * Math.random()));
-    const why = code === CLOSE.drop ? "connection dropped" : code === 1006 ? "connection lost" : `closed (${code}${reason ? ": " + reason : ""})`;
+    const why =
+      drainRefusal ??
+      (code === CLOSE.drop ? "connection dropped" : code === 1006 ? "connection lost" : `closed (${code}${reason ? ": " + reason : ""})`);
     this.setState("reconnecting", why, { delayMs });
     this.timer = setTimeout(() => void this.openSocket(), delayMs);
   }
 
   private sessionExpired(): void {
+    if (this.draining) {
+      // Gone because its server drained it (after a drop, the resume found it closed): not an expiry.
+      this.drained();
+      return;
+    }
     if (!this.options.renewExpired) {
       this.stop("the session expired on the server");
       return;
@@ -444,10 +485,28 @@ export class Session extends EventTarget {
     void this.openSocket();
   }
 
+  /**
+   * The server drained the session: a fresh one at once, whatever `renewExpired` says (the protocol's answer to a
+   * drain, and nothing was lost: the requests in flight had their `done`, the ones made since are still queued).
+   */
+  private drained(): void {
+    this.stats.drained += 1;
+    this.drainedPending = true;
+    this.forgetSession("the server drained the session");
+    this.closeSocket(1000, "session drained");
+    this.attempt = 0;
+    if (!this.autoReconnect) {
+      this.setState("offline", "the server drained the session (reconnect is off)");
+      return;
+    }
+    void this.openSocket();
+  }
+
   /** Requests sent on the session end lost; requests still queued go to the next session. */
   private forgetSession(why: string): void {
     this.sessionId = null;
     this.lastSeq = 0;
+    this.draining = null;
     this.endAll("SessionLost", `the request was lost: ${why}`, false);
   }
 
@@ -499,6 +558,7 @@ export class Session extends EventTarget {
     if (!ws.gotReady) {
       // Before ready only a refusal comes (seq 0): an unknown session, no sandbox, too many sessions.
       if (frame.type === "error" && frame.code === "not_found" && ws.resuming) this.sessionExpired();
+      else if (frame.type === "error" && frame.code === "draining") ws.drainRefusal = frame.message || "the server is draining";
       else if (frame.type === "error" && frame.code === "unauthorized") this.refused(frame.message || "unauthorized");
       else this.emit("frame", { frame });
       return;
@@ -516,8 +576,11 @@ export class Session extends EventTarget {
 
   private onReady(ws: Socket, frame: ReadyFrame): void {
     const resumed = !!frame.resumed && frame.session_id === this.sessionId;
-    const expired = this.expiredPending || (this.sessionId !== null && !resumed);
+    const drained = this.drainedPending;
+    const expired = !drained && (this.expiredPending || (this.sessionId !== null && !resumed));
     this.expiredPending = false;
+    this.drainedPending = false;
+    this.drainRetry = false;
     if (resumed) this.stats.resumes += 1;
     else {
       if (this.sessionId) this.forgetSession("the server started a new session");
@@ -529,7 +592,7 @@ export class Session extends EventTarget {
     this.sessionId = frame.session_id;
     this.lastSeq = frame.seq;
     this.setState("open", resumed ? "resumed" : "connected");
-    this.emit("ready", { frame, fresh: !resumed, expired });
+    this.emit("ready", { frame, fresh: !resumed, expired, drained });
     this.flushQueue();
     this.startPings();
   }
@@ -539,6 +602,9 @@ export class Session extends EventTarget {
       this.stats.gaps += 1;
       for (const p of this.pending.values()) p.gap = true;
       this.emit("gap", { frame });
+    } else if (frame.type === "draining") {
+      this.draining = frame;
+      this.emit("draining", { frame });
     } else if (frame.type === "sandbox_replaced") {
       for (const proc of this.processes.values()) proc.finish(null); // its processes died with it
       this.processes.clear();
@@ -619,7 +685,9 @@ export class Session extends EventTarget {
 
   private send(frame: Record<string, unknown>): void {
     const ws = this.ws;
-    if (ws && ws.readyState === OPEN && ws.gotReady) {
+    // A draining session refuses new requests (only `ping` and `cancel` still work): they wait for the next one.
+    const held = this.draining !== null && frame.type !== "cancel" && frame.type !== "ping";
+    if (ws && ws.readyState === OPEN && ws.gotReady && !held) {
       ws.send(JSON.stringify(frame));
       const p = this.pending.get(frame.id as RequestId);
       if (p) p.sent = true;

@@ -90,6 +90,7 @@ export type ErrorCode =
   | "too_large"
   | "busy"
   | "sandbox_unavailable"
+  | "draining"
   | "llm_unavailable"
   | "internal";
 
@@ -154,6 +155,14 @@ export interface SandboxReplacedFrame extends Base {
   message: string;
 }
 
+/** The server is shutting down (docs/protocol.md section 10): requests in flight finish, then it closes with 1012. */
+export interface DrainingFrame extends Base {
+  type: "draining";
+  /** Seconds left for the requests in flight; the ones still running then are cancelled. */
+  deadline_s: number;
+  message: string;
+}
+
 export type ServerFrame =
   | ReadyFrame
   | OutputFrame
@@ -166,7 +175,8 @@ export type ServerFrame =
   | CodeFrame
   | AttemptFrame
   | GapFrame
-  | SandboxReplacedFrame;
+  | SandboxReplacedFrame
+  | DrainingFrame;
 
 /** The frames a request receives, its terminal `done` last. */
 export type RequestFrame = OutputFrame | ResultFrame | DoneFrame | ErrorFrame | PongFrame | ExitFrame | TokenFrame | CodeFrame | AttemptFrame;
@@ -208,6 +218,8 @@ export interface SessionStats {
   resumes: number;
   fresh: number;
   expired: number;
+  /** Fresh sessions started because the server drained the previous one (a `draining` frame, then close 1012). */
+  drained: number;
   gaps: number;
   frames: number;
 }
@@ -333,9 +345,18 @@ export interface AssistOptions extends OutputCallbacks {
 
 export interface SessionEvents {
   state: { state: ConnectionState; reason: string; delayMs?: number };
-  ready: { frame: ReadyFrame; fresh: boolean; expired: boolean };
-  /** A frame of no request in flight: `gap`, `sandbox_replaced`, an `error` without id, output of a forgotten process. */
+  /**
+   * `expired`: a fresh session because the server had forgotten the previous one; `drained`: a fresh session because
+   * the server drained the previous one (it is shutting down; behind a fleet's proxy this one is on another server).
+   */
+  ready: { frame: ReadyFrame; fresh: boolean; expired: boolean; drained: boolean };
+  /**
+   * A frame of no request in flight: `gap`, `sandbox_replaced`, `draining`, an `error` without id, output of a
+   * forgotten process.
+   */
   frame: { frame: ServerFrame };
   gap: { frame: GapFrame };
+  /** The server started draining this session: new requests wait for the next session (also a `frame` event). */
+  draining: { frame: DrainingFrame };
   rtt: { ms: number };
 }
