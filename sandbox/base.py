@@ -363,11 +363,11 @@ class Sandbox:
             elif kind == "hello":
                 if not self._hello.done():
                     self._hello.set_result(ev)
-            elif self._listener is not None:
-                await self._listener(ev)
-            elif kind == "log":
+            elif kind == "log":  # logged here, escaped and within budget, whoever listens: never passed on raw
                 for line in ev["message"].splitlines() or [""]:
                     self._log_line(line)
+            elif self._listener is not None:
+                await self._listener(ev)
 
     def _fail_all(self, exc: Exception) -> None:
         if not self._hello.done():

@@ -113,6 +113,10 @@ def create_app(
 ) -> Starlette:
     check_server_id(settings.sandbox.server_id)
     auth = Authenticator(settings)
+    if auth.anonymous and settings.metrics_port:
+        # Anonymous mode answers loopback host names only (DNS rebinding); prometheus_client's listener
+        # cannot check the Host header, so a rebound page could read it.
+        raise SettingsError("GROUNDLOOP_METRICS_PORT needs tokens: the metrics listener cannot refuse a rebound Host")
     metrics = metrics if metrics is not None else Metrics()
     if assist is None:
         assist = _default_assist(settings, metrics)

@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from .metrics import CONTENT_TYPE
 
 OUTPUT_MAX = 64 << 10
+BODY_MAX = 4 << 20  # a validate-code body: code to check, not data (the WebSocket's frames may be larger)
 
 
 def _gl(request: Request) -> Any:
@@ -91,7 +92,18 @@ async def validate_code(request: Request) -> Response:
     except AuthError as exc:
         gl.metrics.error(exc.code)
         return _error(exc.status, exc.code, exc.message)
-    limit = gl.settings.max_message_bytes
+    # The limits come first, so that a body is read and parsed only within them: at most
+    # validate_concurrency bodies of BODY_MAX are in memory at once, whoever sends them.
+    try:
+        async with gl.manager.validation(user):
+            return await _validate(gl, request, user)
+    except LimitError as exc:
+        gl.metrics.error(exc.code)
+        return _error(503 if exc.code == "draining" else 429, exc.code, exc.message)
+
+
+async def _validate(gl: Any, request: Request, user: str) -> Response:
+    limit = min(gl.settings.max_message_bytes, BODY_MAX)
     body = await _read_body(request, limit)
     if body is None:
         gl.metrics.error("too_large")
@@ -112,15 +124,11 @@ async def validate_code(request: Request) -> Response:
         return JSONResponse({**hit, "cached": True})
     t0 = time.perf_counter()
     try:
-        async with gl.manager.validation(user):
-            sb = await gl.engine.acquire()
-            try:
-                result = await run_once(gl, sb, code, language)
-            finally:
-                await gl.engine.release(sb)
-    except LimitError as exc:
-        gl.metrics.error(exc.code)
-        return _error(503 if exc.code == "draining" else 429, exc.code, exc.message)
+        sb = await gl.engine.acquire()
+        try:
+            result = await run_once(gl, sb, code, language)
+        finally:
+            await gl.engine.release(sb)
     except SandboxError as exc:
         gl.metrics.error("sandbox_unavailable")
         return _error(503, "sandbox_unavailable", str(exc))
@@ -168,6 +176,7 @@ async def run_once(gl: Any, sb: Sandbox, code: str, language: str) -> dict[str, 
     out: list[str] = []
     size = 0
     results: list[dict[str, Any]] = []
+    dropped: list[int] = []  # sizes of the results over the cap
 
     async def on_event(ev: dict[str, Any]) -> None:
         nonlocal size
@@ -177,7 +186,15 @@ async def run_once(gl: Any, sb: Sandbox, code: str, language: str) -> dict[str, 
                     out.append(line)
                     size += len(line)
         elif ev.get("ev") == "result":
-            results.append(ev.get("data") or {})
+            # Results count against the same cap as output: the agent caps them too, but what it sends is
+            # not trusted (under runsc the code can write to the agent's stream), and results are cached.
+            data = ev.get("data") or {}
+            cost = len(orjson.dumps(data))
+            if size + cost <= OUTPUT_MAX:
+                results.append(data)
+            else:
+                dropped.append(cost)
+            size += cost
 
     deadline = s.exec_timeout_s + 10
     created = await sb.request("create_context", {"language": language, "context": cid}, deadline_s=deadline)
@@ -206,7 +223,7 @@ async def run_once(gl: Any, sb: Sandbox, code: str, language: str) -> dict[str, 
         "error": done.get("error"),
         "results": results,
         "formats": formats,
-        "truncated": bool(done.get("truncated")),
+        "truncated": bool(done.get("truncated") or dropped or size > OUTPUT_MAX),
     }
 
 

@@ -63,7 +63,9 @@ class Settings:
     model: str = env("GROUNDLOOP_MODEL", "claude-sonnet-4-6", "Anthropic model for `assist`")
     max_tokens: int = env("GROUNDLOOP_MAX_TOKENS", 4096, "max_tokens per model call")
     validate_concurrency: int = env(
-        "GROUNDLOOP_VALIDATE_CONCURRENCY", 2, "validate-code runs at once, server-wide (each holds a pristine sandbox)"
+        "GROUNDLOOP_VALIDATE_CONCURRENCY",
+        2,
+        "validate-code runs at once, server-wide (each holds a pristine sandbox; one user may hold half, at least one)",
     )
     max_iterations: int = env("GROUNDLOOP_MAX_ITERATIONS", 5, "cap on a client's `max_iterations`")
     policy_patterns: list = env(

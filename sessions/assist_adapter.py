@@ -21,6 +21,8 @@ runner, which cancels its executions (sessions/streaming.py stops the agent).
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .inflight import InFlight
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from .session import Session
 
 OUTPUT_TAIL = 8 << 10
+TAIL_LINES = 512  # lines kept for the tail: enough for OUTPUT_TAIL bytes of short lines, bounded for long ones
 UNAVAILABLE = "assist needs a model: set ANTHROPIC_API_KEY in the server's environment"
 
 
@@ -56,7 +59,7 @@ async def run_assist(session: Session, r: InFlight) -> dict[str, Any]:
         }
         if context:
             params["context"] = context
-        tail: list[str] = []
+        tail: deque[str] = deque(maxlen=TAIL_LINES)  # bounded whatever the sandbox sends
         t0 = time.perf_counter()
         done = await ops.request(r, "run_code", params, params["timeout_s"] + 10, {"iteration": iteration}, tail)
         out = {
@@ -90,7 +93,7 @@ async def run_assist(session: Session, r: InFlight) -> dict[str, Any]:
     return dict(result)
 
 
-def _tail(lines: list[str]) -> str:
+def _tail(lines: Iterable[str]) -> str:
     text = "".join(lines)
     if len(text) > OUTPUT_TAIL:
         text = text[-OUTPUT_TAIL:]

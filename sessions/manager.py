@@ -64,6 +64,7 @@ class SessionManager:
         self._buckets: dict[str, TokenBucket] = {}
         self._pending: dict[str, int] = {}  # sessions being created, and validations running, per user
         self._validating = 0  # validate-code runs in progress, server-wide
+        self._validating_by: dict[str, int] = {}  # and per user
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.closing = False
@@ -129,7 +130,9 @@ class SessionManager:
 
         It takes a token from the user's bucket, counts as one of the user's
         sessions (it holds a sandbox), and is one of at most
-        ``validate_concurrency`` runs server-wide. Raises LimitError.
+        ``validate_concurrency`` runs server-wide, of which one user may hold
+        half (at least one), so that no user can keep every other out.
+        Raises LimitError.
         """
         s = self.settings
         if self.draining:
@@ -149,12 +152,22 @@ class SessionManager:
                 f"{s.validate_concurrency}; try again",
                 code="busy",
             )
+        mine = self._validating_by.get(user, 0)
+        per_user = max(1, s.validate_concurrency // 2)
+        if mine >= per_user:
+            raise LimitError(
+                f"{mine} of this user's validations are running, the limit per user is {per_user}", code="busy"
+            )
         self._validating += 1
+        self._validating_by[user] = mine + 1
         try:
             with self._holding(user):
                 yield
         finally:
             self._validating -= 1
+            self._validating_by[user] -= 1
+            if not self._validating_by[user]:
+                del self._validating_by[user]
 
     async def close_session(self, session: Session, reason: str, code: int = CLOSE_SESSION_CLOSED) -> None:
         try:

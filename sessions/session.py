@@ -426,8 +426,6 @@ class Session:
                 await self.outbox.put({"type": "exit", "id": rid, "process_id": proc, "exit_code": ev.get("exit_code")})
             elif what == "lost":
                 self._sandbox_lost(sb, ev.get("reason") or "the sandbox died")
-            elif what == "log":
-                logs.event("sandbox_log", session=self.id, message=ev.get("message"))
 
         async def guarded(ev: dict[str, Any]) -> None:
             try:

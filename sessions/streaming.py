@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableSequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -112,7 +112,7 @@ class AgentOps:
         params: dict[str, Any],
         deadline: float,
         tags: dict[str, Any],
-        tail: list[str] | None = None,
+        tail: MutableSequence[str] | None = None,
         finish: bool = False,
     ) -> dict[str, Any]:
         """Run one agent op for request ``r``, streaming its frames; returns the agent's done.
@@ -156,7 +156,7 @@ class AgentOps:
         params: dict[str, Any],
         deadline: float,
         tags: dict[str, Any],
-        tail: list[str] | None = None,
+        tail: MutableSequence[str] | None = None,
         finish: bool = False,
     ) -> asyncio.Future[dict[str, Any]]:
         """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
@@ -184,7 +184,7 @@ class AgentOps:
             self.session.metrics.execution_done(op, language, outcome_of(done), time.perf_counter() - r.t_sent)
 
     def streamer(
-        self, r: InFlight, tags: dict[str, Any], tail: list[str] | None
+        self, r: InFlight, tags: dict[str, Any], tail: MutableSequence[str] | None
     ) -> Callable[[dict[str, Any]], Awaitable[None]]:
         """The agent-event callback of one op of ``r``: its frames into the outbox."""
         rid = r.req.id

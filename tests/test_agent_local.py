@@ -206,3 +206,16 @@ async def test_an_answer_over_the_frame_bound_becomes_a_clear_error():
         assert done["ok"] and done["size"] == 3 << 20
     finally:
         await sb.close()
+
+
+async def test_a_result_with_nan_or_infinity_keeps_the_sandbox(sb):
+    """Review finding: a cell ending in ``[float('nan')]`` was sent as ``application/json`` with a bare NaN,
+    which strict JSON (the server's reader) refuses, so the whole sandbox was lost. NaN and Infinity are not
+    JSON: such a value comes as ``text/plain`` only, and the context goes on."""
+    done, ev = await run(sb, "run_code", code="x = {'mean': float('nan'), 'max': float('inf')}\nx")
+    assert done["ok"], done
+    data = ev.results()[-1]["data"]
+    assert "application/json" not in data and "nan" in data["text/plain"] and "inf" in data["text/plain"]
+    done, ev = await run(sb, "run_code", code="[1, 2]")
+    assert done["ok"] and ev.results()[-1]["data"]["application/json"] == [1, 2]
+    assert sb.alive and not sb.lost_reason

@@ -213,6 +213,12 @@ async def test_a_huge_docker_frame_header_is_refused_before_it_is_buffered():
 async def test_sandbox_stderr_is_escaped_and_rate_limited(caplog):
     caplog.set_level(logging.INFO, logger="groundloop.sandbox")
     sb, reader, sink = await started(docker_mux=True)
+    heard: list[dict] = []
+
+    async def listener(ev: dict) -> None:  # a session listens: log events must not reach it raw (review finding)
+        heard.append(ev)
+
+    sb.set_listener(listener)
     ansi = b"\x1b[2J\x1b[31mred\x1b[0m\r" + b"A" * 5000 + b"\n"
     reader.feed_data(mux(framing.STDOUT, line({"ev": "log", "message": "\x1b]0;title\x07log event"})))
     total = 0
@@ -232,3 +238,4 @@ async def test_sandbox_stderr_is_escaped_and_rate_limited(caplog):
     logged = sum(len(r.getMessage()) for r in records)
     assert logged < 400_000, f"{logged} characters logged for {total} bytes of stderr"
     assert any("not logged" in r.getMessage() for r in records)  # the dropped lines are counted, not lost silently
+    assert not [ev for ev in heard if ev.get("ev") == "log"]

@@ -165,7 +165,18 @@ class Agent(FileOps):
         if target.truncated:
             done["truncated"] = True
         done["agent_ms"] = round((time.monotonic() - t0) * 1000, 3)
-        frame = Out.encode(done)
+        try:
+            frame = Out.encode(done)
+        except (TypeError, ValueError, RecursionError) as exc:  # not strict JSON: the request still gets a done
+            frame = Out.encode(
+                {
+                    "ev": "done",
+                    "rid": rid,
+                    "ok": False,
+                    "error": {"name": "BadAnswer", "message": f"the answer could not be encoded: {exc}"},
+                    "agent_ms": done["agent_ms"],
+                }
+            )
         if target.frame_max and len(frame) > target.frame_max:
             # The server reads no longer frame (it would lose the sandbox): the answer becomes an error.
             frame = Out.encode(

@@ -97,14 +97,19 @@ def memory_guard(limit: int, report) -> None:
                 )
                 # The Sentry frees a dead process's memory later (seconds, under load): wait for
                 # that rather than take another, innocent, session, unless the use grows again.
-                floor = used
+                # Each look costs CPU: from 10 ms up to the idle period, so memory that is never freed (a
+                # tmpfs file counts as guest memory) does not keep the guard spinning.
+                floor, delay = used, 0.01
                 while True:
-                    time.sleep(0.01)
+                    time.sleep(delay)
+                    delay = min(MEMORY_GUARD_PERIOD[1], delay * 1.5)
                     again = guest_memory_used()
                     if again is None or again <= limit or again > floor + MEMORY_GUARD_REGROWTH:
                         break
                     floor = min(floor, again)
                 continue
+            time.sleep(MEMORY_GUARD_PERIOD[1])  # nothing to kill: look again at the idle pace, not in a spin
+            continue
         low, high = MEMORY_GUARD_PERIOD
         time.sleep(min(high, max(low, (limit - used) / MEMORY_GUARD_RATE)))
 

@@ -59,7 +59,13 @@ class Target:
         """Send a MIME bundle of a run; its frame counts against the output cap like lines do."""
         if self.truncated:
             return
-        frame = Out.encode({"ev": "result", "rid": self.rid, "data": data, "main": bool(main)})
+        try:
+            frame = Out.encode({"ev": "result", "rid": self.rid, "data": data, "main": bool(main)})
+        except (TypeError, ValueError, RecursionError):
+            # Not strict JSON (a NaN from a worker, a value nested past any parser's depth): the text forms
+            # alone, rather than a frame the server refuses (which would lose the whole sandbox).
+            text = {k: v for k, v in (data or {}).items() if isinstance(v, str)} if isinstance(data, dict) else {}
+            frame = Out.encode({"ev": "result", "rid": self.rid, "data": text, "main": bool(main)})
         if self.sent + len(frame) > self.cap:
             self.truncated = True
             return

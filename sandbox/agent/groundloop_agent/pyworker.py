@@ -129,7 +129,9 @@ def bundle(value):
             data[mime] = out
     if "application/json" not in data and isinstance(value, (dict, list)):
         try:
-            json.dumps(value)
+            # NaN and Infinity are not JSON: the server's strict reader would refuse the frame (and lose the
+            # sandbox), so such a value is shown as text/plain only.
+            json.dumps(value, allow_nan=False)
             data["application/json"] = value
         except (TypeError, ValueError):
             pass

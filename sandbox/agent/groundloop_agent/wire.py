@@ -50,7 +50,9 @@ class Out(asyncio.Protocol):
     @staticmethod
     def encode(obj: dict) -> bytes:
         """One frame: compact JSON and its newline."""
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace") + b"\n"
+        # allow_nan=False: the server reads strict JSON, and a bare NaN would cost the whole sandbox.
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return data.encode("utf-8", "replace") + b"\n"
 
     def send(self, obj: dict) -> None:
         self.send_raw(self.encode(obj))
