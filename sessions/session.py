@@ -251,8 +251,14 @@ class Session:
         logs.event("error", user=self.user, session=self.id, id=id, code=code, message=message[:200])
         await self.emit(error_frame(code, message, id))
 
-    async def handle_frame(self, data: bytes | str) -> None:
-        """One client frame: refuse it with an error frame, or start its request."""
+    async def handle_frame(self, data: bytes | str, conn: Conn | None = None) -> None:
+        """One client frame: refuse it with an error frame, or start its request.
+
+        ``conn`` is the connection that read it (None: not read from a socket, as in tests). A frame
+        whose connection is no longer the attached one when its turn comes is dropped: that
+        connection was taken over or closed while the frame waited, and its client resends
+        what got no answer on the connection it resumes with.
+        """
         self.last_activity = time.monotonic()
         try:
             req = parse_request(data, self.settings.max_message_bytes)
@@ -269,6 +275,14 @@ class Session:
             await self._done_now(req.id, "ok", None, found=found)
             return
         await self.outbox.wait_turn()  # a client that reads nothing is not read either
+        # The wait can be long: the checks above are stale. A resume can have taken over the
+        # connection of this frame, and its resend of the same id can have been waiting here too.
+        if conn is not None and self.conn is not conn:
+            logs.event("frame_dropped", user=self.user, session=self.id, id=req.id, reason="connection replaced")
+            return
+        if req.id in self.requests:
+            await self.error("bad_request", f"a request with id {req.id!r} is already in flight", req.id)
+            return
         limited = self.manager.check_limits(self, req)
         if limited is not None:
             await self.error(limited.code, limited.message, req.id)
