@@ -160,7 +160,9 @@ class Session:
         old = self.conn
         if old is not None and old is not conn:
             self.conn = None
-            await old.kick_for_takeover()
+            await old.kick_for_takeover()  # up to CLOSE_WAIT_S against a dead peer
+            if not self.live:  # the reaper or the drain closed the session meanwhile
+                raise SessionClosed("the session is closed")
         ready = ready_frame(self.id, last_seq is not None, self.sandbox_info(), self.limits())
         if last_seq is None:
             self.outbox.put_nowait(ready)
@@ -438,6 +440,7 @@ class Session:
                 proc = ev.get("proc")
                 rid = self.procs.get(proc, proc)
                 await self.outbox.put({"type": "exit", "id": rid, "process_id": proc, "exit_code": ev.get("exit_code")})
+                self.procs.pop(proc, None)  # its last frame: the table would grow with every process
             elif what == "lost":
                 self._sandbox_lost(sb, ev.get("reason") or "the sandbox died")
             elif what == "log":

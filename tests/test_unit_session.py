@@ -85,6 +85,7 @@ async def test_ready_ops_and_streaming():
         assert proc.startswith("proc-")
         out = await rd.until(lambda f: f["type"] == "exit")
         assert out == {"seq": out["seq"], "type": "exit", "id": 8, "process_id": proc, "exit_code": 0}
+        assert proc not in s.procs  # forgotten at its exit: the map does not grow with every process
         assert [f["text"] for f in rd.frames if f["type"] == "stdout" and f.get("process_id")] == ["srv\n"]
         seqs = [f["seq"] for f in rd.frames]
         assert seqs == list(range(1, len(seqs) + 1))
@@ -420,3 +421,33 @@ async def test_a_duplicate_id_that_waited_its_turn_is_refused():
         errors = [f for f in rd.frames if f["type"] == "error"]
         assert [(e["code"], e["id"]) for e in errors] == [("bad_request", "x")]
         assert "already in flight" in errors[0]["message"] and not s.requests
+
+
+class _SlowKick(FakeConn):
+    """An old connection whose close takes long (a dead peer): the takeover waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kicking = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def kick_for_takeover(self) -> None:
+        self.kicking.set()
+        await self.release.wait()
+        await super().kick_for_takeover()
+
+
+async def test_a_resume_that_races_a_close_is_refused_as_closed():
+    """The reaper (or the drain) closes the session while a resume waits for the old connection's
+    close: the resume gets SessionClosed (the connection answers not_found, 4404), not a crash."""
+    async with harness() as h:
+        old = _SlowKick()
+        s, _ = await h.session(conn=old)
+        new = FakeConn()
+        resume = asyncio.create_task(s.attach(new, 0))
+        await old.kicking.wait()
+        await h.manager.close_session(s, "resume_grace")
+        old.release.set()
+        with pytest.raises(SessionClosed):
+            await resume
+        assert s.state is State.CLOSED and s.conn is None and new.closed is None
