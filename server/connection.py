@@ -225,7 +225,7 @@ class Connection:
             if data is None or session.conn is not self:
                 continue
             try:
-                await session.handle_frame(data)
+                await session.handle_frame(data, self)
             except ConnectionError:
                 return  # the session closed
 

@@ -15,8 +15,9 @@ catches the first SIGTERM; a second one, or SIGINT, is the plain shutdown):
    (``deadline_s``); a detached session gets it when its client resumes
    (resumes still reach a draining server).
 3. A session closes (1012) as soon as it has no request in flight and every
-   frame was written to its client (a detached one: no request in flight),
-   so a client waits no longer than its own running requests. At
+   frame was written to its client, so a client waits no longer than its own
+   running requests. A detached session's unsent frames wait for its client's
+   resume until the deadline or the end of its resume grace, whichever first. At
    ``GROUNDLOOP_DRAIN_S`` the requests still running are cancelled (each
    still ends with its ``done``, ``Cancelled``), and ``CANCEL_GRACE_S`` later
    whatever is left is closed.
@@ -67,7 +68,8 @@ async def drain(state: Any, drain_s: float) -> int:
     deadline = loop.time() + drain_s
     t0 = time.monotonic()
     logs.event("draining", logging.WARNING, sessions=len(manager.sessions), drain_s=drain_s)
-    told: set[str] = set()
+    grace_s = manager.settings.resume_grace_s
+    told: dict[str, int] = {}  # session id -> the seq of its draining frame
     cancelled: set[str] = set()
     closed = 0
     while True:
@@ -77,16 +79,15 @@ async def drain(state: Any, drain_s: float) -> int:
             if not session.live:
                 continue
             if session.id not in told:
-                told.add(session.id)
+                told[session.id] = 0
                 with contextlib.suppress(ConnectionError):
-                    session.outbox.put_nowait(draining_frame(deadline - now))
+                    told[session.id] = session.outbox.put_nowait(draining_frame(deadline - now))
                 continue  # let the writer send it before anything closes
             if now >= deadline and session.inflight and session.id not in cancelled:
                 cancelled.add(session.id)
                 for rid in list(session.inflight):
                     session.cancel(rid)
-            idle = not session.inflight and (session.conn is None or session.outbox.unsent == 0)
-            if idle or now >= deadline + CANCEL_GRACE_S:
+            if _finished(session, told[session.id], now >= deadline, grace_s) or now >= deadline + CANCEL_GRACE_S:
                 done.append(session)
         if done:
             closed += len(done)
@@ -98,6 +99,26 @@ async def drain(state: Any, drain_s: float) -> int:
         await asyncio.sleep(POLL_S)
     logs.event("drained", logging.WARNING, closed=closed, seconds=round(time.monotonic() - t0, 3))
     return closed
+
+
+def _finished(session: Any, draining_seq: int, past_deadline: bool, grace_s: float) -> bool:
+    """Nothing in flight and every frame written to the client, so closing loses nothing.
+
+    A detached session's unsent frames (its last output, its ``done``) wait for the client that is
+    reconnecting, until the drain deadline or its resume grace, whichever comes first. Its draining
+    frame alone does not keep it: a client gone for good would hold the drain to its deadline.
+    """
+    if session.inflight:
+        return False
+    outbox = session.outbox
+    if not outbox.unsent:
+        return True
+    if session.conn is not None:
+        return False  # the writer is sending them
+    if outbox.unsent == 1 and draining_seq > outbox.sent_seq:
+        return True
+    detached_at = session.detached_at  # None: a resume is taking over, its writer will send them
+    return past_deadline or (detached_at is not None and time.monotonic() - detached_at >= grace_s)
 
 
 class DrainingServer(uvicorn.Server):

@@ -116,6 +116,9 @@ class RequestTable:
         return list(self._reqs.values())
 
     def add(self, req: Request) -> InFlight:
+        """Enter ``req``; a second request with an id in flight is a server bug (it would orphan the first)."""
+        if req.id in self._reqs:
+            raise ValueError(f"a request with id {req.id!r} is already in flight")
         r = self._reqs[req.id] = InFlight(req)
         return r
 

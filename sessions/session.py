@@ -160,7 +160,9 @@ class Session:
         old = self.conn
         if old is not None and old is not conn:
             self.conn = None
-            await old.kick_for_takeover()
+            await old.kick_for_takeover()  # up to CLOSE_WAIT_S against a dead peer
+            if not self.live:  # the reaper or the drain closed the session meanwhile
+                raise SessionClosed("the session is closed")
         ready = ready_frame(self.id, last_seq is not None, self.sandbox_info(), self.limits())
         if last_seq is None:
             self.outbox.put_nowait(ready)
@@ -251,8 +253,14 @@ class Session:
         logs.event("error", user=self.user, session=self.id, id=id, code=code, message=message[:200])
         await self.emit(error_frame(code, message, id))
 
-    async def handle_frame(self, data: bytes | str) -> None:
-        """One client frame: refuse it with an error frame, or start its request."""
+    async def handle_frame(self, data: bytes | str, conn: Conn | None = None) -> None:
+        """One client frame: refuse it with an error frame, or start its request.
+
+        ``conn`` is the connection that read it (None: not read from a socket, as in tests). A frame
+        whose connection is no longer the attached one when its turn comes is dropped: that
+        connection was taken over or closed while the frame waited, and its client resends
+        what got no answer on the connection it resumes with.
+        """
         self.last_activity = time.monotonic()
         try:
             req = parse_request(data, self.settings.max_message_bytes)
@@ -269,6 +277,14 @@ class Session:
             await self._done_now(req.id, "ok", None, found=found)
             return
         await self.outbox.wait_turn()  # a client that reads nothing is not read either
+        # The wait can be long: the checks above are stale. A resume can have taken over the
+        # connection of this frame, and its resend of the same id can have been waiting here too.
+        if conn is not None and self.conn is not conn:
+            logs.event("frame_dropped", user=self.user, session=self.id, id=req.id, reason="connection replaced")
+            return
+        if req.id in self.requests:
+            await self.error("bad_request", f"a request with id {req.id!r} is already in flight", req.id)
+            return
         limited = self.manager.check_limits(self, req)
         if limited is not None:
             await self.error(limited.code, limited.message, req.id)
@@ -424,6 +440,7 @@ class Session:
                 proc = ev.get("proc")
                 rid = self.procs.get(proc, proc)
                 await self.outbox.put({"type": "exit", "id": rid, "process_id": proc, "exit_code": ev.get("exit_code")})
+                self.procs.pop(proc, None)  # its last frame: the table would grow with every process
             elif what == "lost":
                 self._sandbox_lost(sb, ev.get("reason") or "the sandbox died")
 

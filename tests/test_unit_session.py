@@ -10,7 +10,7 @@ import asyncio
 
 import orjson
 import pytest
-from groundloop.sessions.inflight import InFlight, ReqState, outcome_of
+from groundloop.sessions.inflight import InFlight, ReqState, RequestTable, outcome_of
 from groundloop.sessions.outbox import ResumeError
 from groundloop.sessions.protocol import REQUEST_TYPES, Request
 from groundloop.sessions.session import SessionClosed, State
@@ -50,6 +50,11 @@ def test_request_states():
     r.transition(ReqState.DONE)
     with pytest.raises(RuntimeError, match=r"expected a state in \[\], got DONE"):
         r.transition(ReqState.DONE)
+    table = RequestTable()
+    first = table.add(Request("run_code", 7, {"code": "1"}))
+    with pytest.raises(ValueError, match="a request with id 7 is already in flight"):
+        table.add(Request("run_code", 7, {"code": "2"}))  # an overwrite would orphan the first
+    assert table.get(7) is first
 
 
 async def test_every_request_type_has_a_starter():
@@ -80,6 +85,7 @@ async def test_ready_ops_and_streaming():
         assert proc.startswith("proc-")
         out = await rd.until(lambda f: f["type"] == "exit")
         assert out == {"seq": out["seq"], "type": "exit", "id": 8, "process_id": proc, "exit_code": 0}
+        assert proc not in s.procs  # forgotten at its exit: the map does not grow with every process
         assert [f["text"] for f in rd.frames if f["type"] == "stdout" and f.get("process_id")] == ["srv\n"]
         seqs = [f["seq"] for f in rd.frames]
         assert seqs == list(range(1, len(seqs) + 1))
@@ -357,3 +363,91 @@ async def test_close_ends_requests_whose_task_never_ran():
         assert s.requests.get(2).task is not None and s.requests.get(3).task is not None
         await h.manager.close_session(s, "test")  # no turn of the loop between: neither task has run
         assert not s.requests and h.metrics.inflight._value.get() == 0
+
+
+async def _fill(s, c) -> None:
+    """Park the session's producers: a flood nobody reads fills the send queue."""
+    await s.handle_frame(orjson.dumps({"type": "run_code", "id": "flood", "code": "print:100"}), c)
+    while not s.outbox.full:
+        await asyncio.sleep(0)
+
+
+async def test_a_request_resent_across_a_takeover_runs_once():
+    """The old connection's reader waits its turn with frame x when the client resumes and resends x:
+    the old frame is dropped (its connection was taken over), the resend runs once, with one done."""
+    async with harness(send_queue_frames=16) as h:
+        c1 = FakeConn()
+        s, rd = await h.session(conn=c1)
+        last = (await rd.next())["seq"]
+        await _fill(s, c1)
+        x = orjson.dumps({"type": "run_code", "id": "x", "code": "gate:x"})
+        old = asyncio.create_task(s.handle_frame(x, c1))
+        await asyncio.sleep(0)
+        c2 = FakeConn()
+        await s.attach(c2, last)
+        assert c1.kicked
+        resent = asyncio.create_task(s.handle_frame(x, c2))
+        await asyncio.sleep(0)
+        assert not old.done() and not resent.done() and "x" not in s.requests  # both wait their turn
+        rd2 = Reader(s)
+        await rd2.done("flood")  # reading makes room: both get their turn
+        await asyncio.gather(old, resent)
+        assert [op["code"] for op in h.agent(s).ops("run_code")] == ["print:100", "gate:x"]
+        assert not [f for f in rd2.frames if f["type"] == "error"]
+        h.agent(s).gate("x").set()
+        await rd2.done("x")
+        while s.requests:
+            await asyncio.sleep(0)
+        assert done_count(rd2.frames + rd2.pending(), "x") == 1 and h.metrics.inflight._value.get() == 0
+
+
+async def test_a_duplicate_id_that_waited_its_turn_is_refused():
+    """Two frames with one id both pass the first duplicate check while the send queue is full: the
+    second to get its turn is a duplicate (the error frame only), the first runs with one done."""
+    async with harness(send_queue_frames=16) as h:
+        s, rd = await h.session()
+        await _fill(s, None)
+        x = orjson.dumps({"type": "run_code", "id": "x", "code": "gate:x"})
+        first = asyncio.create_task(s.handle_frame(x))
+        second = asyncio.create_task(s.handle_frame(x))
+        await asyncio.sleep(0)
+        assert not first.done() and not second.done()
+        await rd.done("flood")
+        await asyncio.gather(first, second)
+        assert len(h.agent(s).ops("run_code")) == 2  # the flood and x, once
+        h.agent(s).gate("x").set()
+        done = await rd.done("x")
+        assert done["ok"] is True and done_count(rd.frames, "x") == 1
+        errors = [f for f in rd.frames if f["type"] == "error"]
+        assert [(e["code"], e["id"]) for e in errors] == [("bad_request", "x")]
+        assert "already in flight" in errors[0]["message"] and not s.requests
+
+
+class _SlowKick(FakeConn):
+    """An old connection whose close takes long (a dead peer): the takeover waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kicking = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def kick_for_takeover(self) -> None:
+        self.kicking.set()
+        await self.release.wait()
+        await super().kick_for_takeover()
+
+
+async def test_a_resume_that_races_a_close_is_refused_as_closed():
+    """The reaper (or the drain) closes the session while a resume waits for the old connection's
+    close: the resume gets SessionClosed (the connection answers not_found, 4404), not a crash."""
+    async with harness() as h:
+        old = _SlowKick()
+        s, _ = await h.session(conn=old)
+        new = FakeConn()
+        resume = asyncio.create_task(s.attach(new, 0))
+        await old.kicking.wait()
+        await h.manager.close_session(s, "resume_grace")
+        old.release.set()
+        with pytest.raises(SessionClosed):
+            await resume
+        assert s.state is State.CLOSED and s.conn is None and new.closed is None
