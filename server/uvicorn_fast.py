@@ -17,7 +17,7 @@ slow-consumer cut; all of them go through this module:
 
 Each returns None (or does nothing) when uvicorn's objects are not what it
 expects, and the caller falls back to plain ASGI: correct, but slower, and
-silent. So tests/test_uvicorn_fast.py runs a real uvicorn and fails when any of
+silent. So tests/server/test_unit_connection.py runs a real uvicorn and fails when any of
 these falls back: an upgrade of uvicorn that renames what is used here shows up
 there, not as a slow server. uvicorn >= 0.35 (pyproject) has what it needs.
 """
