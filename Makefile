@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 SERVER_IMAGE ?= $(or $(GROUNDLOOP_SERVER_IMAGE),groundloop-server:test)
-# The manifest checkers (tests/test_deploy.py) live in a virtualenv of their own:
+# The manifest checkers (tests/deploy/test_deploy.py) live in a virtualenv of their own:
 # checkov pins dozens of packages that must not move the server's.
 DEPLOY_VENV := .venv-deploy
 
@@ -42,14 +42,14 @@ $(DEPLOY_VENV)/bin/checkov:
 	$(DEPLOY_VENV)/bin/pip install -q kubernetes-validate checkov
 	@touch $@
 
-# The server image, built offline (deploy/server_image.py); tests/test_server_image.py runs it.
+# The server image, built offline (deploy/server_image.py); tests/deploy/test_server_image.py runs it.
 server-image: venv docker-up
 	$(BIN)/python deploy/server_image.py --tag $(SERVER_IMAGE)
 
 run: install
 	$(BIN)/groundloop serve --host $(HOST) --port $(PORT)
 
-# The TypeScript client's dev dependencies (tsc, ws) for tests/test_js_client.py; without npm those tests skip.
+# The TypeScript client's dev dependencies (tsc, ws) for tests/clients/test_js_client.py; without npm those tests skip.
 # The page needs none of this: it serves the client's committed build (static/vendor/groundloop-client.js).
 JS := clients/js
 js:

@@ -4,7 +4,7 @@
 # Without one:      python deploy/server_image.py --tag groundloop-server:latest
 #   (a Debian base made by debootstrap and `docker import`, the wheels made by
 #   the host's pip, and this same file built with no network; .ci/run does it
-#   and tests/test_server_image.py runs a session through the result).
+#   and tests/deploy/test_server_image.py runs a session through the result).
 #
 # Build context: the repository root (deploy/server.Dockerfile.dockerignore keeps
 # .venv, .git, tests and caches out of it). The server starts sandbox containers

@@ -15,7 +15,7 @@ sessions/protocol.py and sessions/errors.py), anything else becoming
 ``other``; outside this module, call them rather than ``.labels()``.
 
 The exported families (what ``deploy/grafana/dashboards/groundloop.json``
-queries; tests/test_metrics.py checks the two agree):
+queries; tests/server/test_metrics.py checks the two agree):
 
 =============================================  =========  =========================
 family                                         type       labels

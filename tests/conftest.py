@@ -1,7 +1,9 @@
-"""Shared fixtures: real Docker, real sockets.
+"""Shared fixtures and hooks: real Docker, real sockets. What tests import lives in tests/support/.
 
 Docker tests carry the ``docker`` marker. Without a reachable engine they are
 skipped, unless GROUNDLOOP_REQUIRE_DOCKER=1 (CI), where they fail instead.
+Docker is asked only when a selected test carries the marker, so a run of the
+unit tier (or of ``-m "not docker"``) never touches an engine.
 Every test run uses its own label namespace, and whatever containers of that
 namespace are left at the end fail the run.
 """
@@ -9,58 +11,30 @@ namespace are left at the end fail the run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
-import secrets
 
 import pytest
-from groundloop.sandbox.settings import SandboxSettings, load
+from groundloop.sandbox.settings import SandboxSettings
+from support.collect import Collector
+from support.docker_probe import docker_state, runsc_available
+from support.env import NAMESPACE, REQUIRE_DOCKER, sandbox_settings
+from support.servers import run_server
 
-NAMESPACE = f"test-{secrets.token_hex(4)}"
-REQUIRE_DOCKER = os.environ.get("GROUNDLOOP_REQUIRE_DOCKER") == "1"
-IMAGE = os.environ.get("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest")
-
-
-def _docker_state() -> str | None:
-    """None when Docker and the sandbox image are usable, else the reason."""
-    try:
-        import docker
-
-        client = docker.from_env(timeout=10)
-    except Exception as exc:
-        return f"Docker is not reachable: {exc}"
-    with contextlib.closing(client):
-        try:
-            client.ping()
-        except Exception as exc:
-            return f"Docker is not reachable: {exc}"
-        try:
-            client.images.get(IMAGE)
-        except Exception:
-            return f"the sandbox image {IMAGE} is missing (run: groundloop image build)"
-    return None
+# Set by pytest_collection_modifyitems: whether any selected test needs Docker (then the probe ran).
+_uses_docker = False
 
 
-_DOCKER_REASON = _docker_state()
-
-
-def _runsc_available() -> bool:
-    if _DOCKER_REASON:
-        return False
-    import docker
-
-    with contextlib.closing(docker.from_env()) as client:
-        return "runsc" in (client.info().get("Runtimes") or {})
-
-
-RUNSC = _runsc_available()
-
-
+# trylast: after -m and -k have deselected, so only the tests that will run decide whether Docker is asked.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    global _uses_docker
+    _uses_docker = any("docker" in item.keywords for item in items)
+    if not _uses_docker:
+        return
+    reason = docker_state()
     for item in items:
-        if "docker" in item.keywords and _DOCKER_REASON and not REQUIRE_DOCKER:
-            item.add_marker(pytest.mark.skip(reason=_DOCKER_REASON))
-        if "runsc" in item.keywords and not RUNSC:
+        if "docker" in item.keywords and reason and not REQUIRE_DOCKER:
+            item.add_marker(pytest.mark.skip(reason=reason))
+        if "runsc" in item.keywords and not runsc_available():
             if REQUIRE_DOCKER:
                 continue  # runs and fails: CI must have runsc
             item.add_marker(pytest.mark.skip(reason="runsc is not registered with Docker"))
@@ -68,10 +42,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _docker_required_check():
-    if REQUIRE_DOCKER and _DOCKER_REASON:
-        pytest.fail(f"GROUNDLOOP_REQUIRE_DOCKER=1 but {_DOCKER_REASON}", pytrace=False)
+    if not _uses_docker:
+        yield
+        return
+    reason = docker_state()
+    if REQUIRE_DOCKER and reason:
+        pytest.fail(f"GROUNDLOOP_REQUIRE_DOCKER=1 but {reason}", pytrace=False)
     yield
-    if _DOCKER_REASON:
+    if reason:
         return
     import docker
 
@@ -86,14 +64,6 @@ def _docker_required_check():
     # only those still running count as leaked.
     leaked = [c for c in left if c.get("State") == "running"]
     assert not leaked, f"{len(leaked)} sandbox containers leaked by the tests"
-
-
-def sandbox_settings(**overrides) -> SandboxSettings:
-    """Sandbox settings for tests: this run's namespace, small pool, env ignored where it matters."""
-    base = load(SandboxSettings)
-    values = {"namespace": NAMESPACE, "image": IMAGE, "pool_size": 1}
-    values.update(overrides)
-    return dataclasses.replace(base, **values)
 
 
 @pytest.fixture
@@ -120,84 +90,13 @@ async def sandbox(engine):
     await engine.release(sb)
 
 
-class Collector:
-    """Collects a request's streamed events."""
-
-    def __init__(self):
-        self.events: list[dict] = []
-
-    async def __call__(self, ev: dict) -> None:
-        self.events.append(ev)
-
-    def text(self, stream: str = "stdout") -> str:
-        return "".join(
-            line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]
-        )
-
-    def lines(self, stream: str = "stdout") -> list[str]:
-        return [line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]]
-
-    def results(self) -> list[dict]:
-        return [ev for ev in self.events if ev.get("ev") == "result"]
-
-
 @pytest.fixture
 def collect():
     return Collector
 
 
-# ---------------------------------------------------------------------------
-# Server fixtures (owned by the server/sessions engineer).
-#
-# ``run_server(settings, **create_app_kwargs)`` starts a real uvicorn on
-# 127.0.0.1 with a free port, in the test's event loop, and yields a
-# ``RunningServer`` (.url ws://.../v1/ws, .http http://..., .settings, .app,
-# .state = app.state.groundloop). The ``server`` fixture is one with tokens
-# ``tok1:alice`` and ``tok2:bob`` and a warm pool of one. Clients:
-# tests/wsclient.py.
-
-
-TEST_TOKENS = ["tok1:alice", "tok2:bob"]
-
-
-def server_settings(*, sandbox=None, **overrides):
-    """Server settings for tests: environment ignored, this run's sandbox namespace."""
-    from groundloop.server.settings import Settings
-
-    values = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "tokens": list(TEST_TOKENS),
-        "sandbox": sandbox if sandbox is not None else sandbox_settings(pool_size=1),
-    }
-    values.update(overrides)
-    return Settings.from_env(environ={}, **values)
-
-
-class RunningServer:
-    def __init__(self, app, settings, port, uv):
-        self.app = app
-        self.settings = settings
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}/v1/ws"
-        self.http = f"http://127.0.0.1:{port}"
-        self.uvicorn = uv
-
-    @property
-    def state(self):
-        return self.app.state.groundloop
-
-
-@contextlib.asynccontextmanager
-async def run_server(settings=None, **create_app_kwargs):
-    from groundloop.server.app import create_app, serve_in_process
-
-    settings = settings if settings is not None else server_settings()
-    app = create_app(settings, **create_app_kwargs)
-    async with serve_in_process(app, settings) as uv:
-        yield RunningServer(app, settings, uv.groundloop_port, uv)
-
-
+# The ``server`` fixture: a real server (support/servers.py) with tokens ``tok1:alice`` and
+# ``tok2:bob`` and a warm pool of one. Clients: support/wsclient.py.
 @pytest.fixture
 async def server():
     async with run_server() as srv:
@@ -206,17 +105,8 @@ async def server():
 
 @pytest.fixture
 async def fake():
-    """A local stand-in of the Anthropic Messages streaming API (tests/fake_anthropic.py)."""
-    from fake_anthropic import FakeAnthropic
+    """A local stand-in of the Anthropic Messages streaming API (support/fake_anthropic.py)."""
+    from support.fake_anthropic import FakeAnthropic
 
     async with FakeAnthropic() as f:
         yield f
-
-
-def rss() -> int:
-    """This process's resident memory, in bytes (the in-process server's, in the tests that run one)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")

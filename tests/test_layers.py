@@ -3,6 +3,7 @@
 - Layers one way: server/ over sessions/ over sandbox/. An import scan (ast, every .py of the
   three folders, imports under ``if TYPE_CHECKING`` included) finds no import upwards and no
   cycle between the three.
+- Tests share code through tests/support/ only: none imports conftest.py or another test module.
 - The wheel installs the three folders as groundloop.server, groundloop.sessions and
   groundloop.sandbox (with the agent's .py and .js files), and nothing at the top level.
 """
@@ -89,6 +90,32 @@ def test_the_scan_sees_an_upward_import(tmp_path):
     probe = tmp_path / "sandbox" / "probe.py"
     probe.write_text("from groundloop.sessions import protocol\nfrom ..server import app\nimport server.app\n")
     assert _imports(probe, "sandbox", tmp_path) == {"sessions", "<outside>", "<top-level server>"}
+
+
+def _test_imports_outside_support(path: Path) -> list[str]:
+    """Modules of the test tree a test file imports other than the support package: conftest, test_*."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+    return sorted(name for name in names if name.split(".")[0] == "conftest" or name.split(".")[0].startswith("test_"))
+
+
+def test_tests_share_code_through_the_support_package_only():
+    """conftest.py holds fixtures and hooks; what tests import lives in tests/support/ (importlib mode
+    would not find a test module or conftest anyway, but only on the run that imports it)."""
+    files = sorted((ROOT / "tests").rglob("*.py"))
+    assert ROOT / "tests" / "conftest.py" in files
+    bad = {str(p.relative_to(ROOT)): found for p in files if (found := _test_imports_outside_support(p))}
+    assert not bad, bad
+
+
+def test_the_test_import_scan_sees_conftest_and_test_modules(tmp_path):
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "from conftest import run_server\nimport test_metrics\nfrom test_fleet import free_port\n"
+        "from support.env import IMAGE\nfrom .sibling import x\n"
+    )
+    assert _test_imports_outside_support(probe) == ["conftest", "test_fleet", "test_metrics"]
 
 
 def test_labelled_metrics_are_updated_only_through_the_helpers():

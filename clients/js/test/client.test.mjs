@@ -1,6 +1,6 @@
-// The client against a real groundloop server (real Docker sandbox), started by tests/test_js_client.py,
+// The client against a real groundloop server (real Docker sandbox), started by tests/clients/test_js_client.py,
 // which passes its URL in GROUNDLOOP_TEST_URL. The model behind `assist` is the scripted local fake of
-// tests/fake_anthropic.py (two replies: a failing try, then a working one).
+// tests/support/fake_anthropic.py (two replies: a failing try, then a working one).
 import assert from "node:assert/strict";
 import net from "node:net";
 import { after, before, describe, test } from "node:test";
@@ -9,7 +9,7 @@ import { ConnectionError, ProcessHandle, RequestError, connect } from "../dist/i
 
 const URL_ = process.env.GROUNDLOOP_TEST_URL;
 const TOKEN = process.env.GROUNDLOOP_TEST_TOKEN ?? "tok1";
-const skip = URL_ ? false : "GROUNDLOOP_TEST_URL is not set (run through tests/test_js_client.py)";
+const skip = URL_ ? false : "GROUNDLOOP_TEST_URL is not set (run through tests/clients/test_js_client.py)";
 
 describe("against a real server", { skip }, () => {
   let s;
