@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import orjson
 import pytest
@@ -141,9 +142,8 @@ async def test_shutdown_with_sessions_open_leaves_no_container():
         assert await closed_code(c) in (1012, 1001)
 
     def running():
-        return docker.from_env().api.containers(
-            filters={"label": [f"groundloop.namespace={NAMESPACE}"], "status": "running"}
-        )
+        with contextlib.closing(docker.from_env()) as client:  # an unclosed client's socket warns, as an error
+            return client.api.containers(filters={"label": [f"groundloop.namespace={NAMESPACE}"], "status": "running"})
 
     assert await asyncio.to_thread(running) == []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 
 import orjson
 import pytest
@@ -312,7 +313,12 @@ async def test_sandbox_lost_is_replaced(server):
         while not c.of(rid, "stdout"):
             await c.recv()
         session = server.state.manager.sessions[c.session_id]
-        await asyncio.to_thread(lambda: docker.from_env().containers.get(session.sb.id).kill())
+
+        def kill() -> None:
+            with contextlib.closing(docker.from_env()) as client:  # an unclosed client's socket warns, as an error
+                client.containers.get(session.sb.id).kill()
+
+        await asyncio.to_thread(kill)
         done = done_of(await c.until_done(rid))
         assert done["ok"] is False and done["error"]["name"] == "SandboxLost"
         while not any(f["type"] == "sandbox_replaced" for f in c.frames):
