@@ -154,6 +154,14 @@ class Sandbox:
             raise RuntimeError(f"sandbox {self.id[:12]}: expected a state after {self.state.name}, got {new.name}")
         self.state = new
 
+    async def handshake_or_close(self, timeout_s: float) -> None:
+        """The backends' start: the agent's hello within ``timeout_s``, or the sandbox is closed (removed)."""
+        try:
+            await self.handshake(timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+
     async def handshake(self, timeout: float) -> dict[str, Any]:
         """Wait for the agent's hello."""
         try:

@@ -83,11 +83,7 @@ class LocalBackend:
             closer=self._close_sandbox,
             max_frame_bytes=self.settings.max_frame_bytes,
         )
-        try:
-            await sb.handshake(self.settings.start_timeout_s)
-        except BaseException:
-            await sb.close()
-            raise
+        await sb.handshake_or_close(self.settings.start_timeout_s)
         return sb
 
     async def _close_sandbox(self, sb: Sandbox) -> None:

@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 from groundloop.sandbox.docker_backend import DockerBackend
 from groundloop.sandbox.engine import Engine
+from support.collect import Collector as Events
 from support.env import sandbox_settings
 from support.system import rss
 
@@ -21,22 +22,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 
 RUNTIMES = [pytest.param("runc"), pytest.param("runsc", marks=pytest.mark.runsc)]
 DEADLINE = 60.0  # the server's own guard: a request not answered by then means a stalled agent
-
-
-class Events:
-    def __init__(self):
-        self.events: list[dict] = []
-
-    async def __call__(self, ev: dict) -> None:
-        self.events.append(ev)
-
-    def text(self, stream: str = "stdout") -> str:
-        return "".join(
-            line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]
-        )
-
-    def results(self) -> list[dict]:
-        return [ev for ev in self.events if ev.get("ev") == "result"]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIMES)

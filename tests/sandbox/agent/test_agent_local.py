@@ -10,22 +10,7 @@ import shutil
 import pytest
 from groundloop.sandbox.local_backend import LocalBackend
 from groundloop.sandbox.settings import SandboxSettings
-
-
-class Events:
-    def __init__(self):
-        self.events: list[dict] = []
-
-    async def __call__(self, ev: dict) -> None:
-        self.events.append(ev)
-
-    def text(self, stream: str = "stdout") -> str:
-        return "".join(
-            line for ev in self.events if ev.get("ev") == "out" and ev["s"] == stream for line in ev["lines"]
-        )
-
-    def results(self) -> list[dict]:
-        return [ev for ev in self.events if ev.get("ev") == "result"]
+from support.collect import Collector as Events
 
 
 @pytest.fixture
