@@ -20,6 +20,7 @@ from groundloop.client import (
     connect,
 )
 from support.env import server_settings
+from support.programs import GATED
 from support.servers import run_server
 from support.tcp_proxy import TcpProxy
 
@@ -46,17 +47,6 @@ class Dot:
         return (b'\\x89PNG\\r\\n\\x1a\\n' + _chunk(b'IHDR', struct.pack('>IIBBBBB', 1, 1, 8, 2, 0, 0, 0))
                 + _chunk(b'IDAT', zlib.compress(b'\\x00\\xff\\x00\\x00')) + _chunk(b'IEND', b''))
 Dot()
-"""
-
-# Prints 100 lines, waits for /workspace/go, prints 200 more.
-GATED = """\
-import os, time
-for i in range(100):
-    print(i, flush=True)
-while not os.path.exists('/workspace/go'):
-    time.sleep(0.02)
-for i in range(100, 300):
-    print(i, flush=True)
 """
 
 

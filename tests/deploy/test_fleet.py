@@ -239,6 +239,18 @@ def summary(samples: list[float]) -> str:
     return f"{len(s)} round trips, p50 {s[len(s) // 2] * 1000:.1f} ms, p99 {p99(s) * 1000:.1f} ms"
 
 
+async def tear_down(clients, proxy, servers) -> None:
+    """Close the clients, stop the proxy and the servers, and remove what each server left."""
+    for c in clients:
+        with contextlib.suppress(Exception):
+            await c.ws.close()
+    if proxy is not None:
+        proxy.stop()
+    for s in servers.values():
+        s.stop()
+        await asyncio.to_thread(remove_namespace, s.ns)
+
+
 async def test_fleet_behind_haproxy(tmp_path):
     servers: dict[str, Server] = {}
     proxy = None
@@ -363,14 +375,7 @@ async def test_fleet_behind_haproxy(tmp_path):
         for t in watch:
             t.cancel()
         await asyncio.gather(*watch, return_exceptions=True)
-        for c in clients:
-            with contextlib.suppress(Exception):
-                await c.ws.close()
-        if proxy is not None:
-            proxy.stop()
-        for s in servers.values():
-            s.stop()
-            await asyncio.to_thread(remove_namespace, s.ns)
+        await tear_down(clients, proxy, servers)
 
 
 # ---- the Kubernetes router: deploy/k8s/router/haproxy.cfg, its DNS answered on loopback
@@ -487,12 +492,5 @@ async def test_kubernetes_router_routes_by_pod_name(tmp_path):
         assert frame["code"] == "not_found" and close == 4404, (frame, close)
         await until_no_container(dead.ns)
     finally:
-        for c in clients:
-            with contextlib.suppress(Exception):
-                await c.ws.close()
-        if proxy is not None:
-            proxy.stop()
-        for s in servers.values():
-            s.stop()
-            await asyncio.to_thread(remove_namespace, s.ns)
+        await tear_down(clients, proxy, servers)
         dns.stop()

@@ -8,13 +8,12 @@ refused handshake (401/403) is not logged as an error. Each test failed on the c
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import os
 
 import httpx
 import pytest
 from support.env import server_settings
+from support.raw_http import upgrade_head
 from support.servers import run_server
 
 pytestmark = pytest.mark.docker
@@ -23,17 +22,7 @@ WAIT = 60.0  # a bound on answers that come at once (loaded CI machine), never a
 
 
 def _upgrade_head(port: int, *extra: str) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        "GET /v1/ws HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Connection: Upgrade",
-        "Upgrade: websocket",
-        "Sec-WebSocket-Version: 13",
-        f"Sec-WebSocket-Key: {key}",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return upgrade_head(f"127.0.0.1:{port}", *extra)
 
 
 async def _answer(port: int, data: bytes) -> bytes:

@@ -5,15 +5,14 @@ The handshake limits (item 11) are in test_handshake.py."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
-import os
 import socket
 
 import httpx
 import orjson
 import pytest
 from support.env import server_settings
+from support.raw_http import upgrade_head
 from support.servers import run_server
 from support.system import rss
 from support.wsclient import WSClient
@@ -26,19 +25,9 @@ AUTH = {"Authorization": "Bearer tok1"}
 
 def _upgrade(port: int, host: str, origin: str | None = None) -> bytes:
     """The status line of a WebSocket upgrade on a raw socket, with any Host and Origin."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        "GET /v1/ws HTTP/1.1",
-        f"Host: {host}",
-        "Connection: Upgrade",
-        "Upgrade: websocket",
-        "Sec-WebSocket-Version: 13",
-        f"Sec-WebSocket-Key: {key}",
-    ]
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
+    head = upgrade_head(host, *([f"Origin: {origin}"] if origin is not None else []))
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        s.sendall(head)
         data = b""
         while b"\r\n" not in data:
             chunk = s.recv(4096)

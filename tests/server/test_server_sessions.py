@@ -8,21 +8,12 @@ import contextlib
 import orjson
 import pytest
 from support.env import NAMESPACE, server_settings
+from support.programs import GATED
 from support.servers import run_server
 from support.wsclient import WSClient
 from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.docker
-
-GATED = """\
-import os, time
-for i in range(100):
-    print(i, flush=True)
-while not os.path.exists('/workspace/go'):
-    time.sleep(0.02)
-for i in range(100, 300):
-    print(i, flush=True)
-"""
 
 
 async def closed_code(c: WSClient) -> int:

@@ -16,7 +16,7 @@ from groundloop.sandbox.docker_backend import DockerBackend
 from groundloop.sandbox.engine import Engine
 from support.collect import Collector as Events
 from support.env import sandbox_settings
-from support.system import rss
+from support.system import peak_rss, peak_rss_reset, rss
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 
@@ -150,19 +150,6 @@ async def test_the_code_cannot_forge_frames_through_proc_or_ptrace(engine):
 
 
 # ---- item 4 (agent and sandbox part): results count against max_output_bytes; frames stay bounded
-
-
-def peak_rss_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size (VmHWM) to now
-        f.write("5")
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 async def test_a_huge_result_is_truncated_at_max_output_bytes_and_never_reaches_the_server(engine):
