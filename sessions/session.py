@@ -50,6 +50,7 @@ from .outbox import Outbox
 from .protocol import (
     EXECUTIONS,
     REQUEST_TYPES,
+    Request,
     done_frame,
     error_frame,
     failure,
@@ -269,8 +270,7 @@ class Session:
             if exc.id is not None and exc.id not in self.requests:
                 await self._done_now(exc.id, "bad_request", failure("BadRequest", exc.message))
             return
-        if req.id in self.requests:
-            await self.error("bad_request", f"a request with id {req.id!r} is already in flight", req.id)
+        if await self._refused_as_duplicate(req):
             return
         if req.type == "cancel":  # a control request: answered in place, never in flight or limited
             found = self.cancel(req.params["target"])
@@ -282,8 +282,7 @@ class Session:
         if conn is not None and self.conn is not conn:
             logs.event("frame_dropped", user=self.user, session=self.id, id=req.id, reason="connection replaced")
             return
-        if req.id in self.requests:
-            await self.error("bad_request", f"a request with id {req.id!r} is already in flight", req.id)
+        if await self._refused_as_duplicate(req):
             return
         limited = self.manager.check_limits(self, req)
         if limited is not None:
@@ -293,6 +292,13 @@ class Session:
         r = self.requests.add(req)
         self.metrics.inflight.inc()
         self._start[req.type](r)
+
+    async def _refused_as_duplicate(self, req: Request) -> bool:
+        """An id still in flight: the error frame only (the done of that id belongs to the first request)."""
+        if req.id not in self.requests:
+            return False
+        await self.error("bad_request", f"a request with id {req.id!r} is already in flight", req.id)
+        return True
 
     def _answer_ping(self, r: InFlight) -> None:
         """No task: answered in place."""
