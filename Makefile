@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 IMAGE ?= $(or $(GROUNDLOOP_SANDBOX_IMAGE),groundloop-sandbox:latest)
+# standard (numpy, pandas, matplotlib, scipy, pillow, IPython, pip, TypeScript, npm) or minimal.
+PROFILE ?= standard
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -31,7 +33,7 @@ test-deps:
 	@./deploy/test-deps.sh
 
 image: venv docker-up
-	$(BIN)/python -c "from groundloop.sandbox import image; import sys; print('built' if image.ensure('$(IMAGE)') else 'current', '$(IMAGE)')"
+	$(BIN)/python -c "from groundloop.sandbox import image; import sys; print('built' if image.ensure('$(IMAGE)', '$(PROFILE)') else 'current', '$(IMAGE)')"
 
 install: venv image
 

@@ -6,11 +6,13 @@
 # passed as --build-arg BASE=...
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
+# The profile's Debian packages (sandbox/image.py PROFILES), space-separated.
+ARG PACKAGES="python3 nodejs git ca-certificates"
 
-# The offline base already carries these; a registry base installs them here.
-RUN if ! command -v python3 >/dev/null || ! command -v node >/dev/null || ! command -v git >/dev/null; then \
+# The offline base already carries them; a registry base installs them here.
+RUN if ! dpkg -s $PACKAGES >/dev/null 2>&1; then \
       apt-get update && \
-      apt-get install -y --no-install-recommends python3 nodejs git ca-certificates && \
+      apt-get install -y --no-install-recommends $PACKAGES && \
       rm -rf /var/lib/apt/lists/*; \
     fi
 

@@ -38,6 +38,35 @@ REGISTRY_BASE = "debian:bookworm-slim"
 OFFLINE_BASE = "groundloop-sandbox-base:bookworm"
 PACKAGES = "python3,nodejs,git,ca-certificates"
 AGENT_LABEL = "groundloop.agent_sha256"
+PROFILE_LABEL = "groundloop.profile"
+
+# What each profile adds to the minimal base. Debian's own packages, so that the offline build
+# (debootstrap, no PyPI) can make them and a registry build gets the same versions.
+PROFILES: dict[str, tuple[str, ...]] = {
+    "minimal": (),
+    "standard": (
+        "python3-numpy",
+        "python3-pandas",
+        "python3-matplotlib",
+        "python3-scipy",
+        "python3-pil",
+        "python3-ipython",
+        "python3-pip",
+        "node-typescript",
+        "npm",
+    ),
+}
+DEFAULT_PROFILE = "standard"
+
+
+def profile_packages(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown image profile {profile!r} (one of {', '.join(PROFILES)})")
+    return ",".join((PACKAGES, *PROFILES[profile]))
+
+
+def offline_base(profile: str) -> str:
+    return OFFLINE_BASE if profile == "minimal" else f"{OFFLINE_BASE}-{profile}"
 
 
 def agent_files() -> list[str]:
@@ -49,8 +78,8 @@ def agent_files() -> list[str]:
     )
 
 
-def agent_digest() -> str:
-    h = hashlib.sha256()
+def agent_digest(profile: str = DEFAULT_PROFILE) -> str:
+    h = hashlib.sha256(profile_packages(profile).encode() + b"\0")
     for name in agent_files():
         h.update(name.encode() + b"\0" + (AGENT_PACKAGE / name).read_bytes())
     h.update(DOCKERFILE.read_bytes() if DOCKERFILE.exists() else b"")
@@ -80,7 +109,9 @@ def _client():
     return docker.from_env(timeout=600)
 
 
-def image_is_current(tag: str, client=None) -> bool:
+def image_is_current(tag: str, client=None, profile: str | None = None) -> bool:
+    """True when ``tag`` exists, carries this agent and was built with ``profile`` (default: the one
+    it was built with, so that a minimal image stays current for a server that did not ask)."""
     import docker.errors
 
     client = client or _client()
@@ -88,7 +119,11 @@ def image_is_current(tag: str, client=None) -> bool:
         image = client.images.get(tag)
     except docker.errors.ImageNotFound:
         return False
-    return (image.labels or {}).get(AGENT_LABEL) == agent_digest()
+    labels = image.labels or {}
+    built = labels.get(PROFILE_LABEL)
+    if built not in PROFILES or (profile is not None and built != profile):
+        return False
+    return labels.get(AGENT_LABEL) == agent_digest(built)
 
 
 def _has_image(client, tag: str) -> bool:
@@ -99,6 +134,12 @@ def _has_image(client, tag: str) -> bool:
         return True
     except docker.errors.ImageNotFound:
         return False
+
+
+def size_of(tag: str, client=None) -> int:
+    """The image's size in bytes."""
+    client = client or _client()
+    return int(client.images.get(tag).attrs.get("Size") or 0)
 
 
 def cache_dir() -> Path:
@@ -147,35 +188,37 @@ def build_context() -> bytes:
     return buf.getvalue()
 
 
-def build(tag: str, *, from_registry: bool | None = None, client=None) -> str:
-    """Build the sandbox image ``tag``; return the base it was built on."""
+def build(tag: str, *, from_registry: bool | None = None, client=None, profile: str = DEFAULT_PROFILE) -> str:
+    """Build the sandbox image ``tag`` with ``profile``'s packages; return the base it was built on."""
+    packages = profile_packages(profile)
     client = client or _client()
     if from_registry is None:
         from_registry = _has_image(client, REGISTRY_BASE)
     if from_registry:
         base = REGISTRY_BASE
     else:
-        base = OFFLINE_BASE
-        if not _has_image(client, OFFLINE_BASE):
-            build_offline_base(client)
-    log.info("building %s on %s", tag, base)
+        base = offline_base(profile)
+        if not _has_image(client, base):
+            build_offline_base(client, packages=packages, tag=base)
+    log.info("building %s (profile %s) on %s", tag, profile, base)
     client.images.build(
         fileobj=io.BytesIO(build_context()),
         custom_context=True,
         tag=tag,
         rm=True,
         forcerm=True,
-        buildargs={"BASE": base},
-        labels={AGENT_LABEL: agent_digest()},
+        buildargs={"BASE": base, "PACKAGES": packages.replace(",", " ")},
+        labels={AGENT_LABEL: agent_digest(profile), PROFILE_LABEL: profile},
         network_mode="none" if not from_registry else None,
     )
     return base
 
 
-def ensure(tag: str) -> bool:
-    """Build the image when it is missing or older than the agent. True if built."""
+def ensure(tag: str, profile: str | None = None) -> bool:
+    """Build the image when it is missing, older than the agent or (when ``profile`` is given) of
+    another profile; a new image gets ``profile``, else the default. True if built."""
     client = _client()
-    if image_is_current(tag, client):
+    if image_is_current(tag, client, profile):
         return False
-    build(tag, client=client)
+    build(tag, client=client, profile=profile or DEFAULT_PROFILE)
     return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from importlib.metadata import entry_points
 
 from groundloop.sandbox.settings import SettingsError
@@ -49,8 +50,10 @@ def _image_build(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tag = args.tag or load(SandboxSettings).image
-    base = image.build(tag, from_registry=True if args.from_registry else None)
-    print(f"built {tag} on {base}")
+    t0 = time.monotonic()
+    base = image.build(tag, from_registry=True if args.from_registry else None, profile=args.profile)
+    size = image.size_of(tag)
+    print(f"built {tag} (profile {args.profile}, {size / 1e6:.0f} MB) on {base} in {time.monotonic() - t0:.0f} s")
     return 0
 
 
@@ -82,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     build = img_sub.add_parser("build", help="build the sandbox image")
     build.add_argument("--tag", help="image tag (default GROUNDLOOP_SANDBOX_IMAGE)")
     build.add_argument("--from-registry", action="store_true", help="build on debian:bookworm-slim from a registry")
+    build.add_argument(
+        "--profile",
+        default="standard",
+        choices=("standard", "minimal"),
+        help="standard: numpy, pandas, matplotlib, scipy, pillow, IPython, pip, TypeScript, npm; minimal: python3, node, git",
+    )
     build.set_defaults(func=_image_build)
     cfg = sub.add_parser("config", help="print the configuration table (markdown)")
     cfg.set_defaults(func=_config)
