@@ -146,33 +146,77 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GROUNDLOOP_CACHE_DIR") or Path.home() / ".cache" / "groundloop")
 
 
-def build_offline_base(client, suite: str = "bookworm", *, packages: str = PACKAGES, tag: str = OFFLINE_BASE) -> None:
-    """debootstrap a minimal Debian with ``packages`` (cached as a tarball) and docker-import it as ``tag``.
+def _rootfs_tarball(suite: str, packages: str, extra: tuple[str, ...] = ()) -> Path:
+    key = packages + ("+" + ",".join(extra) if extra else "")
+    suffix = "" if key == PACKAGES else "-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / f"rootfs-{suite}{suffix}.tar"
+
+
+def _debootstrap(suite: str, packages: str, rootfs: Path) -> None:
+    cached = _rootfs_tarball(suite, packages)
+    if cached.exists():
+        subprocess.run(["tar", "-C", str(rootfs), "-xf", str(cached)], check=True)
+        return
+    log.info("debootstrap %s into %s (about a minute)", suite, rootfs)
+    subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={packages}", suite, str(rootfs)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def _apt_install(rootfs: Path, packages: tuple[str, ...]) -> None:
+    """apt-get install ``packages`` inside ``rootfs`` (chroot). debootstrap's own resolver fails on the
+    data-science and npm dependency trees (virtual packages, alternatives); apt resolves them."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    proc = rootfs / "proc"
+    proc.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+    try:
+        log.info("apt-get install %d packages into %s (several minutes)", len(packages), rootfs)
+        for cmd in (
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+            ["apt-get", "clean"],
+        ):
+            done = subprocess.run(["chroot", str(rootfs), *cmd], env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed in the image's root:\n{done.stdout[-2000:]}{done.stderr}")
+    finally:
+        subprocess.run(["umount", str(proc)], check=False)
+
+
+def build_offline_base(
+    client,
+    suite: str = "bookworm",
+    *,
+    packages: str = PACKAGES,
+    extra: tuple[str, ...] = (),
+    tag: str = OFFLINE_BASE,
+) -> None:
+    """debootstrap a minimal Debian with ``packages``, apt-get install ``extra`` into it, cache the
+    result as a tarball and docker-import it as ``tag``.
 
     deploy/server_image.py makes the server's base this way too, with other packages.
     """
-    extra = "" if packages == PACKAGES else "-" + hashlib.sha256(packages.encode()).hexdigest()[:12]
-    tarball = cache_dir() / f"rootfs-{suite}{extra}.tar"
+    tarball = _rootfs_tarball(suite, packages, extra)
     if not tarball.exists():
         tarball.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="groundloop-rootfs-") as tmp:
             rootfs = Path(tmp) / "rootfs"
-            log.info("debootstrap %s into %s (about a minute)", suite, rootfs)
-            subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={packages}", suite, str(rootfs)],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+            rootfs.mkdir()
+            _debootstrap(suite, packages, rootfs)
+            if extra:
+                _apt_install(rootfs, extra)
             # Trim what a sandbox never needs.
-            for sub in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
+            for sub in ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
                 subprocess.run(["rm", "-rf", str(rootfs / sub)], check=True)
             partial = tarball.with_suffix(".partial")
             subprocess.run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], check=True)
             partial.rename(tarball)
     log.info("docker import %s as %s", tarball, tag)
     repository, _, version = tag.rpartition(":")
-    with open(tarball, "rb") as f:
-        client.api.import_image_from_data(f.read(), repository=repository, tag=version)
+    client.api.import_image_from_file(str(tarball), repository=repository, tag=version)
 
 
 def build_context() -> bytes:
@@ -199,7 +243,7 @@ def build(tag: str, *, from_registry: bool | None = None, client=None, profile: 
     else:
         base = offline_base(profile)
         if not _has_image(client, base):
-            build_offline_base(client, packages=packages, tag=base)
+            build_offline_base(client, packages=PACKAGES, extra=PROFILES[profile], tag=base)
     log.info("building %s (profile %s) on %s", tag, profile, base)
     client.images.build(
         fileobj=io.BytesIO(build_context()),

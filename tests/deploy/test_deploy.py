@@ -465,3 +465,21 @@ def test_sandbox_image_context_carries_the_statx_shim(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(RuntimeError, match="apt-get install gcc"):
         image.build_context()
+
+
+def test_image_profiles():
+    """`groundloop image build --profile`: standard is minimal plus the data-science stack, pip,
+    TypeScript and npm; each profile has its own cached root and its own digest, so a server that
+    asks for one profile never takes an image of the other as current."""
+    from groundloop.sandbox import image
+
+    assert image.profile_packages("minimal") == image.PACKAGES
+    standard = image.profile_packages("standard").split(",")
+    for name in ("python3-numpy", "python3-pandas", "python3-matplotlib", "python3-ipython", "node-typescript", "npm"):
+        assert name in standard
+    with pytest.raises(ValueError, match="unknown image profile"):
+        image.profile_packages("huge")
+    assert image.agent_digest("minimal") != image.agent_digest("standard")
+    roots = {image._rootfs_tarball("bookworm", image.PACKAGES, image.PROFILES[p]) for p in image.PROFILES}
+    assert len(roots) == len(image.PROFILES)
+    assert image.offline_base("minimal") == image.OFFLINE_BASE != image.offline_base("standard")
