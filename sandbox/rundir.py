@@ -1,0 +1,58 @@
+"""The per-sandbox host directory, bind-mounted at ``/run/groundloop`` in the container.
+
+It carries the Unix sockets between the server and its sandbox (``egress.sock``, the egress
+proxy's host side; ``agent.sock``, the data channel), so the sandbox keeps no network
+interface: a socket file in a bind mount is reached through the filesystem, and under gVisor
+through ``--host-uds=open``. The directory is 0700 and owned by the sandbox's uid (1000), so no
+other local user reaches the sockets, and each sandbox sees only its own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+MOUNT = "/run/groundloop"
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+EGRESS_SOCK = "egress.sock"
+AGENT_SOCK = "agent.sock"
+
+
+def base_dir() -> str:
+    """Where the per-sandbox directories live on the host (the Docker engine must see the same path)."""
+    return os.path.join(tempfile.gettempdir(), f"groundloop-run-{os.getuid()}")
+
+
+def create(name: str) -> str:
+    """A fresh directory for one sandbox (``name`` unique per sandbox); returns its host path."""
+    base = base_dir()
+    os.makedirs(base, mode=0o711, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f"{name[:24]}-", dir=base)
+    os.chmod(path, 0o700)
+    try:
+        os.chown(path, SANDBOX_UID, SANDBOX_GID)
+    except PermissionError:
+        # A server that is not root cannot give the directory away; the sandbox then reaches the
+        # sockets only if it runs as the server's uid. Say so by leaving it readable by owner only.
+        pass
+    return path
+
+
+def hand_over(path: str) -> None:
+    """Give a socket the server created in the directory to the sandbox's uid (the directory's
+    mode already keeps everyone else out)."""
+    try:
+        os.chown(path, SANDBOX_UID, SANDBOX_GID)
+    except PermissionError:
+        os.chmod(path, 0o666)
+
+
+def mount(path: str) -> dict[str, dict[str, str]]:
+    """The ``binds`` entry of the container's host config."""
+    return {path: {"bind": MOUNT, "mode": "rw"}}
+
+
+def remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
