@@ -321,7 +321,11 @@ class EgressGate:
             rec.reason = f"the session used its egress budget of {policy.max_bytes} bytes"
             return None
         try:
-            addrs = await asyncio.wait_for(self._resolve(rec.host, rec.port), CONNECT_TIMEOUT_S)
+            addrs = [ipaddress.ip_address(rec.host)]  # an IP literal needs no resolver
+        except ValueError:
+            addrs = []
+        try:
+            addrs = addrs or await asyncio.wait_for(self._resolve(rec.host, rec.port), CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError) as exc:
             rec.verdict, rec.reason = "failed", f"{rec.host} could not be resolved: {exc}"
             return None
@@ -349,10 +353,6 @@ class EgressGate:
 
     @staticmethod
     async def _getaddrinfo(host: str, port: int) -> list[Address]:
-        try:
-            return [ipaddress.ip_address(host)]
-        except ValueError:
-            pass
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         seen: list[Address] = []
         for *_, sockaddr in infos:
