@@ -47,7 +47,10 @@ DEFAULT_PORTS = (80, 443)  # an allow-list entry without a port
 ASK_MAX = 4096  # bytes of the sandbox's one request line
 ASK_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
-CHUNK = 1 << 16
+CHUNK = 1 << 18
+# A stream's buffer: asyncio pauses reading at twice this, so it sets the size of each read
+# (8 KiB gave 27 MB/s through the splice, 256 KiB ... see docs/performance.md).
+BUFFER = 1 << 18
 # Cloud metadata endpoints: link-local or private already, named here so a refusal says what it was.
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
@@ -241,7 +244,7 @@ class EgressGate:
         self._resolve = resolver or self._getaddrinfo
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=ASK_MAX * 2)
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=BUFFER)
 
     def bind(self, owner: EgressOwner | None) -> None:
         self.owner = owner
@@ -277,6 +280,8 @@ class EgressGate:
         t0 = time.monotonic()
         try:
             line = await asyncio.wait_for(reader.readuntil(b"\n"), ASK_TIMEOUT_S)
+            if len(line) > ASK_MAX:
+                raise ValueError("the request line is too long")
             ask = json.loads(line)
             host = normalise_host(str(ask["host"]))
             port = int(ask["port"])
@@ -342,7 +347,9 @@ class EgressGate:
         last: Exception | None = None
         for addr in usable:  # the checked addresses themselves: the name is never resolved again
             try:
-                remote = await asyncio.wait_for(asyncio.open_connection(str(addr), rec.port), CONNECT_TIMEOUT_S)
+                remote = await asyncio.wait_for(
+                    asyncio.open_connection(str(addr), rec.port, limit=BUFFER), CONNECT_TIMEOUT_S
+                )
             except (OSError, TimeoutError) as exc:
                 last = exc
                 continue
@@ -365,6 +372,8 @@ class EgressGate:
         """Copy both ways until either side ends or the session's byte budget is spent."""
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, outward: bool) -> None:
+            # a write waits only past 1 MiB queued: bounded, and it keeps both ends busy
+            dst.transport.set_write_buffer_limits(high=BUFFER * 4)
             try:
                 while True:
                     data = await src.read(CHUNK)

@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 SOCK = "/run/groundloop/egress.sock"
 PROXY_PORT = 3128
 HEAD_MAX = 64 * 1024
-CHUNK = 1 << 16
+CHUNK = 1 << 18
+BUFFER = 1 << 18  # a stream's buffer, and so the size of each read of the splice
 USER_BASE = "/workspace/.local"
 
 
@@ -85,7 +86,7 @@ def start() -> dict[str, str]:
     def run() -> None:
         async def main() -> None:
             try:
-                server = await asyncio.start_server(_client, "127.0.0.1", PROXY_PORT, limit=HEAD_MAX)
+                server = await asyncio.start_server(_client, "127.0.0.1", PROXY_PORT, limit=BUFFER)
             except OSError as exc:
                 failure.append(exc)
                 ready.set()
@@ -131,7 +132,7 @@ def _target(method: str, uri: str) -> tuple[str, int, str]:
 async def _ask(host: str, port: int):
     """Ask the server for host:port: (reader, writer) of the spliced connection, or the refusal's reason."""
     try:
-        reader, writer = await asyncio.open_unix_connection(SOCK, limit=HEAD_MAX)
+        reader, writer = await asyncio.open_unix_connection(SOCK, limit=BUFFER)
     except OSError as exc:
         return None, f"the egress socket is unreachable: {exc}"
     writer.write(json.dumps({"host": host, "port": port}).encode() + b"\n")
@@ -152,6 +153,9 @@ async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return
+        if len(head) > HEAD_MAX:
+            writer.write(_status(431, "Request Header Fields Too Large"))
             return
         lines = head.decode("latin-1").split("\r\n")
         try:
@@ -193,6 +197,8 @@ async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 async def _splice(a_reader, a_writer, b_reader, b_writer) -> None:
     async def pump(src, dst) -> None:
+        # a write waits only past 1 MiB queued: bounded, and it keeps both ends busy
+        dst.transport.set_write_buffer_limits(high=BUFFER * 4)
         try:
             while data := await src.read(CHUNK):
                 dst.write(data)
