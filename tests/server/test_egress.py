@@ -14,7 +14,7 @@ import orjson
 import pytest
 from support.env import sandbox_settings, server_settings
 from support.metrics import total
-from support.pkgindex import NPM_NAME, PY_NAME, PY_VALUE, PackageIndex
+from support.pkgindex import NPM_NAME, PY_MAGIC_NAME, PY_NAME, PY_VALUE, PackageIndex
 from support.servers import run_server
 from support.wsclient import WSClient
 
@@ -142,6 +142,19 @@ async def test_pip_and_npm_install_from_the_local_index(runtime, index):
             )
             out = WSClient.text(refused) + WSClient.text(refused, "stderr")
             assert "403 Forbidden by groundloop egress policy" in out and "GROUNDLOOP_EGRESS_ALLOW" in out, out
+
+
+async def test_pip_magic_in_a_python_context(index):
+    """`%pip install` in a running context (IPython's magic runs pip in a subprocess with the worker's
+    environment); the package imports in that same context."""
+    async with run_server(egress_settings("runc", index.port)) as srv:
+        async with await WSClient.connect(srv.url, token="tok1") as c:
+            magic = await c.request("run_code", code=f"%pip install --index-url {index.url}/simple/ {PY_MAGIC_NAME}")
+            if not magic[-1]["ok"] and magic[-1]["error"]["name"] == "SyntaxError":
+                pytest.skip("this branch's Python worker has no %magics (the notebook work adds them)")
+            assert magic[-1]["ok"], (magic[-1].get("error"), WSClient.text(magic), WSClient.text(magic, "stderr"))
+            done = await c.request("run_code", code=f"import {PY_MAGIC_NAME}; print({PY_MAGIC_NAME}.VALUE)")
+            assert WSClient.text(done).strip() == PY_VALUE, done
 
 
 async def test_a_session_narrows_the_list_and_never_widens_it(index):

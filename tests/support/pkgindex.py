@@ -20,6 +20,7 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PY_NAME = "glegress"
+PY_MAGIC_NAME = "glegress_magic"  # a second wheel, for `%pip install` in a Python context
 PY_VERSION = "1.0"
 NPM_NAME = "glegress-js"
 NPM_VERSION = "1.0.0"
@@ -27,13 +28,13 @@ PY_VALUE = "installed through the egress proxy"
 BIG_CHUNK = 1 << 20
 
 
-def build_wheel() -> tuple[str, bytes]:
+def build_wheel(project: str = PY_NAME) -> tuple[str, bytes]:
     """A pure-Python wheel, by hand (a zip with the dist-info files pip checks)."""
-    name = f"{PY_NAME}-{PY_VERSION}-py3-none-any.whl"
-    info = f"{PY_NAME}-{PY_VERSION}.dist-info"
+    name = f"{project}-{PY_VERSION}-py3-none-any.whl"
+    info = f"{project}-{PY_VERSION}.dist-info"
     files = {
-        f"{PY_NAME}/__init__.py": f"VALUE = {PY_VALUE!r}\n".encode(),
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {PY_NAME}\nVersion: {PY_VERSION}\n".encode(),
+        f"{project}/__init__.py": f"VALUE = {PY_VALUE!r}\n".encode(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {project}\nVersion: {PY_VERSION}\n".encode(),
         f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: groundloop-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = []
@@ -69,7 +70,7 @@ class PackageIndex:
         self.host = host
         self.big_bytes = big_bytes
         self.hits: list[str] = []
-        self.wheel_name, self.wheel = build_wheel()
+        self.wheels = dict(build_wheel(p) for p in (PY_NAME, PY_MAGIC_NAME))
         self.tarball = build_npm_tarball()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -84,7 +85,6 @@ class PackageIndex:
         return self._httpd.server_address[1]
 
     def routes(self) -> dict[str, tuple[str, bytes]]:
-        sha = hashlib.sha256(self.wheel).hexdigest()
         tgz = f"{NPM_NAME}-{NPM_VERSION}.tgz"
         integrity = "sha512-" + base64.b64encode(hashlib.sha512(self.tarball).digest()).decode()
         doc = {
@@ -103,11 +103,18 @@ class PackageIndex:
                 }
             },
         }
-        link = f'<a href="/files/{self.wheel_name}#sha256={sha}">{self.wheel_name}</a>'
+        routes: dict[str, tuple[str, bytes]] = {}
+        for name, wheel in self.wheels.items():
+            project = name.split("-")[0]
+            link = f'<a href="/files/{name}#sha256={hashlib.sha256(wheel).hexdigest()}">{name}</a>'
+            # PEP 503: the normalised name (pip asks for glegress-magic)
+            routes[f"/simple/{project.replace('_', '-')}/"] = (
+                "text/html",
+                f"<html><body>{link}</body></html>".encode(),
+            )
+            routes[f"/files/{name}"] = ("application/octet-stream", wheel)
         return {
-            "/simple/": ("text/html", f'<a href="/simple/{PY_NAME}/">{PY_NAME}</a>'.encode()),
-            f"/simple/{PY_NAME}/": ("text/html", f"<html><body>{link}</body></html>".encode()),
-            f"/files/{self.wheel_name}": ("application/octet-stream", self.wheel),
+            **routes,
             f"/{NPM_NAME}": ("application/json", json.dumps(doc).encode()),
             f"/{NPM_NAME}/-/{tgz}": ("application/octet-stream", self.tarball),
             "/hello": ("text/plain", b"hello from the local index\n"),
