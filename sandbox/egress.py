@@ -36,6 +36,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -53,6 +54,10 @@ CHUNK = 1 << 18
 BUFFER = 1 << 18
 # Cloud metadata endpoints: link-local or private already, named here so a refusal says what it was.
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+
+# A host as asked for: a DNS name or an IP literal (IPv6 without brackets); anything else (a NUL, a
+# space, a non-ASCII label) is refused before it reaches the resolver.
+HOST_CHARS = re.compile(r"[a-z0-9_.:-]{1,253}")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -285,7 +290,7 @@ class EgressGate:
             ask = json.loads(line)
             host = normalise_host(str(ask["host"]))
             port = int(ask["port"])
-            if not host or not 0 < port < 65536:
+            if not HOST_CHARS.fullmatch(host) or not 0 < port < 65536:
                 raise ValueError("bad host or port")
         except (TimeoutError, ValueError, KeyError, TypeError, asyncio.LimitOverrunError):
             writer.write(b'{"ok": false, "reason": "bad egress request"}\n')
@@ -331,7 +336,7 @@ class EgressGate:
             addrs = []
         try:
             addrs = addrs or await asyncio.wait_for(self._resolve(rec.host, rec.port), CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # UnicodeError (a label over 63) is a ValueError
             rec.verdict, rec.reason = "failed", f"{rec.host} could not be resolved: {exc}"
             return None
         usable = [a for a in addrs if policy.admits(rec.host, a)]

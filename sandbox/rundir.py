@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 
 MOUNT = "/run/groundloop"
@@ -29,6 +30,10 @@ def create(name: str) -> str:
     """A fresh directory for one sandbox (``name`` unique per sandbox); returns its host path."""
     base = base_dir()
     os.makedirs(base, mode=0o711, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        # Another user made it first (or a link in its place) in the shared temporary directory.
+        raise PermissionError(f"{base} is not a directory of this user's, writable by it alone")
     path = tempfile.mkdtemp(prefix=f"{name[:24]}-", dir=base)
     os.chmod(path, 0o700)
     try:

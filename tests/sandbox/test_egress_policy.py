@@ -241,3 +241,19 @@ async def test_the_concurrent_connection_limit(tmp_path):
             w.close()
         await gate.close()
         server.close()
+
+
+async def test_a_malformed_ask_is_refused_and_the_gate_goes_on(tmp_path, echo):
+    records = []
+    gate = await gate_with(tmp_path, policy(["*.example:*"]), Table({}), records)
+    try:
+        for line in (b"not json\n", b'{"host": "a\\u0000.example", "port": 80}\n', b'{"host": "x.example"}\n'):
+            reader, writer = await asyncio.open_unix_connection(gate.path)
+            writer.write(line)
+            answer = json.loads(await reader.readuntil(b"\n"))
+            assert answer == {"ok": False, "reason": "bad egress request"}
+            writer.close()
+        answer, _ = await ask(gate.path, "x" * 70 + ".example", 80)  # resolver refuses: a failure, not a crash
+        assert not answer["ok"]
+    finally:
+        await gate.close()
