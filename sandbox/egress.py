@@ -301,11 +301,19 @@ class EgressGate:
             if owner is None:
                 rec.reason = "this sandbox belongs to no session yet"
                 return
-            remote = await self._open(owner, rec)
-            if remote is None:
+            rec.reason = owner.policy.refusal(host, port)
+            if rec.reason is not None:
                 return
-            owner.open += 1
+            if owner.open >= owner.policy.max_connections:
+                rec.reason = (
+                    f"the session has {owner.open} egress connections open, the limit is {owner.policy.max_connections}"
+                )
+                return
+            owner.open += 1  # taken before the first await: connections asking at once cannot all pass
             try:
+                remote = await self._open(owner, rec)
+                if remote is None:
+                    return
                 rec.verdict = "allowed"
                 writer.write(json.dumps({"ok": True, "address": rec.address}).encode() + b"\n")
                 await self._splice(owner, rec, reader, writer, *remote)
@@ -321,12 +329,6 @@ class EgressGate:
 
     async def _open(self, owner: EgressOwner, rec: EgressRecord):
         policy = owner.policy
-        rec.reason = policy.refusal(rec.host, rec.port)
-        if rec.reason is not None:
-            return None
-        if owner.open >= policy.max_connections:
-            rec.reason = f"the session has {owner.open} egress connections open, the limit is {policy.max_connections}"
-            return None
         if owner.bytes >= policy.max_bytes:
             rec.reason = f"the session used its egress budget of {policy.max_bytes} bytes"
             return None

@@ -257,3 +257,37 @@ async def test_a_malformed_ask_is_refused_and_the_gate_goes_on(tmp_path, echo):
         assert not answer["ok"]
     finally:
         await gate.close()
+
+
+async def test_connections_asking_at_once_cannot_pass_the_limit_together(tmp_path):
+    """The limit is taken before the resolver's await: twenty asks at once, limit 2, slow resolver."""
+    hold = asyncio.Event()
+
+    async def handle(reader, writer):
+        await hold.wait()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    class Slow(Table):
+        async def __call__(self, host, port):
+            await asyncio.sleep(0.05)
+            return await super().__call__(host, port)
+
+    pol = policy([f"index.test:{port}"], private=["index.test"], max_connections=2)
+    gate = await gate_with(tmp_path, pol, Slow({"index.test": ["127.0.0.1"]}), [])
+    conns = []
+    try:
+        for _ in range(20):
+            reader, writer = await asyncio.open_unix_connection(gate.path)
+            writer.write(json.dumps({"host": "index.test", "port": port}).encode() + b"\n")
+            conns.append((reader, writer))
+        answers = [json.loads(await r.readuntil(b"\n")) for r, _ in conns]
+        assert sum(a["ok"] for a in answers) == 2
+    finally:
+        hold.set()
+        for _, w in conns:
+            w.close()
+        await gate.close()
+        server.close()
