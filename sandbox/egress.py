@@ -42,6 +42,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .settings import SettingsError
+
 log = logging.getLogger("groundloop.sandbox")
 
 DEFAULT_PORTS = (80, 443)  # an allow-list entry without a port
@@ -159,9 +161,16 @@ class EgressPolicy:
 
     @classmethod
     def from_settings(cls, settings) -> EgressPolicy:
-        names, nets = parse_admitted(settings.egress_allow_private)
+        try:
+            allow = parse_rules(settings.egress_allow)
+        except ValueError as exc:
+            raise SettingsError(f"GROUNDLOOP_EGRESS_ALLOW: {exc}") from None
+        try:
+            names, nets = parse_admitted(settings.egress_allow_private)
+        except ValueError as exc:
+            raise SettingsError(f"GROUNDLOOP_EGRESS_ALLOW_PRIVATE: {exc}") from None
         return cls(
-            allow=parse_rules(settings.egress_allow),
+            allow=allow,
             admitted_names=names,
             admitted_nets=nets,
             max_connections=settings.egress_max_connections,

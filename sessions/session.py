@@ -225,7 +225,10 @@ class Session:
             "runtime": sb.runtime,
             "image": sb.image,
             "warm": sb.warm,
-            "egress": getattr(sb, "egress", None) is not None and self.egress.describe()["enabled"],
+            # the server's gate, the agent's proxy (its hello), and a list that allows something
+            "egress": getattr(sb, "egress", None) is not None
+            and bool(sb.hello.get("egress"))
+            and self.egress.describe()["enabled"],
         }
 
     def limits(self) -> dict[str, Any]:

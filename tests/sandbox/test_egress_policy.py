@@ -291,3 +291,14 @@ async def test_connections_asking_at_once_cannot_pass_the_limit_together(tmp_pat
             w.close()
         await gate.close()
         server.close()
+
+
+def test_a_bad_setting_names_its_variable():
+    from groundloop.sandbox.settings import SandboxSettings, SettingsError, load
+
+    with pytest.raises(SettingsError, match="GROUNDLOOP_EGRESS_ALLOW: bad egress rule"):
+        EgressPolicy.from_settings(load(SandboxSettings, {"GROUNDLOOP_EGRESS_ALLOW": "pypi.org,*"}))
+    with pytest.raises(SettingsError, match="GROUNDLOOP_EGRESS_ALLOW_PRIVATE"):
+        EgressPolicy.from_settings(load(SandboxSettings, {"GROUNDLOOP_EGRESS_ALLOW_PRIVATE": "10.0.0.0/99"}))
+    p = EgressPolicy.from_settings(load(SandboxSettings, {"GROUNDLOOP_EGRESS_ALLOW": "pypi.org, *.example.org:8080"}))
+    assert p.enabled and p.refusal("a.example.org", 8080) is None
