@@ -241,12 +241,12 @@ class DockerBackend:
             raise
         return cid, sock
 
-    async def _egress_gate(self, session_id: str) -> tuple[str, EgressGate | None]:
-        """The sandbox's run directory, and its egress gate when the operator allows any egress (the
+    async def _egress_gate(self, session_id: str) -> tuple[str | None, EgressGate | None]:
+        """The sandbox's run directory and its egress gate, when the operator allows any egress (the
         socket exists before the container starts: the agent looks for it once, at boot)."""
-        run_dir = await asyncio.to_thread(rundir.create, session_id.rsplit(".", 1)[-1])
         if not self.egress_policy.enabled:
-            return run_dir, None
+            return None, None
+        run_dir = await asyncio.to_thread(rundir.create, session_id.rsplit(".", 1)[-1], self.settings.run_dir)
         gate = EgressGate(os.path.join(run_dir, rundir.EGRESS_SOCK), self.egress_policy)
         try:
             await gate.start()
@@ -263,7 +263,8 @@ class DockerBackend:
         async def release() -> None:
             if gate is not None:
                 await gate.close()
-            await asyncio.to_thread(rundir.remove, run_dir)
+            if run_dir is not None:
+                await asyncio.to_thread(rundir.remove, run_dir)
 
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
         # so no container or socket is left without an owner.

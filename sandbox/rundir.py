@@ -21,14 +21,15 @@ EGRESS_SOCK = "egress.sock"
 AGENT_SOCK = "agent.sock"
 
 
-def base_dir() -> str:
-    """Where the per-sandbox directories live on the host (the Docker engine must see the same path)."""
-    return os.path.join(tempfile.gettempdir(), f"groundloop-run-{os.getuid()}")
+def base_dir(configured: str = "") -> str:
+    """Where the per-sandbox directories live (``GROUNDLOOP_RUN_DIR``, else under $TMPDIR). The Docker
+    engine binds them by path, so a server in a container needs the same path on the host."""
+    return configured or os.path.join(tempfile.gettempdir(), f"groundloop-run-{os.getuid()}")
 
 
-def create(name: str) -> str:
+def create(name: str, configured: str = "") -> str:
     """A fresh directory for one sandbox (``name`` unique per sandbox); returns its host path."""
-    base = base_dir()
+    base = base_dir(configured)
     os.makedirs(base, mode=0o711, exist_ok=True)
     st = os.lstat(base)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
@@ -39,9 +40,9 @@ def create(name: str) -> str:
     try:
         os.chown(path, SANDBOX_UID, SANDBOX_GID)
     except PermissionError:
-        # A server that is not root cannot give the directory away; the sandbox then reaches the
-        # sockets only if it runs as the server's uid. Say so by leaving it readable by owner only.
-        pass
+        # A server that is not root (the server image runs as 10001) cannot give the directory away:
+        # the sandbox may then pass through it, not list it, and its random name is the secret.
+        os.chmod(path, 0o711)
     return path
 
 

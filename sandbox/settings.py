@@ -166,3 +166,9 @@ class SandboxSettings:
     egress_max_bytes: int = env(
         "GROUNDLOOP_EGRESS_MAX_BYTES", 1 << 30, "egress bytes (both ways) a session may move in its lifetime"
     )
+    run_dir: str = env(
+        "GROUNDLOOP_RUN_DIR",
+        "",
+        "host directory of the sandboxes' run directories (their egress sockets); a server in a container "
+        "needs it mounted at the same path on the host; empty: `$TMPDIR/groundloop-run-<uid>`",
+    )

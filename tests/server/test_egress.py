@@ -9,6 +9,7 @@ packet leaves loopback.
 from __future__ import annotations
 
 import logging
+import os
 
 import orjson
 import pytest
@@ -100,12 +101,16 @@ async def test_policy_allows_the_index_and_refuses_the_rest(runtime, index, capl
             )
             assert "403 Forbidden by groundloop egress policy" in WSClient.text(tunnel), WSClient.text(tunnel)
             session_id = c.session_id
+            (held,) = [s.sb for s in srv.state.manager.sessions.values()]
+            run_dir = held.run_dir
+            assert os.stat(run_dir).st_mode & 0o777 == 0o700 and os.stat(run_dir).st_uid == 1000
 
         text = (await _metrics(srv)).decode()
         assert total(text, "groundloop_egress_connections_total", verdict="refused") >= 5
         assert total(text, "groundloop_egress_connections_total", verdict="allowed") >= 1
         assert total(text, "groundloop_egress_bytes_total", direction="in") > 0
 
+    assert not os.path.exists(run_dir)  # removed with its sandbox
     lines = audit_lines(caplog)
     by_host = {(x["host"], x["verdict"]) for x in lines}
     assert ("127.0.0.2", "allowed") in by_host
