@@ -14,11 +14,12 @@ if ! command -v dockerd >/dev/null 2>&1 || ! command -v runsc >/dev/null 2>&1 ||
   apt-get install -y -q docker.io runsc debootstrap gcc libc6-dev
 fi
 mkdir -p /etc/docker
-if [ ! -f /etc/docker/daemon.json ] || ! grep -q runsc /etc/docker/daemon.json; then
+if [ ! -f /etc/docker/daemon.json ] || ! grep -q -- --host-uds=open /etc/docker/daemon.json; then
   # runsc needs --network=none here; its kvm platform hangs, so the default platform stays.
+  # --host-uds=open: a sandbox connects to the Unix sockets of its run directory (egress.sock).
   cat > /etc/docker/daemon.json <<'JSON'
 {
-  "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none"]}}
+  "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=open"]}}
 }
 JSON
 fi

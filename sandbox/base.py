@@ -144,6 +144,8 @@ class Sandbox:
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._listener: EventHandler | None = None
         self._closer = closer
+        self.egress: Any = None  # its EgressGate (sandbox/egress.py), when egress is on
+        self.run_dir: str | None = None  # its host directory (sandbox/rundir.py), when it has one
         self._closed = asyncio.Event()
         self._task = asyncio.create_task(self._read_loop(), name=f"sandbox-reader-{sandbox_id[:12]}")
 

@@ -17,7 +17,9 @@ import secrets
 import socket
 from typing import Any
 
+from . import rundir
 from .base import Sandbox, SandboxUnavailable
+from .egress import EgressGate, EgressPolicy
 from .settings import SandboxSettings, parse_size
 
 log = logging.getLogger("groundloop.sandbox")
@@ -125,6 +127,7 @@ class DockerBackend:
         self.runtime = settings.runtime or "runc"
         self.instance = instance or secrets.token_hex(6)
         self._client = client
+        self.egress_policy = EgressPolicy.from_settings(settings)
 
     @property
     def client(self):
@@ -195,11 +198,17 @@ class DockerBackend:
             env[MEMORY_GUARD_VAR] = str(guard)
         return env
 
-    def create_and_attach(self, session_id: str, command: list[str] = AGENT_CMD) -> tuple[str, socket.socket]:
+    def create_and_attach(
+        self, session_id: str, command: list[str] = AGENT_CMD, run_dir: str | None = None
+    ) -> tuple[str, socket.socket]:
         """Create a hardened container running ``command``, attach a non-blocking socket to its
-        stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way."""
+        stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way.
+        ``run_dir`` (sandbox/rundir.py) is mounted at /run/groundloop."""
         api = self.client.api
-        host_config = api.create_host_config(**hardening(self.settings))
+        config = hardening(self.settings)
+        if run_dir is not None:
+            config["binds"] = rundir.mount(run_dir)
+        host_config = api.create_host_config(**config)
         created = api.create_container(
             self.settings.image,
             command=command,
@@ -232,21 +241,48 @@ class DockerBackend:
             raise
         return cid, sock
 
+    async def _egress_gate(self, session_id: str) -> tuple[str | None, EgressGate | None]:
+        """The sandbox's run directory and its egress gate, when the operator allows any egress (the
+        socket exists before the container starts: the agent looks for it once, at boot)."""
+        if not self.egress_policy.enabled:
+            return None, None
+        run_dir = await asyncio.to_thread(rundir.create, session_id.rsplit(".", 1)[-1], self.settings.run_dir)
+        gate = EgressGate(os.path.join(run_dir, rundir.EGRESS_SOCK), self.egress_policy)
+        try:
+            await gate.start()
+            await asyncio.to_thread(rundir.hand_over, gate.path)
+        except BaseException:
+            await gate.close()
+            await asyncio.to_thread(rundir.remove, run_dir)
+            raise
+        return run_dir, gate
+
     async def start(self, session_id: str) -> Sandbox:
+        run_dir, gate = await self._egress_gate(session_id)
+
+        async def release() -> None:
+            if gate is not None:
+                await gate.close()
+            if run_dir is not None:
+                await asyncio.to_thread(rundir.remove, run_dir)
+
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
         # so no container or socket is left without an owner.
-        work = asyncio.ensure_future(asyncio.to_thread(self.create_and_attach, session_id))
+        work = asyncio.ensure_future(asyncio.to_thread(self.create_and_attach, session_id, AGENT_CMD, run_dir))
         try:
             cid, sock = await asyncio.shield(work)
         except asyncio.CancelledError:
             try:
                 cid, sock = await work
             except Exception:
+                await release()
                 raise asyncio.CancelledError from None
             sock.close()
             await asyncio.to_thread(self.remove, cid)
+            await release()
             raise
         except Exception as exc:
+            await release()
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
         sb = Sandbox(
@@ -261,6 +297,8 @@ class DockerBackend:
             closer=self._close_sandbox,
             max_frame_bytes=self.settings.max_frame_bytes,
         )
+        sb.egress = gate
+        sb.run_dir = run_dir
         await sb.handshake_or_close(self.settings.start_timeout_s)
         return sb
 
@@ -269,6 +307,10 @@ class DockerBackend:
             await asyncio.to_thread(self.remove, sb.id)
         except Exception as exc:
             log.warning("could not remove container %s: %s", sb.id[:12], exc)
+        if sb.egress is not None:
+            await sb.egress.close()
+        if sb.run_dir is not None:
+            await asyncio.to_thread(rundir.remove, sb.run_dir)
 
     async def kill(self, sb: Sandbox) -> None:
         """Kill the container from outside (for tests of faults)."""

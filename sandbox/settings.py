@@ -148,3 +148,27 @@ class SandboxSettings:
         False,
         "fall back to the local backend when Docker is unreachable (loopback only)",
     )
+    egress_allow: list[str] = env(
+        "GROUNDLOOP_EGRESS_ALLOW",
+        [],
+        "hosts sandboxes may reach through the egress proxy: `pypi.org`, `*.example.org`, `host:8080`, "
+        "`host:*` (no port: 80 and 443); empty (default): no egress (docs/security.md)",
+    )
+    egress_allow_private: list[str] = env(
+        "GROUNDLOOP_EGRESS_ALLOW_PRIVATE",
+        [],
+        "the override that admits non-public addresses (loopback, private, link-local) for egress: CIDRs "
+        "(`10.1.0.0/16`) or host names (`index.internal`); empty (default): never",
+    )
+    egress_max_connections: int = env(
+        "GROUNDLOOP_EGRESS_MAX_CONNECTIONS", 16, "egress connections a session may hold open at once"
+    )
+    egress_max_bytes: int = env(
+        "GROUNDLOOP_EGRESS_MAX_BYTES", 1 << 30, "egress bytes (both ways) a session may move in its lifetime"
+    )
+    run_dir: str = env(
+        "GROUNDLOOP_RUN_DIR",
+        "",
+        "host directory of the sandboxes' run directories (their egress sockets); a server in a container "
+        "needs it mounted at the same path on the host; empty: `$TMPDIR/groundloop-run-<uid>`",
+    )

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from groundloop.sandbox.base import SandboxError
 from groundloop.sessions import logs
+from groundloop.sessions.egress import parse_param as parse_egress
 from groundloop.sessions.errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_DRAINING,
@@ -133,8 +134,13 @@ class Connection:
 
     async def _new(self) -> bool:
         try:
+            egress = parse_egress(self.ws.query_params.get("egress"))
+        except ValueError as exc:
+            await self._fail("bad_request", str(exc), CLOSE_BAD_REQUEST)
+            return False
+        try:
             assert self.gl.manager is not None  # set before the first connection is accepted
-            session = await self.gl.manager.create(self.user)
+            session = await self.gl.manager.create(self.user, egress=egress)
         except LimitError as exc:
             # A draining server tells the client to connect again at once: the proxy has taken it
             # out of rotation, so the next connection reaches another server (server/drain.py).

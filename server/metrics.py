@@ -44,6 +44,8 @@ groundloop_output_truncations_total            counter
 groundloop_model_tokens_total                  counter    direction
 groundloop_containers_reaped_total             counter
 groundloop_replayed_frames_total               counter
+groundloop_egress_connections_total            counter    verdict
+groundloop_egress_bytes_total                  counter    direction
 =============================================  =========  =========================
 """
 
@@ -103,6 +105,8 @@ OUTCOME_LABELS = ("ok", "error", "timeout", "cancelled", "lost", "unavailable", 
 SOURCE_LABELS = ("pool", "cold")
 STATE_LABELS = ("warm", "starting", "in_use")
 DIRECTION_LABELS = ("input", "output")
+EGRESS_VERDICT_LABELS = ("allowed", "refused", "failed")  # sandbox/egress.py EgressRecord.verdict
+EGRESS_DIRECTION_LABELS = ("out", "in")  # out: sandbox to remote
 # Derived from the wire contract, so a new request type or error code is counted under its own name.
 # Besides the protocol's requests: the HTTP validate-code, and "rejected" (a request refused before it
 # ran, counted with its protocol error code as outcome).
@@ -225,6 +229,18 @@ class Metrics(EngineHooks):
         )
         self.reaped = Counter(p + "containers_reaped", "Orphan sandbox containers removed at start-up", registry=r)
         self.replayed = Counter(p + "replayed_frames", "Frames replayed to resuming clients", registry=r)
+        self.egress_connections = Counter(
+            p + "egress_connections",
+            "Connections sandboxes asked the egress proxy for, by verdict (allowed, refused, failed)",
+            ["verdict"],
+            registry=r,
+        )
+        self.egress_bytes = Counter(
+            p + "egress_bytes",
+            "Bytes through the egress proxy, by direction (out: to the remote)",
+            ["direction"],
+            registry=r,
+        )
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see _child
         self._initialise()
 
@@ -241,6 +257,10 @@ class Metrics(EngineHooks):
             self.first_output.labels(kind)
         for direction in DIRECTION_LABELS:
             self.tokens.labels(direction)
+        for verdict in EGRESS_VERDICT_LABELS:
+            self.egress_connections.labels(verdict)
+        for direction in EGRESS_DIRECTION_LABELS:
+            self.egress_bytes.labels(direction)
 
     # ---- EngineHooks
 
@@ -329,6 +349,14 @@ class Metrics(EngineHooks):
             self._child(self.tokens, "input").inc(input_tokens)
         if output_tokens:
             self._child(self.tokens, "output").inc(output_tokens)
+
+    def egress_done(self, verdict: str, bytes_out: int, bytes_in: int) -> None:
+        """One egress connection ended (sessions/egress.py)."""
+        self._child(self.egress_connections, bounded(verdict, EGRESS_VERDICT_LABELS)).inc()
+        if bytes_out:
+            self._child(self.egress_bytes, "out").inc(bytes_out)
+        if bytes_in:
+            self._child(self.egress_bytes, "in").inc(bytes_in)
 
     def assist_done(self, iterations: int) -> None:
         self.assist_iterations.observe(iterations)

@@ -51,6 +51,12 @@ def audit(*, user: str, session: str, type: str, text: str, outcome: str, durati
         )
 
 
+def audit_event(name: str, **fields: Any) -> None:
+    """An audit line that is not an execution (an egress connection: sessions/egress.py)."""
+    if audit_log.isEnabledFor(logging.INFO):
+        audit_log.info(_line(name, fields))
+
+
 def setup(level: str = "info") -> None:
     """Plain message lines on stderr: each message already is a JSON object."""
     root = logging.getLogger("groundloop")

@@ -87,8 +87,9 @@ class SessionManager:
     def user_sessions(self, user: str) -> list[Session]:
         return [s for s in self.sessions.values() if s.user == user and s.live]
 
-    async def create(self, user: str) -> Session:
-        """A new session holding a fresh sandbox. Raises LimitError or SandboxError."""
+    async def create(self, user: str, egress: list[str] | None = None) -> Session:
+        """A new session holding a fresh sandbox. Raises LimitError or SandboxError.
+        ``egress`` narrows the server's egress allow-list for this session (sessions/egress.py)."""
         if self.draining:
             raise LimitError("this server is draining: connect again to reach another", code="draining")
         if self.closing:
@@ -101,7 +102,7 @@ class SessionManager:
         if self.closing:
             await self.engine.release(sb)
             raise LimitError("the server is shutting down", code="busy")
-        session = Session(user=user, sandbox=sb, manager=self)
+        session = Session(user=user, sandbox=sb, manager=self, egress=egress)
         self.sessions[session.id] = session
         self.metrics.sessions.set(len(self.sessions))
         logs.event("session_created", user=user, session=session.id, warm=sb.warm)

@@ -44,6 +44,7 @@ from groundloop.sandbox.base import EventHandler, Sandbox, SandboxError, Sandbox
 
 from . import logs
 from .assist_adapter import run_assist
+from .egress import SessionEgress
 from .errors import CLOSE_SESSION_CLOSED, ProtocolError
 from .inflight import Cancelled, InFlight, ReqState, RequestTable, outcome_of
 from .outbox import Outbox
@@ -93,7 +94,7 @@ AGENT_OPS = REQUEST_TYPES - {"cancel", "ping", "assist"}
 
 
 class Session:
-    def __init__(self, *, user: str, sandbox: Sandbox, manager: SessionManager):
+    def __init__(self, *, user: str, sandbox: Sandbox, manager: SessionManager, egress: list[str] | None = None):
         self.manager = manager
         self.settings = manager.settings
         self.metrics = manager.metrics
@@ -128,6 +129,10 @@ class Session:
         self._start["ping"] = self._answer_ping
         self._start["assist"] = self._start_assist
         sandbox.set_listener(self._make_listener(sandbox))
+        self.egress = SessionEgress(
+            user=user, session=self.id, sandbox_settings=s.sandbox, metrics=self.metrics, narrow=egress
+        )
+        self.egress.bind(sandbox)
 
     # ---- life cycle
 
@@ -215,7 +220,16 @@ class Session:
 
     def sandbox_info(self) -> dict[str, Any]:
         sb = self.sb
-        return {"backend": sb.backend, "runtime": sb.runtime, "image": sb.image, "warm": sb.warm}
+        return {
+            "backend": sb.backend,
+            "runtime": sb.runtime,
+            "image": sb.image,
+            "warm": sb.warm,
+            # the server's gate, the agent's proxy (its hello), and a list that allows something
+            "egress": getattr(sb, "egress", None) is not None
+            and bool(sb.hello.get("egress"))
+            and self.egress.describe()["enabled"],
+        }
 
     def limits(self) -> dict[str, Any]:
         s, sb = self.settings, self.settings.sandbox
@@ -486,6 +500,7 @@ class Session:
             await self.engine.release(new)
             return
         new.set_listener(self._make_listener(new))
+        self.egress.bind(new)
         self.sb = new
         self.procs.clear()
         self._sb_ready.set()

@@ -8,7 +8,7 @@ tagged by the server-chosen request id ``rid``.
 Server -> agent: ``{"op": ..., "rid": ..., ...}``.
 Agent -> server (``ev``):
 
-- ``hello``   once at start: ``{"ev":"hello","agent":1,"pid":..,"languages":[..]}``
+- ``hello``   once at start: ``{"ev":"hello","agent":1,"pid":..,"languages":[..],"egress":bool}`` (egress: its proxy runs, egress.py)
 - ``out``     output lines of a request: ``{"ev":"out","rid":..,"s":"stdout","lines":[..]}``
 - ``result``  a MIME bundle of a run: ``{"ev":"result","rid":..,"data":{..},"main":bool}``
 - ``done``    exactly one per request: ``{"ev":"done","rid":..,"ok":bool,...}``

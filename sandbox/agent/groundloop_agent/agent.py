@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from . import memguard
+from . import egress, memguard
 from .common import AGENT_VERSION, BASE_ENV, ERROR_TEXT_MAX, INTERRUPT_GRACE, MAX_OUTPUT, WORKDIR, RequestError
 from .contexts import Context, Run
 from .files import FileOps
@@ -71,6 +71,8 @@ class Agent(FileOps):
         sys.stdout = sys.stderr
         _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
         langs = ["python"] + (["javascript"] if shutil.which("node") else [])
+        egress_env = egress.start()  # issue 17: the proxy, when the server put an egress socket here
+        BASE_ENV.update(egress_env)
         self.out.send(
             {
                 "ev": "hello",
@@ -80,6 +82,7 @@ class Agent(FileOps):
                 "python": sys.version.split()[0],
                 "workdir": WORKDIR,
                 "uid": os.getuid(),
+                "egress": bool(egress_env),
             }
         )
         memguard.start(  # gVisor only (issue 21, item 8)
