@@ -240,6 +240,12 @@ class Context:
             if ev.get("t") == "result":
                 if run is not None:
                     run.target.emit_result(ev.get("data"), ev.get("main", False))
+                if ev.get("ack") and self.ctrl_w is not None:
+                    # The worker waits for this before it goes on: what it prints next is read after the result.
+                    try:
+                        os.write(self.ctrl_w, b"\n")
+                    except OSError:
+                        pass
                 continue
             result = ev.pop("result", None)
             if result is not None and run is not None:
