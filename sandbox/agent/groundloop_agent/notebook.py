@@ -92,9 +92,12 @@ def shell():
 
 
 def _make_shell():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    if InteractiveShell.initialized():  # made by the user's code first: theirs is the one
+        return InteractiveShell.instance()
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
-    from IPython.core.interactiveshell import InteractiveShell
     from traitlets import Type
     from traitlets.config import Config
 

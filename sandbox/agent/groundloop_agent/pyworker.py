@@ -2,8 +2,10 @@
 
 Commands arrive as JSON lines on fd GROUNDLOOP_CMD_FD (``{"code":..,"n":..}``);
 answers leave as JSON lines on fd GROUNDLOOP_RES_FD: zero or more
-``{"t":"result","data":{mime: value},"main":bool}`` then one
-``{"t":"done","ok":bool,"error"?:{name,message,traceback}}``.
+``{"t":"result","data":{mime: value},"main":bool,"ack":true}`` (each waits for the agent's
+empty line on the command fd) then one
+``{"t":"done","ok":bool,"error"?:{name,message,traceback},"result"?:{mime: value}}``.
+Cells are notebook cells: notebook.py brings IPython's machinery when the image has it.
 The user's stdout and stderr are this process's own fds 1 and 2 (pipes read by
 the agent), unbuffered, so every line leaves as it is written. Everything is
 flushed before an answer is written, which is what lets the agent order output
