@@ -111,3 +111,25 @@ async def test_a_task_started_in_one_cell_is_awaited_in_the_next(sb):
     assert ev.results()[-1]["data"]["text/plain"] == "6"
     done, ev = await run(sb, "await asyncio.sleep(0, result=7)")
     assert ev.results()[-1]["data"]["text/plain"] == "7"
+
+
+async def test_forged_acknowledged_results_cannot_block_the_agent(sb):
+    # A cell that writes, on the worker's answer pipe, more acknowledged results than the command pipe can hold
+    # acknowledgements (64 KiB): the agent must not block writing them, and the context goes on.
+    forge = (
+        "import os, sys\n"
+        "fd = sys.modules['groundloop_agent.notebook']._send.__globals__['RES_FD']\n"
+        'line = b\'{"t":"result","data":{},"main":false,"ack":true}\\n\'\n'
+        "for _ in range(20):\n"
+        "    os.write(fd, line * 5000)\n"
+        "print('forged')\n"
+    )
+    done, ev = await run(sb, forge)
+    assert done["ok"], done
+    assert ev.text() == "forged\n"
+    big = "x = " + repr("y" * 50_000) + "\nlen(x)"  # a command larger than the pipe, behind the forged lines
+    done, ev = await run(sb, big)
+    assert done["ok"], done
+    assert ev.results()[-1]["data"]["text/plain"] == "50000"
+    done, ev = await run(sb, "print('a'); display(1); print('b')")
+    assert done["ok"] and [e["ev"] for e in ev.events if e["ev"] in ("out", "result")] == ["out", "result", "out"]
