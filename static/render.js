@@ -111,14 +111,16 @@ function endOfLastFence(text) {
 }
 
 function renderInline(parent, text) {
-  const re = /(`[^`\n]+`|\*\*[^*\n]+\*\*)/g;
+  // Code, **bold** and *italics* (an asterisk next to a space, as in `2 * 3 * 4`, is no emphasis).
+  const re = /(`[^`\n]+`|\*\*[^*\n]+\*\*|\*(?![\s*])[^*\n]+?(?<!\s)\*)/g;
   let last = 0;
   let m;
   while ((m = re.exec(text))) {
     if (m.index > last) parent.append(text.slice(last, m.index));
     const tok = m[0];
     if (tok[0] === "`") parent.append(el("code", { class: "md-code" }, tok.slice(1, -1)));
-    else parent.append(el("strong", null, tok.slice(2, -2)));
+    else if (tok.startsWith("**")) parent.append(el("strong", null, tok.slice(2, -2)));
+    else parent.append(el("em", null, tok.slice(1, -1)));
     last = m.index + tok.length;
   }
   if (last < text.length) parent.append(text.slice(last));

@@ -18,7 +18,7 @@ from IPython.display import Markdown, Latex
 plt.figure(figsize=(3, 2), dpi=100)
 plt.plot([1, 3, 2])
 plt.show()
-display(Markdown("**bold** and <img src=x onerror=alert(1)>"))
+display(Markdown("**bold**, *slanted*, 2 * 3 * 4 and <img src=x onerror=alert(1)>"))
 display(Latex(r"$\\sum_i x_i$"))
 pd.DataFrame({"city": ["Lyon", "Oslo"], "temp": [21, 9]})
 """
@@ -49,6 +49,7 @@ async def test_a_figure_a_dataframe_markdown_and_latex(server):
 
         md = run.locator(".result-md")
         await expect(md.locator("strong")).to_have_text("bold")
+        await expect(md.locator("em")).to_have_text("slanted")  # one: `2 * 3 * 4` is no emphasis
         assert await md.locator("img").count() == 0  # HTML in Markdown stays text
         await expect(run.locator(".result-latex")).to_have_text("$\\sum_i x_i$")
 
