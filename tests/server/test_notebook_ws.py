@@ -79,6 +79,10 @@ async def test_a_figure_left_open_is_sent_when_the_cell_ends(client):
     assert frames[-1]["ok"], frames[-1]
     (figure,) = results(frames)  # the `;` hid the bars' repr; the figure still comes
     assert base64.b64decode(figure["data"]["image/png"]).startswith(PNG_MAGIC)
+    frames = await client.request("run_code", code="plt.plot([2, 1])")
+    value, figure = results(frames)  # the value first, then the figure the cell's end sends, as in Jupyter
+    assert value["main"] is True and "Line2D" in value["data"]["text/plain"]
+    assert figure["main"] is False and "image/png" in figure["data"]
 
 
 async def test_a_dataframe_comes_as_an_html_table_and_text(client):

@@ -197,6 +197,10 @@ def pre_execute() -> None:
         _shell.events.trigger("pre_execute")
 
 
+def has_post_execute() -> bool:
+    return _shell is not None and bool(_shell.events.callbacks.get("post_execute"))
+
+
 def post_execute() -> None:
     """The cell ended (well or not): the inline backend sends the figures it drew; without it, open
     pyplot figures are sent as PNG and closed."""
@@ -217,7 +221,8 @@ def value_bundle(value) -> dict | None:
     if kind in SHORT_CONTAINERS:
         data = None
         text = _repr(value)
-        if (len(text) > WIDTH or "\n" in text) and shell() is not None:
+        # Wrapped as IPython wraps it once the shell exists; a long list alone does not make the shell.
+        if (len(text) > WIDTH or "\n" in text) and _shell is not None:
             data = _format(value)
         data = data or {"text/plain": text}
         _add_json(data, value)

@@ -180,7 +180,12 @@ def run(code, n):
         value = _exec(tail) if tail is not None else None
         if value is not None and not NB.quiet(source):
             NS["_"] = value
-            return NB.value_bundle(value)
+            bundle = NB.value_bundle(value)
+            if bundle and NB.has_post_execute():
+                # What runs when the cell ends (the inline backend's figures) comes after the value, as in Jupyter.
+                send({"t": "result", "data": bundle, "main": True})
+                return None
+            return bundle
         return None
     except BaseException as exc:  # KeyboardInterrupt and SystemExit included
         raise CellError(error_of(exc, filename)) from None
