@@ -139,6 +139,11 @@ async def test_shell_lines_and_magics(client):
     frames = await client.request("run_code", code="%cd /tmp\n%pwd")
     assert frames[-1]["ok"], frames[-1]
     assert results(frames)[-1]["data"]["text/plain"] == "'/tmp'"
+    frames = await client.request("run_code", code="pwd")  # automagic: a magic's name alone, not bound
+    assert results(frames)[-1]["data"]["text/plain"] == "'/tmp'"
+    frames = await client.request("run_code", code="pwd = 'mine'\npwd")  # bound: the user's value
+    assert results(frames)[-1]["data"]["text/plain"] == "'mine'"
+    await client.call("run_code", code="del pwd\n%cd /workspace")
     frames = await client.request("run_code", code="%%writefile /workspace/hello.txt\nhello from a cell magic\n")
     assert frames[-1]["ok"], frames[-1]
     done = await client.call("read_file", path="hello.txt")

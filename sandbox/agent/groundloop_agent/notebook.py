@@ -35,6 +35,12 @@ PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
 # Containers whose repr is short print the same through IPython's pretty printer (it wraps at 79).
 SHORT_CONTAINERS = frozenset({list, tuple, dict})
 WIDTH = 79
+# IPython's line magics and shell aliases that make sense alone on a line (``%lsmagic`` lists them all).
+AUTOMAGIC = frozenset(
+    "alias autoawait automagic bookmark cat cd clear colors conda config cp dhist dirs env hist history killbgscripts "
+    "ldir less lf lk ll ls lsmagic lx magic man matplotlib mkdir more mv pip popd pprint precision pushd pwd "
+    "quickref rehashx reset rm rmdir sc tb who who_ls whos xmode".split()
+)
 INLINE = "module://matplotlib_inline.backend_inline"
 
 _send = None  # the worker's answer writer
@@ -170,8 +176,8 @@ def automagic(tree: ast.Module, ns: dict) -> bool:
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr) or not isinstance(tree.body[0].value, ast.Name):
         return False
     name = tree.body[0].value.id
-    if name in ns or hasattr(builtins, name) or not has_ipython():
-        return False
+    if name not in AUTOMAGIC or name in ns or hasattr(builtins, name) or not has_ipython():
+        return False  # a typo's NameError does not wait for IPython to load
     return shell().find_magic(name) is not None
 
 
