@@ -111,14 +111,16 @@ function endOfLastFence(text) {
 }
 
 function renderInline(parent, text) {
-  const re = /(`[^`\n]+`|\*\*[^*\n]+\*\*)/g;
+  // Code, **bold** and *italics* (an asterisk next to a space, as in `2 * 3 * 4`, is no emphasis).
+  const re = /(`[^`\n]+`|\*\*[^*\n]+\*\*|\*(?![\s*])[^*\n]+?(?<!\s)\*)/g;
   let last = 0;
   let m;
   while ((m = re.exec(text))) {
     if (m.index > last) parent.append(text.slice(last, m.index));
     const tok = m[0];
     if (tok[0] === "`") parent.append(el("code", { class: "md-code" }, tok.slice(1, -1)));
-    else parent.append(el("strong", null, tok.slice(2, -2)));
+    else if (tok.startsWith("**")) parent.append(el("strong", null, tok.slice(2, -2)));
+    else parent.append(el("em", null, tok.slice(1, -1)));
     last = m.index + tok.length;
   }
   if (last < text.length) parent.append(text.slice(last));
@@ -195,7 +197,10 @@ function prettyJson(value) {
   try { return JSON.stringify(value, null, 2); } catch (_) { return String(value); }
 }
 
-const PREFERENCE = ["text/html", "image/png", "image/jpeg", "image/svg+xml", "text/markdown", "application/json", "text/plain"];
+// Jupyter's order: the richest first. A figure asked for in PNG and SVG shows its PNG; LaTeX shows its source
+// (no TeX engine on the page), which beats an object's bare repr.
+const PREFERENCE = ["text/html", "image/png", "image/jpeg", "image/gif", "image/webp", "image/svg+xml", "text/markdown",
+  "text/latex", "application/json", "text/plain"];
 
 /** Pick the richest representation of a bundle and render it. */
 function renderBundle(data, main) {
@@ -211,6 +216,7 @@ function renderBundle(data, main) {
   if (mime === "text/html") body = htmlFrame(String(value));
   else if (mime.startsWith("image/")) body = imageOf(mime, value);
   else if (mime === "text/markdown") body = renderMarkdown(el("div", { class: "md result-md" }), String(value));
+  else if (mime === "text/latex") body = el("pre", { class: "result-text result-latex" }, String(value));
   else if (mime === "application/json" || mime.endsWith("+json")) body = el("pre", { class: "result-json" }, prettyJson(value));
   else body = el("pre", { class: "result-text" }, typeof value === "string" ? value : prettyJson(value));
   box.append(body);

@@ -20,6 +20,9 @@ BASE_ENV = {
     "PYTHONUNBUFFERED": "1",
     "PYTHONDONTWRITEBYTECODE": "1",
     "MPLBACKEND": "Agg",
+    # The root filesystem is read-only and HOME is the user's workspace: caches go to /tmp (a tmpfs).
+    "MPLCONFIGDIR": "/tmp/.matplotlib",
+    "IPYTHONDIR": "/tmp/.ipython",
     "TERM": "dumb",
 }
 

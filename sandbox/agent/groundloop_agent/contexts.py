@@ -93,6 +93,9 @@ class Context:
             os.close(cmd_r)
             os.close(res_w)
         self.ctrl_w = cmd_w
+        # Non-blocking: the acknowledgements of results (below) must never block the agent, whatever a cell
+        # writes on the answer pipe.
+        os.set_blocking(cmd_w, False)
         self.ctrl_r = res_r
         self.ctrl_buf = bytearray()
         self.ctrl_eof = False
@@ -161,13 +164,16 @@ class Context:
         for p in self.pipes:
             p.target = run.target
         data = json.dumps({"code": run.code, "n": self.runs}).encode() + b"\n"
+        written = 0
         if len(data) < 32768:
             try:
-                os.write(self.ctrl_w, data)  # fits the pipe buffer: never blocks
+                written = os.write(self.ctrl_w, data)  # fits an idle worker's pipe: all of it, at once
+            except BlockingIOError:
+                pass  # the pipe holds unread acknowledgements a cell forged: the rest goes below
             except OSError:
-                pass  # the worker is gone: its end of the answer pipe says so
-        else:
-            fut = self.agent.loop.run_in_executor(None, _write_all, self.ctrl_w, data)
+                written = len(data)  # the worker is gone: its end of the answer pipe says so
+        if written < len(data):
+            fut = self.agent.loop.run_in_executor(None, _write_all, self.ctrl_w, data[written:])
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         if run.timeout:
             run.timer = self.agent.loop.call_later(run.timeout, self._stop, run, "Timeout")
@@ -240,6 +246,12 @@ class Context:
             if ev.get("t") == "result":
                 if run is not None:
                     run.target.emit_result(ev.get("data"), ev.get("main", False))
+                if ev.get("ack") and self.ctrl_w is not None:
+                    # The worker waits for this before it goes on: what it prints next is read after the result.
+                    try:
+                        os.write(self.ctrl_w, b"\n")
+                    except OSError:  # full (of forged requests' acknowledgements: one is enough) or closed
+                        pass
                 continue
             result = ev.pop("result", None)
             if result is not None and run is not None:

@@ -2,8 +2,10 @@
 
 Commands arrive as JSON lines on fd GROUNDLOOP_CMD_FD (``{"code":..,"n":..}``);
 answers leave as JSON lines on fd GROUNDLOOP_RES_FD: zero or more
-``{"t":"result","data":{mime: value},"main":bool}`` then one
-``{"t":"done","ok":bool,"error"?:{name,message,traceback}}``.
+``{"t":"result","data":{mime: value},"main":bool,"ack":true}`` (each waits for the agent's
+empty line on the command fd) then one
+``{"t":"done","ok":bool,"error"?:{name,message,traceback},"result"?:{mime: value}}``.
+Cells are notebook cells: notebook.py brings IPython's machinery when the image has it.
 The user's stdout and stderr are this process's own fds 1 and 2 (pipes read by
 the agent), unbuffered, so every line leaves as it is written. Everything is
 flushed before an answer is written, which is what lets the agent order output
@@ -11,7 +13,7 @@ before results.
 """
 
 import ast
-import base64
+import importlib.util
 import io
 import json
 import linecache
@@ -20,6 +22,7 @@ import sys
 import traceback
 import types
 
+CO_COROUTINE = 0x0080  # inspect.CO_COROUTINE, without importing inspect
 CMD_FD = int(os.environ.pop("GROUNDLOOP_CMD_FD"))
 RES_FD = int(os.environ.pop("GROUNDLOOP_RES_FD"))
 
@@ -98,68 +101,6 @@ def send(obj):
         view = view[os.write(RES_FD, view) :]
 
 
-def bundle(value):
-    data = {}
-    try:
-        data["text/plain"] = repr(value)
-    except BaseException as exc:  # a broken __repr__ must not break the run
-        data["text/plain"] = f"<repr failed: {type(exc).__name__}: {exc}>"
-    if not isinstance(value, type):
-        for meth, mime in (
-            ("_repr_html_", "text/html"),
-            ("_repr_markdown_", "text/markdown"),
-            ("_repr_svg_", "image/svg+xml"),
-            ("_repr_png_", "image/png"),
-            ("_repr_jpeg_", "image/jpeg"),
-            ("_repr_json_", "application/json"),
-        ):
-            fn = getattr(value, meth, None)
-            if not callable(fn):
-                continue
-            try:
-                out = fn()
-            except Exception:
-                continue
-            if isinstance(out, tuple):
-                out = out[0]
-            if out is None:
-                continue
-            if isinstance(out, (bytes, bytearray)):
-                out = base64.b64encode(out).decode()
-            data[mime] = out
-    if "application/json" not in data and isinstance(value, (dict, list)):
-        try:
-            # NaN and Infinity are not JSON: the server's strict reader would refuse the frame (and lose the
-            # sandbox), so such a value is shown as text/plain only.
-            json.dumps(value, allow_nan=False)
-            data["application/json"] = value
-        except (TypeError, ValueError):
-            pass
-    return data
-
-
-def send_figures():
-    plt = sys.modules.get("matplotlib.pyplot")
-    if plt is None:
-        return
-    try:
-        import io
-
-        for num in plt.get_fignums():
-            buf = io.BytesIO()
-            plt.figure(num).savefig(buf, format="png", bbox_inches="tight")
-            send(
-                {
-                    "t": "result",
-                    "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": f"<Figure {num}>"},
-                    "main": False,
-                }
-            )
-        plt.close("all")
-    except Exception as exc:
-        print(f"groundloop: could not render figures: {exc}", file=sys.stderr)
-
-
 def error_of(exc, filename):
     tb = exc.__traceback__
     # Hide the worker's own frames: start at the first frame of the cell.
@@ -175,61 +116,147 @@ class CellError(Exception):
     """The cell failed; carries the error dict."""
 
 
+def _notebook():
+    """notebook.py, loaded by path: the worker's folder is not on sys.path (-P), and a user's module named
+    ``notebook`` (Jupyter's) must not meet it. A parent that imported it ahead (preload) is reused."""
+    mod = sys.modules.get("groundloop_agent.notebook")
+    if mod is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notebook.py")
+        spec = importlib.util.spec_from_file_location("groundloop_agent.notebook", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+NB = _notebook()
+
+
+def parse(code, filename):
+    """The cell's syntax tree; a cell that is not plain Python (``!ls``, ``%time``, indented lines) is
+    transformed first (notebook.transform). Returns (tree, the code that runs)."""
+    try:
+        tree = ast.parse(code, filename, "exec")
+    except SyntaxError as exc:
+        try:
+            fixed = NB.transform(code)
+        except Exception:
+            fixed = None
+        if fixed is None or fixed == code:
+            if NB.has_ipython() or not any(line.lstrip()[:1] in ("!", "%") for line in code.splitlines()):
+                raise
+            raise SyntaxError(
+                f"{exc.msg} (`!` and `%` lines need IPython, which this sandbox image does not have)",
+                (exc.filename, exc.lineno, exc.offset, exc.text),
+            ) from None
+        return ast.parse(fixed, filename, "exec"), fixed
+    if NB.automagic(tree, NS):
+        fixed = NB.transform(code)
+        return ast.parse(fixed, filename, "exec"), fixed
+    return tree, code
+
+
 def run(code, n):
     """Run one cell; return the MIME bundle of its last expression (or None)."""
     filename = f"<cell-{n}>"
-    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     try:
-        tree = ast.parse(code, filename, "exec")
+        tree, source = parse(code, filename)
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body.pop().value)
         body = compile(tree, filename, "exec", flags=flags) if tree.body else None
         tail = compile(last, filename, "eval", flags=flags) if last is not None else None
     except (SyntaxError, ValueError, OverflowError) as exc:
+        linecache.cache.setdefault(filename, (len(code), None, code.splitlines(True), filename))
         raise CellError(error_of(exc, filename)) from None
+    if (body is not None and body.co_flags & CO_COROUTINE) or (tail is not None and tail.co_flags & CO_COROUTINE):
+        _event_loop()  # before the cell's first line: a task it makes before its first await joins this loop
+    NB.pre_execute()
     try:
         if body is not None:
             _exec(body)
         value = _exec(tail) if tail is not None else None
+        if value is not None and not NB.quiet(source):
+            NS["_"] = value
+            bundle = NB.value_bundle(value)
+            if bundle and NB.has_post_execute():
+                # What runs when the cell ends (the inline backend's figures) comes after the value, as in Jupyter.
+                send({"t": "result", "data": bundle, "main": True})
+                return None
+            return bundle
+        return None
     except BaseException as exc:  # KeyboardInterrupt and SystemExit included
         raise CellError(error_of(exc, filename)) from None
     finally:
-        send_figures()
-    if value is not None:
-        NS["_"] = value
-        return bundle(value)
-    return None
+        NB.post_execute()
+
+
+_loop = None
+
+
+def _event_loop():
+    """One event loop for the context's life, as in IPython: a task a cell starts lives on into the next."""
+    global _loop
+    if _loop is None or _loop.is_closed():
+        import asyncio
+
+        _loop = asyncio.new_event_loop()
+    import asyncio
+
+    asyncio.set_event_loop(_loop)  # asyncio.run() in an earlier cell unsets it
+    return _loop
 
 
 def _exec(code):
-    import inspect
-
-    if code.co_flags & inspect.CO_COROUTINE:
-        import asyncio
-
-        return asyncio.run(eval(code, NS))
+    if code.co_flags & CO_COROUTINE:
+        return _event_loop().run_until_complete(eval(code, NS))
     return eval(code, NS)
 
 
-def read_commands():
-    buf = b""
-    while True:
+_cmd_buf = b""
+
+
+def _cmd_line(interruptible):
+    """The next line the agent wrote on the command pipe (None at its end)."""
+    global _cmd_buf
+    while b"\n" not in _cmd_buf:
         only_the_worker()
         try:
             chunk = os.read(CMD_FD, 1 << 16)
         except KeyboardInterrupt:  # a late SIGINT while idle
+            if interruptible:
+                raise
             continue
         if not chunk:
+            return None
+        _cmd_buf += chunk
+    line, _cmd_buf = _cmd_buf.split(b"\n", 1)
+    return line
+
+
+def send_display(obj):
+    """Send a result that is not the cell's value and wait for the agent's acknowledgement (an empty line):
+    by then the agent has sent on what the cell printed before it, so what it prints next comes after."""
+    send(dict(obj, ack=True))
+    while True:
+        line = _cmd_line(interruptible=True)
+        if not line:  # the acknowledgement, or the pipe's end (the agent is going away)
             return
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
+
+
+def read_commands():
+    while True:
+        line = _cmd_line(interruptible=False)
+        if line is None:
+            return
+        if line:  # an empty line is a late acknowledgement (of a display an interrupt cut short)
             yield json.loads(line)
 
 
 def main():
+    NB.install(_main, send, send_display)
     for cmd in read_commands():
         try:
             try:
