@@ -171,7 +171,7 @@ export function makeFiles({ client, section, refresh, notice }) {
 
   function downloadButton(name) {
     return el("button", { type: "button", class: "btn btn-ghost btn-small file-download", "data-testid": "file-download",
-      "data-name": name, title: `Download ${name}`, "aria-label": `Download ${name}`,
+      "data-download": name, title: `Download ${name}`, "aria-label": `Download ${name}`,
       onclick: (e) => { e.stopPropagation(); void download(name); } }, "⤓");
   }
 

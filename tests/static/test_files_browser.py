@@ -71,10 +71,10 @@ async def test_a_file_written_by_a_program_appears_and_goes_without_reload(srv):
         await run_in_sandbox(
             page, "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1; echo hi > late.txt; mkdir later'])"
         )
-        await expect(files.locator('[data-name="late.txt"]').first).to_be_visible()
+        await expect(files.locator('button.file[data-name="late.txt"]')).to_be_visible()
         await expect(files.locator('button.file-directory[data-name="later"]')).to_be_visible()
         await run_in_sandbox(page, "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1; rm late.txt'])")
-        await expect(files.locator('[data-name="late.txt"]')).to_have_count(0)
+        await expect(files.locator('button.file[data-name="late.txt"]')).to_have_count(0)
         stats = await page.evaluate("() => window.groundloop.files.stats()")
         assert stats["events"] >= 3 and stats["watching"], stats
         assert page.js_errors == []
@@ -100,7 +100,7 @@ async def test_a_dropped_file_is_uploaded_in_chunks_and_readable_by_code(srv):
         row = page.locator('.transfer-upload[data-name="dropped.bin"]')
         await expect(row).to_have_attribute("data-state", "ok")
         assert await row.locator("progress").evaluate("p => p.value === p.max")
-        await expect(page.get_by_test_id("files").locator('[data-name="dropped.bin"]').first).to_be_visible()
+        await expect(page.get_by_test_id("files").locator('button.file[data-name="dropped.bin"]')).to_be_visible()
         out = await run_in_sandbox(
             page, "import hashlib, os\nprint(hashlib.sha256(open('dropped.bin', 'rb').read()).hexdigest())"
         )
@@ -114,7 +114,7 @@ async def test_download_saves_the_sandboxs_bytes(srv):
         await expect(page.locator(".files[data-live]")).to_be_visible()
         await run_in_sandbox(page, f"open('blob.bin', 'wb').write(bytes((i * 131 + 17) % 251 for i in range({size})))")
         want = bytes((i * 131 + 17) % 251 for i in range(size))
-        button = page.locator('[data-testid="file-download"][data-name="blob.bin"]')
+        button = page.locator('[data-testid="file-download"][data-download="blob.bin"]')
         await expect(button).to_be_visible()
         async with page.expect_download(timeout=TIMEOUT_MS) as info:
             await button.click()
