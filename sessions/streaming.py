@@ -105,6 +105,9 @@ class AgentOps:
 
     async def run(self, r: InFlight) -> dict[str, Any]:
         """The handler of a sandbox op that runs in a task; the client's done is queued by on_done."""
+        # Parameters once the sandbox is there: an upload_chunk queued behind its upload_file needs the agent
+        # rid that the upload gets when it is sent (sessions/transfers.py), and the upload's task goes first.
+        await self.session.sandbox()
         op, params, deadline = self.params(r)
         done = await self.request(r, op, params, deadline, {}, finish=True)
         return done_fields(done)

@@ -47,6 +47,7 @@ async def srv(request):
 async def connect(srv) -> WSClient:
     c = await WSClient.connect(srv.url, token="tok1")
     assert c.ready["sandbox"]["runtime"] == srv.runtime
+    assert c.ready["limits"]["transfer_chunk_bytes"] == 1 << 20
     return c
 
 
