@@ -14,6 +14,7 @@ Runtimes: ``GROUNDLOOP_BENCH_RUNTIMES`` (as bench/hostile.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
@@ -24,6 +25,7 @@ from .hostile import _runtimes
 from .server import Client, Server
 from .stats import Table, summary_ms
 
+QUIET_S = 60.0  # no event for this long: the bench says what it got instead of waiting for the idle reaper
 WRITER = """import os, sys, time
 n = int(sys.argv[1])
 for i in range(n):
@@ -47,13 +49,19 @@ async def watch_latency(c: Client, count: int) -> list[float]:
             break
     await _send(c, {"type": "start_process", "id": "writer", "command": f"python3 writer.py {count}"})
     samples: list[float] = []
+    others: list[dict] = []  # what else came: an overflow, the writer's output or exit
     while len(samples) < count:
-        raw = await c.ws.recv()
+        try:
+            raw = await asyncio.wait_for(c.ws.recv(), QUIET_S)
+        except TimeoutError:
+            raise RuntimeError(f"{len(samples)} of {count} created events, then none for {QUIET_S:g} s: {others[-5:]}")
         now = time.time_ns()
         f = orjson.loads(raw)
         if f.get("type") == "file_event" and f.get("kind") == "created":
             name = f["path"].rsplit("/", 1)[-1]
             samples.append((now - int(name[2:])) / 1e9)
+        else:
+            others.append(f)
     await _send(c, {"type": "cancel", "id": "cancel-watch", "target": "watch"})
     while True:
         f = orjson.loads(await c.ws.recv())
