@@ -7,7 +7,7 @@ import asyncio
 import os
 import platform
 
-from . import baselines, egress, engine, floors, hostile, humaneval
+from . import baselines, egress, engine, files, floors, hostile, humaneval
 from .stats import Table
 
 
@@ -15,7 +15,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--smoke", action="store_true", help="a few iterations: checks the benchmarks work")
     parser.add_argument("-n", type=int, default=2000, help="iterations of the round-trip loops")
-    parser.add_argument("--only", choices=["engine", "server", "hostile", "humaneval", "egress"], default=None)
+    parser.add_argument("--only", choices=["engine", "server", "hostile", "humaneval", "egress", "files"], default=None)
     args = parser.parse_args()
     n = 20 if args.smoke else args.n
     table = Table()
@@ -47,6 +47,8 @@ def main() -> None:
         run(humaneval.run(table, smoke=args.smoke))
     if args.only in (None, "egress"):
         run(egress.run(table, smoke=args.smoke))
+    if args.only in (None, "files"):
+        run(files.run(table, n, smoke=args.smoke))
     if args.only in (None, "hostile"):
         run(hostile.run(table, n, smoke=args.smoke))
     print()

@@ -143,6 +143,20 @@ _DONE_FIELDS: dict[str, tuple[type, ...]] = {
     "processes": (list,),
     "found": (bool,),
     "pong": (bool,),
+    "events": (int,),  # watch_files
+    "reason": (str,),
+    "sha256": (str,),  # upload_file, download_file
+    "received": (int,),  # upload_chunk
+}
+FILE_EVENT_KINDS = ("created", "modified", "deleted", "moved", "overflow")
+# A file event's fields and their types (kind and path are required; nothing else passes).
+_FILE_EVENT_FIELDS: dict[str, tuple[type, ...]] = {
+    "kind": (str,),
+    "path": (str,),
+    "from": (str,),
+    "is_dir": (bool,),
+    "count": (int,),
+    "message": (str,),
 }
 _ERROR_FIELDS = ("name", "message", "traceback")
 _STREAMS = ("stdout", "stderr")
@@ -163,7 +177,7 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
     """The event as the server may use it, or FramingError: known events only, each field of the
     type the agent sends, a done's fields from a fixed list, an error's from name/message/traceback."""
     kind = ev.get("ev")
-    if kind in ("out", "result", "done"):
+    if kind in ("out", "result", "done", "watching", "fev", "progress", "chunk"):
         _need(isinstance(ev.get("rid"), str), ev, "a string rid")
     if kind == "out":
         _lines(ev)
@@ -196,6 +210,45 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
         _need(isinstance(ev.get("exit_code"), (int, type(None))), ev, "an integer exit_code")
     elif kind == "log":
         _need(isinstance(ev.get("message"), str), ev, "a string message")
+    elif kind in ("watching", "fev", "progress", "chunk"):
+        return _check_files_event(kind, ev)
     elif kind != "hello":
-        raise FramingError(f"expected an agent event (hello, out, result, done, pout, pexit, log), got {kind!r}")
+        raise FramingError(
+            "expected an agent event (hello, out, result, done, pout, pexit, log, watching, fev, progress, chunk),"
+            f" got {kind!r}"
+        )
     return ev
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_files_event(kind: str, ev: dict[str, Any]) -> dict[str, Any]:
+    """The events of watch_files and the chunked transfers, rebuilt from their known fields only."""
+    rid = ev["rid"]
+    if kind == "watching":
+        _need(isinstance(ev.get("path"), str) and _int(ev.get("watches")), ev, "a path and a count of watches")
+        return {"ev": kind, "rid": rid, "path": ev["path"], "watches": ev["watches"]}
+    if kind == "progress":
+        _need(_int(ev.get("bytes")) and _int(ev.get("total")), ev, "bytes and total as integers")
+        return {"ev": kind, "rid": rid, "bytes": ev["bytes"], "total": ev["total"]}
+    if kind == "chunk":
+        _need(isinstance(ev.get("content"), str), ev, "content as a string")
+        _need(_int(ev.get("offset")) and _int(ev.get("size")), ev, "offset and size as integers")
+        return {"ev": kind, "rid": rid, "offset": ev["offset"], "content": ev["content"], "size": ev["size"]}
+    events = ev.get("events")
+    _need(isinstance(events, list), ev, "events as a list")
+    clean = []
+    for item in events:
+        _need(isinstance(item, dict), ev, "file events as objects")
+        _need(item.get("kind") in FILE_EVENT_KINDS and isinstance(item.get("path"), str), ev, "a kind and a path")
+        one: dict[str, Any] = {}
+        for key, types in _FILE_EVENT_FIELDS.items():
+            value = item.get(key)
+            if value is None:
+                continue
+            _need(isinstance(value, types) and (bool in types or not isinstance(value, bool)), ev, f"a valid {key}")
+            one[key] = value
+        clean.append(one)
+    return {"ev": kind, "rid": rid, "events": clean}

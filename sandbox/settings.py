@@ -172,3 +172,21 @@ class SandboxSettings:
         "host directory of the sandboxes' run directories (their egress sockets); a server in a container "
         "needs it mounted at the same path on the host; empty: `$TMPDIR/groundloop-run-<uid>`",
     )
+    watch_coalesce_ms: float = env(
+        "GROUNDLOOP_WATCH_COALESCE_MS",
+        50.0,
+        "watch_files: repeated changes of one path within this window are sent as one `modified` event",
+    )
+    watch_max_dirs: int = env(
+        "GROUNDLOOP_WATCH_MAX_DIRS", 1024, "watch_files: directories one recursive watch may watch (then `overflow`)"
+    )
+    transfer_chunk_bytes: int = env(
+        "GROUNDLOOP_TRANSFER_CHUNK_BYTES",
+        1 << 20,
+        "download_file's chunk size (bytes before base64), and the upload chunk size the `ready` limits suggest",
+    )
+    upload_idle_s: float = env(
+        "GROUNDLOOP_UPLOAD_IDLE_S",
+        60.0,
+        "an upload_file with no chunk for this long is dropped (its temporary file too)",
+    )

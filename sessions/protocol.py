@@ -54,6 +54,10 @@ SPECS: dict[str, dict[str, tuple[str, bool]]] = {
         "context": (_STR, False),
     },
     "ping": {},
+    "watch_files": {"path": (_STR, False), "recursive": (_BOOL, False)},
+    "upload_file": {"path": (_STR, True), "size": (_INT, True)},
+    "upload_chunk": {"upload": (_ID, True), "offset": (_INT, True), "content": (_STR, True)},
+    "download_file": {"path": (_STR, True), "chunk_bytes": (_INT, False)},
 }
 REQUEST_TYPES = frozenset(SPECS)
 # Requests that run code or commands: audited, and counted in execution metrics.

@@ -61,6 +61,7 @@ from .protocol import (
 )
 from .seams import Conn
 from .streaming import AgentOps
+from .transfers import RequestFailed
 
 if TYPE_CHECKING:
     from .manager import SessionManager
@@ -216,7 +217,9 @@ class Session:
         logs.event("session_closed", user=self.user, session=self.id, reason=reason)
 
     def idle_for(self, now: float) -> float:
-        return 0.0 if self.requests else now - self.last_activity
+        # A watch_files waits for events as long as the session lives: it does not keep the session busy.
+        busy = any(r.req.type != "watch_files" for r in self.requests.values())
+        return 0.0 if busy else now - self.last_activity
 
     def sandbox_info(self) -> dict[str, Any]:
         sb = self.sb
@@ -245,6 +248,7 @@ class Session:
             "idle_timeout_s": s.idle_timeout_s,
             "replay_frames": s.replay_frames,
             "max_iterations": s.max_iterations,
+            "transfer_chunk_bytes": sb.transfer_chunk_bytes,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -382,6 +386,8 @@ class Session:
         """(outcome, error) of a request that ended with ``exc``; a lost sandbox starts its replacement."""
         if isinstance(exc, Cancelled):
             return "cancelled", failure("Cancelled", "the request was cancelled")
+        if isinstance(exc, RequestFailed):
+            return "error", failure(exc.name, exc.message)
         if isinstance(exc, SandboxError):
             if isinstance(exc, SandboxLost):
                 self._sandbox_lost(r.sb or self.sb, str(exc))

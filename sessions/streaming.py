@@ -36,6 +36,8 @@ from groundloop.sandbox.base import Sandbox
 
 from .inflight import Cancelled, InFlight, ReqState, done_fields, outcome_of
 from .protocol import output_frame_parts
+from .transfers import OPS as TRANSFER_OPS
+from .transfers import frames_of, prepare
 
 if TYPE_CHECKING:
     from .session import Session
@@ -54,7 +56,7 @@ class AgentOps:
         t = r.req.params.get("timeout_s") or sb.exec_timeout_s
         return float(min(t, sb.max_exec_timeout_s))
 
-    def params(self, r: InFlight) -> tuple[str, dict[str, Any], float]:
+    def params(self, r: InFlight) -> tuple[str, dict[str, Any], float | None]:
         """(op, params, deadline_s) for a request that the agent runs."""
         req, sb = r.req, self.session.settings.sandbox
         p = dict(req.params)
@@ -75,6 +77,8 @@ class AgentOps:
             p.setdefault("language", "python")
         elif op == "list_files":
             p.setdefault("path", ".")
+        elif op in TRANSFER_OPS:  # watch_files and the chunked transfers: sessions/transfers.py
+            return op, p, prepare(req, p, sb, self.session.requests, deadline)
         return op, p, deadline
 
     def submit(self, r: InFlight, sb: Sandbox) -> None:
@@ -82,8 +86,8 @@ class AgentOps:
         failure (the sandbox lost) ends it from the future."""
         session = self.session
         r.transition(ReqState.RUNNING)
-        op, params, deadline = self.params(r)
         try:
+            op, params, deadline = self.params(r)
             fut = self.send(r, sb, op, params, deadline, {}, finish=True)
         except Exception as exc:
             session.finish(r, False, *session.failed(r, exc), {})
@@ -101,6 +105,9 @@ class AgentOps:
 
     async def run(self, r: InFlight) -> dict[str, Any]:
         """The handler of a sandbox op that runs in a task; the client's done is queued by on_done."""
+        # Parameters once the sandbox is there: an upload_chunk queued behind its upload_file needs the agent
+        # rid that the upload gets when it is sent (sessions/transfers.py), and the upload's task goes first.
+        await self.session.sandbox()
         op, params, deadline = self.params(r)
         done = await self.request(r, op, params, deadline, {}, finish=True)
         return done_fields(done)
@@ -110,7 +117,7 @@ class AgentOps:
         r: InFlight,
         op: str,
         params: dict[str, Any],
-        deadline: float,
+        deadline: float | None,
         tags: dict[str, Any],
         tail: MutableSequence[str] | None = None,
         finish: bool = False,
@@ -154,7 +161,7 @@ class AgentOps:
         sb: Sandbox,
         op: str,
         params: dict[str, Any],
-        deadline: float,
+        deadline: float | None,
         tags: dict[str, Any],
         tail: MutableSequence[str] | None = None,
         finish: bool = False,
@@ -227,5 +234,8 @@ class AgentOps:
                 await put(
                     {"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")), **tags}
                 )
+            else:
+                for frame in frames_of(ev, rid):
+                    await put(frame)
 
         return on_event

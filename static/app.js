@@ -9,9 +9,10 @@
  * window.groundloop is a small, stable hook for tests and embedders (nothing
  * of the page reads it):
  *   setCode(code, language?), getCode(), run(), exec(command), assist(prompt),
- *   cancel(), dropConnection(), client, stats().
+ *   cancel(), dropConnection(), client, stats(), files (files.js: upload, download, stats...).
  */
 import { makeCells } from "./cells.js";
+import { makeFiles } from "./files.js";
 import { el, formatBytes, formatMs } from "./render.js";
 import { Session } from "./vendor/groundloop-client.js";
 
@@ -206,6 +207,8 @@ const wsUrl = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.ho
 const client = new Session(wsUrl, { token: store.get("token", ""), renewExpired: true, pingIntervalMs: 20000,
   healthUrl: new URL("/healthz", location.href).href });
 const userRequests = [];   // ids of cancellable requests, oldest first
+// The live file list, uploads and downloads (files.js).
+const files = makeFiles({ client, section: document.querySelector(".files"), refresh: () => refreshFilesSoon(), notice });
 
 function start(type, params, title) {
   const cell = type === "assist" ? new AssistCell(params, title) : new Cell(type, params, title);
@@ -304,7 +307,8 @@ async function refreshFiles() {
       title: isDir(e) ? "directory" : `Show ${e.name}`, onclick: () => openFile(e.name) },
     el("span", { class: "file-icon", "aria-hidden": "true" }, isDir(e) ? "▸" : "·"),
     el("span", { class: "file-name" }, e.name + (isDir(e) ? "/" : "")),
-    el("span", { class: "file-size" }, isDir(e) ? "" : formatBytes(e.size))))));
+    el("span", { class: "file-size" }, isDir(e) ? "" : formatBytes(e.size))),
+    isDir(e) ? null : files.downloadButton(e.name))));
 }
 
 function openFile(name) {
@@ -444,6 +448,7 @@ window.groundloop = {
   assist,
   cancel: cancelLast,
   refreshFiles,
+  files,
   dropConnection: () => client.dropConnection(),
   stats: () => ({ ...client.stats, state: client.state, sessionId: client.sessionId, lastSeq: client.lastSeq,
     inflight: userRequests.length }),

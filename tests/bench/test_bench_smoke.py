@@ -40,6 +40,8 @@ def test_bench_smoke_prints_the_table():
         "ws: stream throughput",
         "sessions held at once",
         "hostile[runc]: bystander during",
+        "files[runc]: watch latency, write to file_event",
+        "files[runc]: 2 MiB upload / download, 1 MiB chunks",
         "humaneval: groundloop, fresh context each, 4 session(s)",
         "humaneval: docker exec python3, one warm container",
         "humaneval: one local python3 per problem",

@@ -81,6 +81,10 @@ def test_every_type_with_its_required_fields():
         "cancel": {"target": "r1"},
         "assist": {"prompt": "hi"},
         "ping": {},
+        "watch_files": {},
+        "upload_file": {"path": "p", "size": 3},
+        "upload_chunk": {"upload": "u1", "offset": 0, "content": ""},
+        "download_file": {"path": "p"},
     }
     assert set(required) == REQUEST_TYPES
     for kind, fields in required.items():

@@ -15,6 +15,8 @@ Agent -> server (``ev``):
 - ``pout``    output of a background process: ``{"ev":"pout","proc":..,"s":..,"lines":[..]}``
 - ``pexit``   a background process ended: ``{"ev":"pexit","proc":..,"exit_code":..}``
 - ``log``     a diagnostic that belongs to no request.
+- ``watching``, ``fev`` (file events, batched), ``progress``, ``chunk``: of watch_files and the
+  chunked transfers (``watch``, ``transfer``).
 
 Output is read from pipes as the children write it (no polling, no per-cell
 buffering), split into lines, decoded as UTF-8 with replacement, long lines
@@ -25,7 +27,8 @@ of filling memory.
 
 Modules: ``wire`` (the frame stream), ``pipes`` (children's output),
 ``contexts`` (persistent workers), ``procs`` (process trees, background
-processes), ``files`` (file operations), ``agent`` (dispatch and main loop),
+processes), ``files`` (file operations), ``watch`` (watch_files, inotify),
+``transfer`` (chunked upload and download), ``agent`` (dispatch and main loop),
 ``init`` (pid 1 of the container, and the non-dumpable guard of the frame
 stream). Every answer is held to the ``max_frame_bytes`` a request names.
 """

@@ -16,13 +16,15 @@ from .contexts import Context, Run
 from .files import FileOps
 from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
 from .procs import Cancel, Process, exit_code_of, kill_tree
+from .transfer import TransferOps
+from .watch import WatchOps
 from .wire import In, Out
 
 # --------------------------------------------------------------------------
 # The agent.
 
 
-class Agent(FileOps):
+class Agent(FileOps, TransferOps, WatchOps):
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.scratch = memoryview(bytearray(READ_CHUNK))
@@ -32,6 +34,7 @@ class Agent(FileOps):
         self.processes: dict[str, Process] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, Cancel] = {}
+        self.uploads: dict = {}  # rid of an upload_file -> its Upload (transfer.py)
         self.counter = 0
         self.stopping = asyncio.Event()
 
