@@ -18,6 +18,7 @@ sends, in the shape it sends it, is a FramingError too.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -143,8 +144,12 @@ _DONE_FIELDS: dict[str, tuple[type, ...]] = {
     "processes": (list,),
     "found": (bool,),
     "pong": (bool,),
+    "bytes": (int,),  # terminal_input
+    "cols": (int,),  # resize_terminal
+    "rows": (int,),
 }
 _ERROR_FIELDS = ("name", "message", "traceback")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _STREAMS = ("stdout", "stderr")
 
 
@@ -163,7 +168,7 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
     """The event as the server may use it, or FramingError: known events only, each field of the
     type the agent sends, a done's fields from a fixed list, an error's from name/message/traceback."""
     kind = ev.get("ev")
-    if kind in ("out", "result", "done"):
+    if kind in ("out", "result", "done", "tout"):
         _need(isinstance(ev.get("rid"), str), ev, "a string rid")
     if kind == "out":
         _lines(ev)
@@ -196,6 +201,9 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
         _need(isinstance(ev.get("exit_code"), (int, type(None))), ev, "an integer exit_code")
     elif kind == "log":
         _need(isinstance(ev.get("message"), str), ev, "a string message")
+    elif kind == "tout":  # a terminal's output: its bytes in base64, passed on to the client as they are
+        data = ev.get("data")
+        _need(isinstance(data, str) and _BASE64.fullmatch(data) is not None, ev, "data in base64")
     elif kind != "hello":
-        raise FramingError(f"expected an agent event (hello, out, result, done, pout, pexit, log), got {kind!r}")
+        raise FramingError(f"expected an agent event (hello, out, result, done, pout, pexit, log, tout), got {kind!r}")
     return ev

@@ -148,3 +148,4 @@ class SandboxSettings:
         False,
         "fall back to the local backend when Docker is unreachable (loopback only)",
     )
+    max_terminals: int = env("GROUNDLOOP_MAX_TERMINALS", 4, "terminals open at once per session (open_terminal)")

@@ -231,6 +231,7 @@ class Session:
             "idle_timeout_s": s.idle_timeout_s,
             "replay_frames": s.replay_frames,
             "max_iterations": s.max_iterations,
+            "max_terminals": sb.max_terminals,
         }
 
     def stats(self) -> dict[str, Any]:

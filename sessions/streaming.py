@@ -36,6 +36,7 @@ from groundloop.sandbox.base import Sandbox
 
 from .inflight import Cancelled, InFlight, ReqState, done_fields, outcome_of
 from .protocol import output_frame_parts
+from .terminals import TERMINAL_OPS, terminal_output_frame, terminal_params
 
 if TYPE_CHECKING:
     from .session import Session
@@ -54,12 +55,12 @@ class AgentOps:
         t = r.req.params.get("timeout_s") or sb.exec_timeout_s
         return float(min(t, sb.max_exec_timeout_s))
 
-    def params(self, r: InFlight) -> tuple[str, dict[str, Any], float]:
+    def params(self, r: InFlight) -> tuple[str, dict[str, Any], float | None]:
         """(op, params, deadline_s) for a request that the agent runs."""
         req, sb = r.req, self.session.settings.sandbox
         p = dict(req.params)
         op = req.type
-        deadline = max(sb.exec_timeout_s, 30.0) + 10
+        deadline: float | None = max(sb.exec_timeout_s, 30.0) + 10
         if op in EXECUTION_OPS:
             p["timeout_s"] = self.timeout(r)
             p["max_output_bytes"] = sb.max_output_bytes
@@ -75,6 +76,8 @@ class AgentOps:
             p.setdefault("language", "python")
         elif op == "list_files":
             p.setdefault("path", ".")
+        elif op in TERMINAL_OPS:
+            deadline = terminal_params(op, req.id, p, sb)
         return op, p, deadline
 
     def submit(self, r: InFlight, sb: Sandbox) -> None:
@@ -110,7 +113,7 @@ class AgentOps:
         r: InFlight,
         op: str,
         params: dict[str, Any],
-        deadline: float,
+        deadline: float | None,
         tags: dict[str, Any],
         tail: MutableSequence[str] | None = None,
         finish: bool = False,
@@ -154,7 +157,7 @@ class AgentOps:
         sb: Sandbox,
         op: str,
         params: dict[str, Any],
-        deadline: float,
+        deadline: float | None,
         tags: dict[str, Any],
         tail: MutableSequence[str] | None = None,
         finish: bool = False,
@@ -223,6 +226,8 @@ class AgentOps:
                         continue
                     outbox.put_encoded_many([before + dumps(line) + after for line in lines[i : i + space]])
                     i += space
+            elif what == "tout":
+                await put(terminal_output_frame(rid, ev.get("data", "")))
             elif what == "result":
                 await put(
                     {"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")), **tags}

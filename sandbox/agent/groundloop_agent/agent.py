@@ -16,13 +16,14 @@ from .contexts import Context, Run
 from .files import FileOps
 from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
 from .procs import Cancel, Process, exit_code_of, kill_tree
+from .terminals import Terminal, TerminalOps
 from .wire import In, Out
 
 # --------------------------------------------------------------------------
 # The agent.
 
 
-class Agent(FileOps):
+class Agent(FileOps, TerminalOps):
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.scratch = memoryview(bytearray(READ_CHUNK))
@@ -30,6 +31,7 @@ class Agent(FileOps):
         self.pipes: set[Pipe] = set()
         self.contexts: dict[str, Context] = {}
         self.processes: dict[str, Process] = {}
+        self.terminals: dict[str, Terminal] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, Cancel] = {}
         self.counter = 0
