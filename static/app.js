@@ -9,10 +9,11 @@
  * window.groundloop is a small, stable hook for tests and embedders (nothing
  * of the page reads it):
  *   setCode(code, language?), getCode(), run(), exec(command), assist(prompt),
- *   cancel(), dropConnection(), client, stats().
+ *   cancel(), dropConnection(), client, stats(), terminal (terminal.js: open(), close(), text(), screen()).
  */
 import { makeCells } from "./cells.js";
 import { el, formatBytes, formatMs } from "./render.js";
+import { makeTerminal } from "./terminal.js";
 import { Session } from "./vendor/groundloop-client.js";
 
 const $ = (id) => document.getElementById(id);
@@ -435,8 +436,11 @@ function init() {
   client.open();
 }
 
+const terminal = makeTerminal({ client, box: $("terminal"), button: $("terminal-toggle"), label: $("terminal-state") });
+
 window.groundloop = {
   client,
+  terminal,
   setCode,
   getCode,
   run,
