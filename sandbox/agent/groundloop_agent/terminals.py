@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 READ_MAX = 64 * 1024  # bytes of one read, so of one tout frame (before base64)
+DRAIN_IDLE = 0.5  # seconds without output, after the leader's exit, that end the terminal anyway (gVisor: no EIO)
 INPUT_MAX = 1 << 20  # input the program has not read yet; more is refused (TerminalBusy)
 DIM_MAX = 4096  # columns or rows
 MAX_TERMINALS = 8  # when the server names no bound
@@ -62,6 +63,22 @@ RESET_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGXFSZ,
 )
+
+
+def _kernel_sends_line_signals() -> bool:
+    """False under gVisor (release 20221219 at least): its pty neither turns Ctrl-C, Ctrl-\\ and Ctrl-Z into
+    signals nor sends SIGWINCH on a resize, and no process outside the terminal's session can ask it for its
+    foreground process group. There the session's leader is a relay (``_relay``) that does both for the
+    agent. Its fake kernel version is how gVisor is known: every release says the same."""
+    try:
+        with open("/proc/version") as f:
+            return "#1 SMP Sun Jan 10 15:06:54 PST 2016" not in f.read()
+    except OSError:
+        return True
+
+
+LINE_SIGNALS = _kernel_sends_line_signals()
+SIGNAL_KEYS = ((termios.VINTR, signal.SIGINT), (termios.VQUIT, signal.SIGQUIT), (termios.VSUSP, signal.SIGTSTP))
 
 
 def login_shell() -> list[str]:
@@ -113,6 +130,7 @@ class Terminal:
         self.rid = rid
         self.pending = bytearray()  # input not written yet
         self.reading = self.writing = self.eof = False
+        self.activity = asyncio.Event()  # set by every read (and the end of the output)
         master, slave = os.openpty()
         try:
             attrs = termios.tcgetattr(slave)
@@ -142,7 +160,10 @@ class Terminal:
     def _wait(self) -> None:
         _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        self.agent.loop.call_soon_threadsafe(self._exited, 128 - code if code < 0 else code)
+        try:
+            self.agent.loop.call_soon_threadsafe(self._exited, 128 - code if code < 0 else code)
+        except RuntimeError:  # the agent's loop closed first (it is shutting down)
+            pass
 
     def _exited(self, code: int) -> None:
         if not self.exited.done():
@@ -172,6 +193,7 @@ class Terminal:
             return False
         except OSError:  # EIO: no process holds the slave any more
             data = b""
+        self.activity.set()
         if not data:
             self.eof = True
             self.stop()
@@ -188,6 +210,8 @@ class Terminal:
                 f"the terminal's program has not read {len(self.pending)} bytes of its input; "
                 f"at most {INPUT_MAX} bytes may wait",
             )
+        if not LINE_SIGNALS:
+            data = self.signal_keys(data)
         self.pending += data
         if not self.writing:
             self.on_writable()
@@ -210,9 +234,42 @@ class Terminal:
                 self.agent.loop.remove_writer(self.fd)
             self.writing = want
 
+    def signal_keys(self, data: bytes) -> bytes:
+        """What a line discipline with ISIG does, for a kernel that does not: each signal key in ``data``
+        signals the foreground process group instead of reaching the program (the input before it is
+        flushed, unless NOFLSH). Returns the input left."""
+        try:
+            attrs = termios.tcgetattr(self.fd)  # gVisor: the master and the slave share one line discipline
+        except termios.error:
+            return data
+        if not attrs[3] & termios.ISIG:
+            return data
+        keys = {attrs[6][index]: sig for index, sig in SIGNAL_KEYS if attrs[6][index] not in (b"\0", 0)}
+        out = bytearray()
+        for i in range(len(data)):
+            key = data[i : i + 1]
+            sig = keys.get(key)
+            if sig is None:
+                out += key
+                continue
+            if not attrs[3] & termios.NOFLSH:
+                out.clear()
+                self.pending.clear()
+            self.signal_foreground(sig)
+        return bytes(out)
+
+    def signal_foreground(self, sig: int) -> None:
+        """Through the relay (the leader, under gVisor): it signals the foreground group it can see."""
+        try:
+            os.kill(self.pid, sig)
+        except OSError:
+            pass
+
     def resize(self, cols: int, rows: int) -> None:
-        # The kernel sends SIGWINCH to the foreground process group.
+        # The kernel sends SIGWINCH to the foreground process group (gVisor does not: the agent does).
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        if not LINE_SIGNALS:
+            self.signal_foreground(signal.SIGWINCH)
 
     # ---- the end
 
@@ -227,42 +284,97 @@ class Terminal:
                 signal_session(self.pid, signal.SIGKILL)
         return await asyncio.shield(self.exited)
 
-    def finish(self) -> None:
-        """After the leader's exit: kill what is left of its session, send the output still buffered, close."""
+    async def drain(self) -> None:
+        """After the leader's exit and its session's end: read on to the end of the output (EIO, once no
+        process holds the slave and the master has nothing left). An empty read (EAGAIN) is no end: the
+        pty moves a writer's bytes to the master asynchronously (Linux's flip buffers), so a program's last
+        bytes can still be on their way when it has exited. (gVisor never says EIO: there the idle limit ends it.) A process that escaped the session (setsid) and keeps the
+        slave open must not hold the terminal forever: DRAIN_IDLE without a byte while reading ends it.
+        While the frame stream is paused (a slow client) there is no such limit: the output waits for it."""
+        while not self.eof:
+            self.activity.clear()
+            try:
+                await asyncio.wait_for(self.activity.wait(), DRAIN_IDLE)
+            except TimeoutError:
+                if self.reading:
+                    return
+
+    def close(self) -> None:
+        """Kill what is left of the terminal's session, stop reading and writing, close the master."""
         signal_session(self.pid, signal.SIGKILL)
         self.stop()
         if self.writing:
             self.agent.loop.remove_writer(self.fd)
             self.writing = False
         self.agent.pipes.discard(self)  # type: ignore[arg-type]
-        with self.agent.out:
-            while not self.eof and self.read_some():
-                pass
         os.close(self.fd)
         self.fd = -1
 
 
 def _child(master: int, slave: int, argv: list[str], cwd: str, env: dict) -> None:
-    """In the forked child: a new session on the slave, then exec. Never returns."""
+    """In the forked child: a new session on the slave, then exec (or, under gVisor, the relay). Never returns."""
     try:
         os.close(master)
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-        for fd in (0, 1, 2):
-            os.dup2(slave, fd)
-        if slave > 2:
-            os.close(slave)
-        for sig in RESET_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.chdir(cwd)
-        os.execve(argv[0], argv, env)
+        if not LINE_SIGNALS:
+            _relay(slave, argv, cwd, env)
+        _exec(slave, argv, cwd, env)
     except BaseException as exc:  # the terminal shows why, then ends with the shell's "not found" code
         try:
-            os.write(2, f"groundloop: cannot start {argv[0]}: {exc}\r\n".encode("utf-8", "replace"))
+            os.write(slave, f"groundloop: cannot start {argv[0]}: {exc}\r\n".encode("utf-8", "replace"))
         finally:
             os._exit(127)
     os._exit(127)
+
+
+def _exec(slave: int, argv: list[str], cwd: str, env: dict) -> None:
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    if slave > 2:
+        os.close(slave)
+    for sig in RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    os.chdir(cwd)
+    os.execve(argv[0], argv, env)
+
+
+RELAYED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGWINCH)
+
+
+def _relay(slave: int, argv: list[str], cwd: str, env: dict) -> None:
+    """gVisor only: stay the session's leader, run the program in a process group of its own (the
+    foreground one), and pass each of RELAYED that the agent sends on to the foreground group, which
+    only a process of the session can name. Ends with the program's exit code. Never returns."""
+    # It never execs, so it lets go of the agent's files itself (its frame stream, other terminals).
+    os.closerange(3, slave)
+    os.closerange(slave + 1, os.sysconf("SC_OPEN_MAX"))
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # tcsetpgrp from a group not in the foreground
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.tcsetpgrp(slave, os.getpgrp())
+        _exec(slave, argv, cwd, env)
+        os._exit(127)
+
+    def forward(sig: int, _frame: object) -> None:
+        try:
+            os.killpg(os.tcgetpgrp(slave), sig)
+        except OSError:
+            pass
+
+    for sig in RELAYED:
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a hang-up ends the relay too
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    try:
+        _, status = os.waitpid(pid, 0)  # handlers run while it waits (PEP 475 retries it)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+    finally:
+        os._exit(127)
 
 
 class TerminalOps:
@@ -309,11 +421,12 @@ class TerminalOps:
         cancel.on(on_cancel)
         try:
             code = await asyncio.shield(term.exited)
+            signal_session(term.pid, signal.SIGKILL)  # the terminal's processes end with it
+            await term.drain()
         finally:
             if self.terminals.get(key) is term:
                 del self.terminals[key]
-            if term.fd >= 0:
-                term.finish()
+            term.close()
             # The close that waits for this terminal answers after this request's done (it is sent on
             # return, before the loop runs the close's next step).
             self.loop.call_soon(lambda: term.ended.done() or term.ended.set_result(None))
