@@ -62,7 +62,12 @@ async def run(table: Table, n: int, smoke: bool = False, runtimes: tuple[str, ..
     for runtime in runtimes:
         try:
             image = os.environ.get("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest")
-            async with Server(pool_size=1, GROUNDLOOP_SANDBOX_RUNTIME=runtime, GROUNDLOOP_SANDBOX_IMAGE=image) as srv:
+            async with Server(
+                pool_size=1,
+                GROUNDLOOP_SANDBOX_RUNTIME=runtime,
+                GROUNDLOOP_SANDBOX_IMAGE=image,
+                GROUNDLOOP_NAMESPACE="bench-terminal",  # its start-up reaps no other run's containers
+            ) as srv:
                 samples = await keystroke_rtt(srv.url, min(n, 20 if smoke else 1000))
         except RuntimeError as exc:  # runsc not registered, for one
             table.add(f"ws: terminal keystroke to echo [{runtime}]", f"unavailable: {exc}"[:60])
