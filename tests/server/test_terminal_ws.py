@@ -245,6 +245,23 @@ async def test_terminals_are_bounded_and_named_by_their_request(srv):
         assert not missing["ok"] and missing["error"]["name"] == "BadRequest", missing
 
 
+async def test_input_the_program_does_not_read_is_bounded(srv):
+    """A program that reads nothing: its input waits up to 1 MiB in the sandbox, then is refused, never dropped."""
+    async with await connect(srv) as c:
+        t = await Term.open(c, command="stty raw -echo; echo ready; exec sleep 100")
+        await t.until(b"ready")
+        chunk = "y" * (512 << 10)
+        answers = []
+        for _ in range(8):
+            answers.append(await c.call("terminal_input", terminal=t.id, data=chunk))
+            if not answers[-1]["ok"]:
+                break
+        assert answers[0]["ok"] and answers[0]["bytes"] == len(chunk), answers[0]
+        refused = answers[-1]
+        assert not refused["ok"] and refused["error"]["name"] == "TerminalBusy", refused
+        await t.close()
+
+
 async def test_a_resumed_client_gets_the_output_it_missed_once(srv):
     async with await connect(srv) as c:
         t = await Term.open(c)
