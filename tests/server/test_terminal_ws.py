@@ -158,10 +158,18 @@ async def test_stty_size_follows_a_resize(srv):
         await t.close()
 
 
+# Processes whose command line is exactly `sleep 100` (the shell's fork has become sleep: after its tcsetpgrp).
+SLEEPING = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^sleep 100 $'"
+
+
 async def test_ctrl_c_stops_sleep_and_the_shell_goes_on(srv):
     async with await connect(srv) as c:
         t = await Term.open(c)
         await t.run("echo started; sleep 100", b"started\r\n")
+        # A Ctrl-C before sleep is the foreground job would reach the shell instead (a user sees sleep run first).
+        async with asyncio.timeout(WAIT):
+            while WSClient.text(await c.request("exec", command=SLEEPING)).strip() != "1":
+                pass
         await t.type("\x03")
         await t.run("echo code=$?", b"code=130")
         assert t.done is None  # the shell itself lives on

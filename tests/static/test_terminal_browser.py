@@ -22,6 +22,8 @@ pytestmark = [
 ]
 
 RUNTIMES = [pytest.param("runc"), pytest.param("runsc", marks=pytest.mark.runsc)]
+# Exits 0 once a process runs exactly `sleep 100` (the shell's fork has become sleep: after its tcsetpgrp).
+SLEEPING = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -q '^sleep 100 $'"
 
 CURSES = """import curses
 
@@ -78,6 +80,12 @@ async def test_type_interrupt_and_resize(srv):
 
         await type_line(page, "echo started; sleep 100")
         await wait_line(page, "started")
+        # A Ctrl-C before sleep is the foreground job would reach the shell instead (a user sees sleep run first).
+        await page.wait_for_function(
+            "async (cmd) => (await window.groundloop.client.request('exec', {command: cmd}).done).exit_code === 0",
+            arg=SLEEPING,
+            polling=200,
+        )
         await page.keyboard.press("Control+c")
         await type_line(page, "echo code=$?")
         await wait_line(page, "code=130")
