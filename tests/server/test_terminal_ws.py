@@ -31,7 +31,10 @@ MAX_TERMINALS = 2
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIMES)
 async def srv(request):
     sb = sandbox_settings(runtime=request.param, pool_size=1, start_timeout_s=60.0, max_terminals=MAX_TERMINALS)
-    settings = server_settings(sandbox=sb, resume_grace_s=30.0, rate_per_s=1000.0, rate_burst=1000)
+    # Every test's session waits out its resume grace after the test: room for all of them.
+    settings = server_settings(
+        sandbox=sb, resume_grace_s=30.0, rate_per_s=1000.0, rate_burst=1000, max_sessions_per_user=64
+    )
     async with run_server(settings) as s:
         yield s
 
