@@ -15,7 +15,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--smoke", action="store_true", help="a few iterations: checks the benchmarks work")
     parser.add_argument("-n", type=int, default=2000, help="iterations of the round-trip loops")
-    parser.add_argument("--only", choices=["engine", "server", "hostile", "humaneval", "egress", "files"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["engine", "server", "terminal", "hostile", "humaneval", "egress", "files"],
+        default=None,
+    )
     args = parser.parse_args()
     n = 20 if args.smoke else args.n
     table = Table()
@@ -43,6 +47,10 @@ def main() -> None:
         else:
             floors.ws_echo(table, n)
             run(server.run(table, n, smoke=args.smoke))
+    if args.only in (None, "server", "terminal"):
+        from . import terminal
+
+        run(terminal.run(table, n, smoke=args.smoke))
     if args.only in (None, "humaneval"):
         run(humaneval.run(table, smoke=args.smoke))
     if args.only in (None, "egress"):

@@ -18,6 +18,7 @@ sends, in the shape it sends it, is a FramingError too.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -147,6 +148,9 @@ _DONE_FIELDS: dict[str, tuple[type, ...]] = {
     "reason": (str,),
     "sha256": (str,),  # upload_file, download_file
     "received": (int,),  # upload_chunk
+    "bytes": (int,),  # terminal_input
+    "cols": (int,),  # resize_terminal
+    "rows": (int,),
 }
 FILE_EVENT_KINDS = ("created", "modified", "deleted", "moved", "overflow")
 # A file event's fields and their types (kind and path are required; nothing else passes).
@@ -159,6 +163,7 @@ _FILE_EVENT_FIELDS: dict[str, tuple[type, ...]] = {
     "message": (str,),
 }
 _ERROR_FIELDS = ("name", "message", "traceback")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _STREAMS = ("stdout", "stderr")
 
 
@@ -177,7 +182,7 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
     """The event as the server may use it, or FramingError: known events only, each field of the
     type the agent sends, a done's fields from a fixed list, an error's from name/message/traceback."""
     kind = ev.get("ev")
-    if kind in ("out", "result", "done", "watching", "fev", "progress", "chunk"):
+    if kind in ("out", "result", "done", "watching", "fev", "progress", "chunk", "tout"):
         _need(isinstance(ev.get("rid"), str), ev, "a string rid")
     if kind == "out":
         _lines(ev)
@@ -212,10 +217,13 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
         _need(isinstance(ev.get("message"), str), ev, "a string message")
     elif kind in ("watching", "fev", "progress", "chunk"):
         return _check_files_event(kind, ev)
+    elif kind == "tout":  # a terminal's output: its bytes in base64, passed on to the client as they are
+        data = ev.get("data")
+        _need(isinstance(data, str) and _BASE64.fullmatch(data) is not None, ev, "data in base64")
     elif kind != "hello":
         raise FramingError(
-            "expected an agent event (hello, out, result, done, pout, pexit, log, watching, fev, progress, chunk),"
-            f" got {kind!r}"
+            "expected an agent event (hello, out, result, done, pout, pexit, log, watching, fev, progress, chunk,"
+            f" tout), got {kind!r}"
         )
     return ev
 

@@ -54,6 +54,9 @@ PROFILES: dict[str, tuple[str, ...]] = {
         "python3-pip",
         "node-typescript",
         "npm",
+        "procps",
+        "less",
+        "bash-completion",
     ),
 }
 DEFAULT_PROFILE = "standard"

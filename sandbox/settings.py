@@ -190,3 +190,4 @@ class SandboxSettings:
         60.0,
         "an upload_file with no chunk for this long is dropped (its temporary file too)",
     )
+    max_terminals: int = env("GROUNDLOOP_MAX_TERMINALS", 4, "terminals open at once per session (open_terminal)")

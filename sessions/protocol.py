@@ -58,6 +58,16 @@ SPECS: dict[str, dict[str, tuple[str, bool]]] = {
     "upload_file": {"path": (_STR, True), "size": (_INT, True)},
     "upload_chunk": {"upload": (_ID, True), "offset": (_INT, True), "content": (_STR, True)},
     "download_file": {"path": (_STR, True), "chunk_bytes": (_INT, False)},
+    "open_terminal": {
+        "cols": (_INT, True),
+        "rows": (_INT, True),
+        "cwd": (_STR, False),
+        "env": (_ENV, False),
+        "command": (_STR, False),
+    },
+    "terminal_input": {"terminal": (_ID, True), "data": (_STR, True), "encoding": (_STR, False)},
+    "resize_terminal": {"terminal": (_ID, True), "cols": (_INT, True), "rows": (_INT, True)},
+    "close_terminal": {"terminal": (_ID, True)},
 }
 REQUEST_TYPES = frozenset(SPECS)
 # Requests that run code or commands: audited, and counted in execution metrics.

@@ -249,6 +249,7 @@ class Session:
             "replay_frames": s.replay_frames,
             "max_iterations": s.max_iterations,
             "transfer_chunk_bytes": sb.transfer_chunk_bytes,
+            "max_terminals": sb.max_terminals,
         }
 
     def stats(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from .inflight import Cancelled, InFlight, ReqState, done_fields, outcome_of
 from .protocol import output_frame_parts
 from .transfers import OPS as TRANSFER_OPS
 from .transfers import frames_of, prepare
+from .terminals import TERMINAL_OPS, terminal_output_frame, terminal_params
 
 if TYPE_CHECKING:
     from .session import Session
@@ -61,7 +62,7 @@ class AgentOps:
         req, sb = r.req, self.session.settings.sandbox
         p = dict(req.params)
         op = req.type
-        deadline = max(sb.exec_timeout_s, 30.0) + 10
+        deadline: float | None = max(sb.exec_timeout_s, 30.0) + 10
         if op in EXECUTION_OPS:
             p["timeout_s"] = self.timeout(r)
             p["max_output_bytes"] = sb.max_output_bytes
@@ -77,6 +78,8 @@ class AgentOps:
             p.setdefault("language", "python")
         elif op == "list_files":
             p.setdefault("path", ".")
+        elif op in TERMINAL_OPS:
+            deadline = terminal_params(op, req.id, p, sb)
         elif op in TRANSFER_OPS:  # watch_files and the chunked transfers: sessions/transfers.py
             return op, p, prepare(req, p, sb, self.session.requests, deadline)
         return op, p, deadline
@@ -230,6 +233,8 @@ class AgentOps:
                         continue
                     outbox.put_encoded_many([before + dumps(line) + after for line in lines[i : i + space]])
                     i += space
+            elif what == "tout":
+                await put(terminal_output_frame(rid, ev.get("data", "")))
             elif what == "result":
                 await put(
                     {"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")), **tags}

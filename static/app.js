@@ -9,11 +9,13 @@
  * window.groundloop is a small, stable hook for tests and embedders (nothing
  * of the page reads it):
  *   setCode(code, language?), getCode(), run(), exec(command), assist(prompt),
- *   cancel(), dropConnection(), client, stats(), files (files.js: upload, download, stats...).
+ *   cancel(), dropConnection(), client, stats(), files (files.js: upload, download, stats...),
+ *   terminal (terminal.js: open(), close(), text(), screen()).
  */
 import { makeCells } from "./cells.js";
 import { makeFiles } from "./files.js";
 import { el, formatBytes, formatMs } from "./render.js";
+import { makeTerminal } from "./terminal.js";
 import { Session } from "./vendor/groundloop-client.js";
 
 const $ = (id) => document.getElementById(id);
@@ -439,8 +441,11 @@ function init() {
   client.open();
 }
 
+const terminal = makeTerminal({ client, box: $("terminal"), button: $("terminal-toggle"), label: $("terminal-state") });
+
 window.groundloop = {
   client,
+  terminal,
   setCode,
   getCode,
   run,

@@ -38,6 +38,7 @@ def test_bench_smoke_prints_the_table():
         "ws: connect to ready",
         "ws: time to first stdout line",
         "ws: stream throughput",
+        "ws: terminal keystroke to echo [runc]",
         "sessions held at once",
         "hostile[runc]: bystander during",
         "files[runc]: watch latency, write to file_event",

@@ -58,3 +58,18 @@ def test_encode_decode_round_trip():
 def test_decode_rejects_non_objects(line):
     with pytest.raises(framing.FramingError, match="expected a JSON object"):
         framing.decode(line)
+
+
+def test_terminal_output_events_carry_base64_only():
+    ev = {"ev": "tout", "rid": "open_terminal-1", "data": "aGkNCv8="}
+    assert framing.check_event(dict(ev)) == ev
+    for bad in (
+        {"ev": "tout", "rid": "r", "data": "not base64!"},
+        {"ev": "tout", "rid": "r", "data": 5},
+        {"ev": "tout", "data": "aGk="},
+        {"ev": "tout", "rid": "r", "data": '", "type": "done'},
+    ):
+        with pytest.raises(framing.FramingError):
+            framing.check_event(bad)
+    done = framing.check_event({"ev": "done", "rid": "r", "ok": True, "cols": 80, "rows": 24, "bytes": 3})
+    assert (done["cols"], done["rows"], done["bytes"]) == (80, 24, 3)

@@ -85,6 +85,10 @@ def test_every_type_with_its_required_fields():
         "upload_file": {"path": "p", "size": 3},
         "upload_chunk": {"upload": "u1", "offset": 0, "content": ""},
         "download_file": {"path": "p"},
+        "open_terminal": {"cols": 80, "rows": 24},
+        "terminal_input": {"terminal": "t1", "data": "ls\r"},
+        "resize_terminal": {"terminal": 7, "cols": 100, "rows": 30},
+        "close_terminal": {"terminal": "t1"},
     }
     assert set(required) == REQUEST_TYPES
     for kind, fields in required.items():

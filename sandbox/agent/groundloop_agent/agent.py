@@ -18,13 +18,14 @@ from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
 from .procs import Cancel, Process, exit_code_of, kill_tree
 from .transfer import TransferOps
 from .watch import WatchOps
+from .terminals import Terminal, TerminalOps
 from .wire import In, Out
 
 # --------------------------------------------------------------------------
 # The agent.
 
 
-class Agent(FileOps, TransferOps, WatchOps):
+class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.scratch = memoryview(bytearray(READ_CHUNK))
@@ -32,6 +33,7 @@ class Agent(FileOps, TransferOps, WatchOps):
         self.pipes: set[Pipe] = set()
         self.contexts: dict[str, Context] = {}
         self.processes: dict[str, Process] = {}
+        self.terminals: dict[str, Terminal] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, Cancel] = {}
         self.uploads: dict = {}  # rid of an upload_file -> its Upload (transfer.py)
