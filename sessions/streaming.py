@@ -36,9 +36,9 @@ from groundloop.sandbox.base import Sandbox
 
 from .inflight import Cancelled, InFlight, ReqState, done_fields, outcome_of
 from .protocol import output_frame_parts
+from .terminals import TERMINAL_OPS, terminal_output_frame, terminal_params
 from .transfers import OPS as TRANSFER_OPS
 from .transfers import frames_of, prepare
-from .terminals import TERMINAL_OPS, terminal_output_frame, terminal_params
 
 if TYPE_CHECKING:
     from .session import Session

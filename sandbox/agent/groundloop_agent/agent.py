@@ -16,9 +16,9 @@ from .contexts import Context, Run
 from .files import FileOps
 from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
 from .procs import Cancel, Process, exit_code_of, kill_tree
+from .terminals import Terminal, TerminalOps
 from .transfer import TransferOps
 from .watch import WatchOps
-from .terminals import Terminal, TerminalOps
 from .wire import In, Out
 
 # --------------------------------------------------------------------------
