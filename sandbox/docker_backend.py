@@ -77,8 +77,9 @@ def memory_guard_bytes(settings: SandboxSettings) -> int | None:
     return guard_threshold(parse_size(settings.memory))
 
 
-def hardening(settings: SandboxSettings) -> dict[str, Any]:
-    """Host config of every sandbox container (keyword arguments of create_host_config)."""
+def hardening(settings: SandboxSettings, workspace: str | None = None) -> dict[str, Any]:
+    """Host config of every sandbox container (keyword arguments of create_host_config).
+    ``workspace``: a host directory (sandbox/workspaces.py) bound at /workspace instead of the tmpfs."""
     import docker.types
 
     mem = parse_size(settings.memory)
@@ -93,16 +94,21 @@ def hardening(settings: SandboxSettings) -> dict[str, Any]:
         nproc = guest_process_cap(settings)
         ulimits.append(docker.types.Ulimit(name="nproc", soft=nproc, hard=nproc))
         pids = nproc * GVISOR_HOST_TASKS_PER_PROCESS + GVISOR_HOST_TASKS_BASE
+    tmpfs = {
+        "/tmp": f"rw,nosuid,nodev,size={settings.tmp_size},mode=1777",
+        "/workspace": f"rw,nosuid,nodev,size={settings.workspace_size},uid=1000,gid=1000,mode=0755",
+    }
+    extra: dict[str, Any] = {}
+    if workspace is not None:
+        del tmpfs["/workspace"]
+        extra["binds"] = {workspace: {"bind": "/workspace", "mode": "rw"}}
     return {
         # No docker-init: it would hold the agent's stdio as a dumpable pid 1, open to the code
         # through /proc/1/fd. The agent's own pid 1 reaps instead (sandbox/agent/groundloop_agent/init.py).
         "init": False,
         "network_mode": "none",
         "read_only": True,
-        "tmpfs": {
-            "/tmp": f"rw,nosuid,nodev,size={settings.tmp_size},mode=1777",
-            "/workspace": f"rw,nosuid,nodev,size={settings.workspace_size},uid=1000,gid=1000,mode=0755",
-        },
+        "tmpfs": tmpfs,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],
         "pids_limit": pids,
@@ -114,11 +120,13 @@ def hardening(settings: SandboxSettings) -> dict[str, Any]:
         "auto_remove": True,
         "ipc_mode": "private",
         "runtime": settings.runtime or None,
+        **extra,
     }
 
 
 class DockerBackend:
     name = "docker"
+    supports_workspaces = True
 
     def __init__(self, settings: SandboxSettings, instance: str | None = None, client: Any = None):
         self.settings = settings
@@ -195,11 +203,13 @@ class DockerBackend:
             env[MEMORY_GUARD_VAR] = str(guard)
         return env
 
-    def create_and_attach(self, session_id: str, command: list[str] = AGENT_CMD) -> tuple[str, socket.socket]:
+    def create_and_attach(
+        self, session_id: str, command: list[str] = AGENT_CMD, workspace: str | None = None
+    ) -> tuple[str, socket.socket]:
         """Create a hardened container running ``command``, attach a non-blocking socket to its
         stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way."""
         api = self.client.api
-        host_config = api.create_host_config(**hardening(self.settings))
+        host_config = api.create_host_config(**hardening(self.settings, workspace))
         created = api.create_container(
             self.settings.image,
             command=command,
@@ -232,10 +242,10 @@ class DockerBackend:
             raise
         return cid, sock
 
-    async def start(self, session_id: str) -> Sandbox:
+    async def start(self, session_id: str, workspace: str | None = None) -> Sandbox:
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
         # so no container or socket is left without an owner.
-        work = asyncio.ensure_future(asyncio.to_thread(self.create_and_attach, session_id))
+        work = asyncio.ensure_future(asyncio.to_thread(self.create_and_attach, session_id, AGENT_CMD, workspace))
         try:
             cid, sock = await asyncio.shield(work)
         except asyncio.CancelledError:

@@ -54,6 +54,9 @@ SPECS: dict[str, dict[str, tuple[str, bool]]] = {
         "context": (_STR, False),
     },
     "ping": {},
+    "snapshot": {"snapshot": (_STR, False)},
+    "restore": {"snapshot": (_STR, True)},
+    "list_snapshots": {},
 }
 REQUEST_TYPES = frozenset(SPECS)
 # Requests that run code or commands: audited, and counted in execution metrics.

@@ -60,6 +60,7 @@ from .protocol import (
 )
 from .seams import Conn
 from .streaming import AgentOps
+from .workspace_ops import WORKSPACE_REQUESTS, run_workspace_request
 
 if TYPE_CHECKING:
     from .manager import SessionManager
@@ -89,7 +90,7 @@ class SessionClosed(Exception):
 Handler = Callable[[InFlight], Awaitable[dict[str, Any]]]
 # Every request type but cancel (answered in place) that is neither answered in place
 # (ping) nor run by a handler of its own (assist) is an op of the sandbox agent.
-AGENT_OPS = REQUEST_TYPES - {"cancel", "ping", "assist"}
+AGENT_OPS = REQUEST_TYPES - {"cancel", "ping", "assist"} - WORKSPACE_REQUESTS
 
 
 class Session:
@@ -113,6 +114,7 @@ class Session:
         self.requests = RequestTable()
         self.ops = AgentOps(self)
         self.procs: dict[Any, Any] = {}  # process id -> the id of the request that started it
+        self.workspace: str | None = None  # the named workspace at /workspace (set by the manager)
         self.created = time.monotonic()
         self.last_activity = self.created
         self.detached_at: float | None = None
@@ -127,6 +129,8 @@ class Session:
         self._start: dict[str, Callable[[InFlight], None]] = dict.fromkeys(AGENT_OPS, self._start_agent_op)
         self._start["ping"] = self._answer_ping
         self._start["assist"] = self._start_assist
+        for kind in WORKSPACE_REQUESTS:
+            self._start[kind] = lambda r: self._start_task(r, partial(run_workspace_request, self))
         sandbox.set_listener(self._make_listener(sandbox))
 
     # ---- life cycle
@@ -215,7 +219,10 @@ class Session:
 
     def sandbox_info(self) -> dict[str, Any]:
         sb = self.sb
-        return {"backend": sb.backend, "runtime": sb.runtime, "image": sb.image, "warm": sb.warm}
+        info = {"backend": sb.backend, "runtime": sb.runtime, "image": sb.image, "warm": sb.warm}
+        if self.workspace is not None:
+            info["workspace"] = self.workspace
+        return info
 
     def limits(self) -> dict[str, Any]:
         s, sb = self.settings, self.settings.sandbox
