@@ -81,6 +81,9 @@ def test_every_type_with_its_required_fields():
         "cancel": {"target": "r1"},
         "assist": {"prompt": "hi"},
         "ping": {},
+        "snapshot": {},
+        "restore": {"snapshot": "s"},
+        "list_snapshots": {},
     }
     assert set(required) == REQUEST_TYPES
     for kind, fields in required.items():
