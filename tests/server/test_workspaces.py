@@ -233,3 +233,17 @@ async def test_without_a_workspace_dir_there_are_none(tmp_path):
         )
         async with http(server) as h:
             assert (await h.get("/v1/workspaces")).status_code == 404
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_a_lost_sandbox_is_replaced_on_the_same_workspace(tmp_path, runtime):
+    async with run_server(settings(tmp_path, runtime)) as server, open_ws(server, "w") as c:
+        await run(c, "x = 1\nopen('f.txt', 'w').write('still here')")
+        session = server.state.manager.sessions[c.session_id]
+        await server.state.engine.backend.kill(session.sb)
+        while True:
+            frame = await c.recv()
+            if frame["type"] == "sandbox_replaced":
+                break
+        assert frame["sandbox"]["workspace"] == "w"
+        assert await run(c, "print(open('f.txt').read(), 'x' in globals())") == "still here False\n"
