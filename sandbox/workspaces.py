@@ -123,6 +123,12 @@ class WorkspaceStore:
     def _data(self, user: str) -> Path:
         return self._user_dir(user) / "data"
 
+    def _existing(self, user: str) -> Path:
+        """The user's data directory for reading: mounted again when a server before this one made it."""
+        if self.mode == "loop" and (self._user_dir(user) / "fs.img").exists():
+            return self._ensure_user(user)
+        return self._data(user)
+
     def _ensure_user(self, user: str) -> Path:
         """The user's data directory, mounted (loop mode) and ready; created on first use."""
         with self._lock:
@@ -182,10 +188,10 @@ class WorkspaceStore:
         return str(path)
 
     def exists(self, user: str, name: str) -> bool:
-        return (self._data(user) / "workspaces" / check_name(name)).is_dir()
+        return (self._existing(user) / "workspaces" / check_name(name)).is_dir()
 
     def usage(self, user: str) -> int:
-        data = self._data(user)
+        data = self._existing(user)
         if not data.is_dir():
             return 0
         if self.mode == "loop" and os.path.ismount(data):
@@ -200,7 +206,7 @@ class WorkspaceStore:
             raise WorkspaceError(f"the user's workspaces use {used} bytes, the quota is {self.quota}", "quota_exceeded")
 
     def list(self, user: str) -> dict:
-        data = self._data(user)
+        data = self._existing(user)
         names = sorted(p.name for p in (data / "workspaces").iterdir()) if (data / "workspaces").is_dir() else []
         return {
             "mode": self.mode,
@@ -219,7 +225,7 @@ class WorkspaceStore:
     def delete(self, user: str, name: str) -> None:
         """Delete a workspace and its snapshots (the caller checked it is not in use)."""
         check_name(name)
-        data = self._data(user)
+        data = self._existing(user)
         path = data / "workspaces" / name
         if not path.is_dir():
             raise WorkspaceError(f"no workspace {name!r}", "not_found")
@@ -241,7 +247,7 @@ class WorkspaceStore:
         return str(path)
 
     def snapshots(self, user: str, name: str) -> list[Snapshot]:
-        path = self._data(user) / "snapshots" / check_name(name)
+        path = self._existing(user) / "snapshots" / check_name(name)
         if not path.is_dir():
             return []
         out = []
@@ -253,11 +259,11 @@ class WorkspaceStore:
 
     def has_snapshot(self, user: str, name: str, snapshot: str) -> bool:
         check_name(snapshot, "snapshot")
-        return (self._data(user) / "snapshots" / check_name(name) / f"{snapshot}.tar").is_file()
+        return (self._existing(user) / "snapshots" / check_name(name) / f"{snapshot}.tar").is_file()
 
     def delete_snapshot(self, user: str, name: str, snapshot: str) -> None:
         check_name(snapshot, "snapshot")
-        path = self._data(user) / "snapshots" / check_name(name) / f"{snapshot}.tar"
+        path = self._existing(user) / "snapshots" / check_name(name) / f"{snapshot}.tar"
         try:
             path.unlink()
         except FileNotFoundError:

@@ -32,6 +32,10 @@ async def _user(request: Request) -> tuple[Any, str] | Response:
         return _error(exc.status, exc.code, exc.message)
     if gl.manager is None:
         return _error(503, "busy", "the server is starting")
+    if not gl.manager.take_token(user):  # a listing walks the user's files: held to the same rate as requests
+        gl.metrics.error("rate_limited")
+        s = gl.settings
+        return _error(429, "rate_limited", f"over {s.rate_per_s:g} requests/s (burst {s.rate_burst})")
     if not gl.manager.workspaces.enabled:
         return _error(404, "not_found", "this server has no named workspaces (GROUNDLOOP_WORKSPACE_DIR is not set)")
     return gl, user

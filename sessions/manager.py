@@ -218,6 +218,10 @@ class SessionManager:
             )
         return None
 
+    def take_token(self, user: str) -> bool:
+        """One request of ``user`` outside a session (an HTTP route): False when over the token bucket."""
+        return self._bucket(user).take(time.monotonic())
+
     def _bucket(self, user: str) -> TokenBucket:
         bucket = self._buckets.get(user)
         if bucket is None:

@@ -17,7 +17,8 @@ Every refusal is a ``WorkspaceError`` with a protocol error code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from groundloop.sandbox.settings import SandboxSettings, parse_size
@@ -60,7 +61,7 @@ class Workspaces:
             )
         self._tools: Any = None
         self._in_use: dict[tuple[str, str], int] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -71,8 +72,23 @@ class Workspaces:
             raise WorkspaceError("this server has no named workspaces (GROUNDLOOP_WORKSPACE_DIR is not set)")
         return self.store
 
-    def _lock(self, user: str, name: str) -> asyncio.Lock:
-        return self._locks.setdefault((user, name), asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, user: str, name: str) -> AsyncIterator[None]:
+        """The workspace's lock, forgotten when nobody holds or awaits it (any name a client sends
+        would otherwise stay in the table)."""
+        key = (user, name)
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
 
     @property
     def tools(self) -> Any:
@@ -129,7 +145,6 @@ class Workspaces:
             if self.in_use(user, name):
                 raise WorkspaceError(f"workspace {name!r} is open in a session", "in_use")
             await _finish_even_if_cancelled(asyncio.to_thread(store.delete, user, name))
-        self._locks.pop((user, name), None)
 
     async def delete_snapshot(self, user: str, name: str, snapshot: str) -> None:
         store = self._need_store()

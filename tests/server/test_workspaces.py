@@ -87,6 +87,8 @@ async def test_files_outlive_the_session_an_idle_close_and_a_server_restart(tmp_
     # the server is gone, its containers removed and the user's filesystem unmounted
     assert str(tmp_path) not in mounts()
     async with run_server(settings(tmp_path, runtime)) as server:
+        async with http(server) as h:  # listed before any session opens it again
+            assert [w["name"] for w in (await h.get("/v1/workspaces")).json()["workspaces"]] == ["w"]
         async with open_ws(server, "w") as c:
             assert await run(c, "print(sorted(os.listdir('.')) if (os := __import__('os')) else 0)") == (
                 "['keep.txt', 'more.txt']\n"
