@@ -135,6 +135,7 @@ class WorkspaceStore:
             udir = self._user_dir(user)
             data = udir / "data"
             if self.mode == "loop" and os.path.ismount(data):
+                self._mounted.add(data)  # also one a killed server left: this one unmounts it at its close
                 return data
             udir.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self.root, 0o711)
