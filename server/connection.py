@@ -29,6 +29,7 @@ from groundloop.sessions.errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_DRAINING,
     CLOSE_FORBIDDEN,
+    CLOSE_INTERNAL,
     CLOSE_NOT_FOUND,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TAKEN_OVER,
@@ -147,7 +148,8 @@ class Connection:
             await self._fail("sandbox_unavailable", f"no sandbox could be started: {exc}", CLOSE_TRY_LATER)
             return False
         except WorkspaceError as exc:  # a bad name, no workspaces here, the quota (sessions/workspaces.py)
-            await self._fail(exc.code, f"workspace {shown(workspace)}: {exc.message}", CLOSE_BAD_REQUEST)
+            close = CLOSE_INTERNAL if exc.code == "internal" else CLOSE_BAD_REQUEST
+            await self._fail(exc.code, f"workspace {shown(workspace)}: {exc.message}", close)
             return False
         self.session = session
         await session.attach(self)

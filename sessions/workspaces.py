@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from groundloop.sandbox.settings import SandboxSettings, parse_size
@@ -35,6 +35,15 @@ ERROR_NAMES = {
     "no_workspace": "NoWorkspace",
     "internal": "WorkspaceError",
 }
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread; a file system error (a root the server may not write, a disk
+    error) becomes a WorkspaceError that says so, instead of a server bug."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except OSError as exc:
+        raise WorkspaceError(f"the workspace store failed: {exc}", "internal") from None
 
 
 async def _finish_even_if_cancelled(aw: Awaitable[T]) -> T:
@@ -113,7 +122,7 @@ class Workspaces:
         self._in_use[key] = self._in_use.get(key, 0) + 1  # before the wait: a delete meanwhile is refused
         try:
             async with self._lock(user, name):
-                return await _finish_even_if_cancelled(asyncio.to_thread(store.open, user, name))
+                return await _finish_even_if_cancelled(_in_thread(store.open, user, name))
         except BaseException:
             self.release(user, name)
             raise
@@ -133,7 +142,7 @@ class Workspaces:
 
     async def list(self, user: str) -> dict[str, Any]:
         store = self._need_store()
-        listing = await asyncio.to_thread(store.list, user)
+        listing = await _in_thread(store.list, user)
         for ws in listing["workspaces"]:
             ws["in_use"] = self.in_use(user, ws["name"])
         return listing
@@ -144,12 +153,12 @@ class Workspaces:
         async with self._lock(user, name):
             if self.in_use(user, name):
                 raise WorkspaceError(f"workspace {name!r} is open in a session", "in_use")
-            await _finish_even_if_cancelled(asyncio.to_thread(store.delete, user, name))
+            await _finish_even_if_cancelled(_in_thread(store.delete, user, name))
 
     async def delete_snapshot(self, user: str, name: str, snapshot: str) -> None:
         store = self._need_store()
         async with self._lock(user, name):
-            await asyncio.to_thread(store.delete_snapshot, user, check_name(name), snapshot)
+            await _in_thread(store.delete_snapshot, user, check_name(name), snapshot)
 
     # ---- snapshots (a session's requests)
 
@@ -158,10 +167,10 @@ class Workspaces:
         snapshot = check_name(snapshot, "snapshot") if snapshot is not None else new_snapshot_id()
         async with self._lock(user, name):
             if store.mode == "measured":
-                await asyncio.to_thread(store.check_room, user)
-            snapdir = await asyncio.to_thread(store.snapshot_dir, user, name)
+                await _in_thread(store.check_room, user)
+            snapdir = await _in_thread(store.snapshot_dir, user, name)
             await self._tool(self.tools.snapshot(workspace, snapdir, snapshot))
-            snaps = {s.id: s for s in await asyncio.to_thread(store.snapshots, user, name)}
+            snaps = {s.id: s for s in await _in_thread(store.snapshots, user, name)}
         made = snaps.get(snapshot)
         return {"snapshot": snapshot, "size": made.size if made else 0}
 
@@ -169,15 +178,15 @@ class Workspaces:
         store = self._need_store()
         check_name(snapshot, "snapshot")
         async with self._lock(user, name):
-            if not await asyncio.to_thread(store.has_snapshot, user, name, snapshot):
+            if not await _in_thread(store.has_snapshot, user, name, snapshot):
                 raise WorkspaceError(f"no snapshot {snapshot!r} of workspace {name!r}", "not_found")
-            snapdir = await asyncio.to_thread(store.snapshot_dir, user, name)
+            snapdir = await _in_thread(store.snapshot_dir, user, name)
             await self._tool(self.tools.restore(workspace, snapdir, snapshot))
         return {"snapshot": snapshot}
 
     async def snapshots(self, user: str, name: str) -> list[dict[str, Any]]:
         store = self._need_store()
-        return [s.__dict__ for s in await asyncio.to_thread(store.snapshots, user, name)]
+        return [s.__dict__ for s in await _in_thread(store.snapshots, user, name)]
 
     async def _tool(self, aw: Awaitable[None]) -> None:
         from groundloop.sandbox.workspace_tools import ToolFailed
@@ -191,4 +200,4 @@ class Workspaces:
 
     async def close(self) -> None:
         if self.store is not None:
-            await asyncio.to_thread(self.store.close)
+            await _in_thread(self.store.close)
