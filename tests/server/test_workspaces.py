@@ -249,3 +249,13 @@ async def test_a_lost_sandbox_is_replaced_on_the_same_workspace(tmp_path, runtim
                 break
         assert frame["sandbox"]["workspace"] == "w"
         assert await run(c, "print(open('f.txt').read(), 'x' in globals())") == "still here False\n"
+
+
+async def test_a_store_that_cannot_be_written_is_an_internal_error_not_a_crash(tmp_path):
+    root = tmp_path / "not-a-directory"
+    root.write_text("")
+    async with run_server(settings(root)) as server:
+        code, frames = await refused(server, "workspace=w")
+        assert code == 1011 and frames[0]["code"] == "internal" and "store failed" in frames[0]["message"]
+        async with await WSClient.connect(server.url, token="tok1") as c:  # the server goes on
+            assert await run(c, "print('fine')") == "fine\n"
