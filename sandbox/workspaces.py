@@ -206,7 +206,7 @@ class WorkspaceStore:
         if used >= self.quota:
             raise WorkspaceError(f"the user's workspaces use {used} bytes, the quota is {self.quota}", "quota_exceeded")
 
-    def list(self, user: str) -> dict:
+    def listing(self, user: str) -> dict:
         data = self._existing(user)
         names = sorted(p.name for p in (data / "workspaces").iterdir()) if (data / "workspaces").is_dir() else []
         return {

@@ -50,7 +50,7 @@ async def list_workspaces(request: Request) -> Response:
     if isinstance(who, Response):
         return who
     gl, user = who
-    return JSONResponse(await gl.manager.workspaces.list(user))
+    return JSONResponse(await gl.manager.workspaces.listing(user))
 
 
 async def delete_workspace(request: Request) -> Response:

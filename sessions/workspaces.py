@@ -140,9 +140,9 @@ class Workspaces:
 
     # ---- listing and deleting (HTTP)
 
-    async def list(self, user: str) -> dict[str, Any]:
+    async def listing(self, user: str) -> dict[str, Any]:
         store = self._need_store()
-        listing = await _in_thread(store.list, user)
+        listing = await _in_thread(store.listing, user)
         for ws in listing["workspaces"]:
             ws["in_use"] = self.in_use(user, ws["name"])
         return listing

@@ -39,7 +39,7 @@ def test_measured_mode_layout_quota_and_delete(tmp_path):
     assert store.open("bob", "w") != path
     with open(os.path.join(path, "big"), "wb") as f:
         f.write(b"x" * (2 << 20))
-    listing = store.list("alice")
+    listing = store.listing("alice")
     assert listing["mode"] == "measured" and listing["used"] >= 2 << 20
     assert [w["name"] for w in listing["workspaces"]] == ["w"]
     with pytest.raises(WorkspaceError) as info:
@@ -52,7 +52,7 @@ def test_measured_mode_layout_quota_and_delete(tmp_path):
     os.symlink(outside, os.path.join(path, "link"))
     store.delete("alice", "w")
     assert outside.read_text() == "keep"
-    assert store.list("alice")["workspaces"] == []
+    assert store.listing("alice")["workspaces"] == []
     with pytest.raises(WorkspaceError) as info:
         store.delete("alice", "w")
     assert info.value.code == "not_found"

@@ -35,7 +35,7 @@ async def test_in_use_refuses_delete_until_released(tmp_path):
         assert info.value.code == "in_use"
         ws.release("alice", "w")
     await ws.delete("alice", "w")
-    assert (await ws.list("alice"))["workspaces"] == []
+    assert (await ws.listing("alice"))["workspaces"] == []
 
 
 async def test_the_lock_table_forgets_every_name(tmp_path):
