@@ -112,7 +112,9 @@ class WorkspaceStore:
         if mode == "auto":
             mode = "loop" if loop_available() else "measured"
         self.mode = mode
-        self._lock = threading.Lock()  # mounts and deletions; the calls come from worker threads
+        # Mounts, unmounts and the directories made in a mounted filesystem: a user's last workspace
+        # deleted (unmount) while another of theirs is being made must not race. Calls come from threads.
+        self._lock = threading.RLock()
         self._mounted: set[Path] = set()
 
     # ---- paths
@@ -179,14 +181,15 @@ class WorkspaceStore:
     def open(self, user: str, name: str) -> str:
         """The host directory of ``user``'s workspace ``name`` (created when new), for a bind mount."""
         check_name(name)
-        data = self._ensure_user(user)
-        path = data / "workspaces" / name
-        if not path.is_dir():
-            if self.mode == "measured":
-                self.check_room(user)
-            path.mkdir(mode=0o755)
-            os.chown(path, SANDBOX_UID, SANDBOX_UID)
-        return str(path)
+        with self._lock:
+            data = self._ensure_user(user)
+            path = data / "workspaces" / name
+            if not path.is_dir():
+                if self.mode == "measured":
+                    self.check_room(user)
+                path.mkdir(mode=0o755)
+                os.chown(path, SANDBOX_UID, SANDBOX_UID)
+            return str(path)
 
     def exists(self, user: str, name: str) -> bool:
         return (self._existing(user) / "workspaces" / check_name(name)).is_dir()
@@ -241,11 +244,12 @@ class WorkspaceStore:
     def snapshot_dir(self, user: str, name: str) -> str:
         """The host directory of workspace ``name``'s snapshots, created (owned by the sandbox uid)."""
         check_name(name)
-        path = self._ensure_user(user) / "snapshots" / name
-        if not path.is_dir():
-            path.mkdir(mode=0o755)
-            os.chown(path, SANDBOX_UID, SANDBOX_UID)
-        return str(path)
+        with self._lock:
+            path = self._ensure_user(user) / "snapshots" / name
+            if not path.is_dir():
+                path.mkdir(mode=0o755)
+                os.chown(path, SANDBOX_UID, SANDBOX_UID)
+            return str(path)
 
     def snapshots(self, user: str, name: str) -> list[Snapshot]:
         path = self._existing(user) / "snapshots" / check_name(name)
