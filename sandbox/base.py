@@ -129,6 +129,7 @@ class Sandbox:
         self.runtime = runtime
         self.image = image
         self.warm = False
+        self.workspace: str | None = None  # the host directory bound at /workspace, if any
         self.state = State.STARTING
         self.hello: dict[str, Any] = {}
         self.created = time.monotonic()

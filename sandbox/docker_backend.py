@@ -79,8 +79,9 @@ def memory_guard_bytes(settings: SandboxSettings) -> int | None:
     return guard_threshold(parse_size(settings.memory))
 
 
-def hardening(settings: SandboxSettings) -> dict[str, Any]:
-    """Host config of every sandbox container (keyword arguments of create_host_config)."""
+def hardening(settings: SandboxSettings, workspace: str | None = None) -> dict[str, Any]:
+    """Host config of every sandbox container (keyword arguments of create_host_config).
+    ``workspace``: a host directory (sandbox/workspaces.py) bound at /workspace instead of the tmpfs."""
     import docker.types
 
     mem = parse_size(settings.memory)
@@ -95,16 +96,21 @@ def hardening(settings: SandboxSettings) -> dict[str, Any]:
         nproc = guest_process_cap(settings)
         ulimits.append(docker.types.Ulimit(name="nproc", soft=nproc, hard=nproc))
         pids = nproc * GVISOR_HOST_TASKS_PER_PROCESS + GVISOR_HOST_TASKS_BASE
+    tmpfs = {
+        "/tmp": f"rw,nosuid,nodev,size={settings.tmp_size},mode=1777",
+        "/workspace": f"rw,nosuid,nodev,size={settings.workspace_size},uid=1000,gid=1000,mode=0755",
+    }
+    extra: dict[str, Any] = {}
+    if workspace is not None:
+        del tmpfs["/workspace"]
+        extra["binds"] = {workspace: {"bind": "/workspace", "mode": "rw"}}
     return {
         # No docker-init: it would hold the agent's stdio as a dumpable pid 1, open to the code
         # through /proc/1/fd. The agent's own pid 1 reaps instead (sandbox/agent/groundloop_agent/init.py).
         "init": False,
         "network_mode": "none",
         "read_only": True,
-        "tmpfs": {
-            "/tmp": f"rw,nosuid,nodev,size={settings.tmp_size},mode=1777",
-            "/workspace": f"rw,nosuid,nodev,size={settings.workspace_size},uid=1000,gid=1000,mode=0755",
-        },
+        "tmpfs": tmpfs,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],
         "pids_limit": pids,
@@ -116,11 +122,13 @@ def hardening(settings: SandboxSettings) -> dict[str, Any]:
         "auto_remove": True,
         "ipc_mode": "private",
         "runtime": settings.runtime or None,
+        **extra,
     }
 
 
 class DockerBackend:
     name = "docker"
+    supports_workspaces = True
 
     def __init__(self, settings: SandboxSettings, instance: str | None = None, client: Any = None):
         self.settings = settings
@@ -199,15 +207,19 @@ class DockerBackend:
         return env
 
     def create_and_attach(
-        self, session_id: str, command: list[str] = AGENT_CMD, run_dir: str | None = None
+        self,
+        session_id: str,
+        command: list[str] = AGENT_CMD,
+        run_dir: str | None = None,
+        workspace: str | None = None,
     ) -> tuple[str, socket.socket]:
         """Create a hardened container running ``command``, attach a non-blocking socket to its
         stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way.
         ``run_dir`` (sandbox/rundir.py) is mounted at /run/groundloop."""
         api = self.client.api
-        config = hardening(self.settings)
+        config = hardening(self.settings, workspace)
         if run_dir is not None:
-            config["binds"] = rundir.mount(run_dir)
+            config["binds"] = {**config.get("binds", {}), **rundir.mount(run_dir)}
         host_config = api.create_host_config(**config)
         created = api.create_container(
             self.settings.image,
@@ -257,7 +269,7 @@ class DockerBackend:
             raise
         return run_dir, gate
 
-    async def start(self, session_id: str) -> Sandbox:
+    async def start(self, session_id: str, workspace: str | None = None) -> Sandbox:
         run_dir, gate = await self._egress_gate(session_id)
 
         async def release() -> None:
@@ -268,7 +280,9 @@ class DockerBackend:
 
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
         # so no container or socket is left without an owner.
-        work = asyncio.ensure_future(asyncio.to_thread(self.create_and_attach, session_id, AGENT_CMD, run_dir))
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self.create_and_attach, session_id, AGENT_CMD, run_dir, workspace)
+        )
         try:
             cid, sock = await asyncio.shield(work)
         except asyncio.CancelledError:

@@ -174,9 +174,17 @@ class Engine:
 
     # ---- sandboxes
 
-    async def acquire(self) -> Sandbox:
-        """A started sandbox: from the pool when one is free, otherwise cold."""
+    async def acquire(self, workspace: str | None = None) -> Sandbox:
+        """A started sandbox: from the pool when one is free, otherwise cold. With ``workspace`` (a host
+        directory, sandbox/workspaces.py), always cold: pool sandboxes have a tmpfs at /workspace."""
         t0 = time.perf_counter()
+        if workspace is not None:
+            if not getattr(self.backend, "supports_workspaces", False):
+                raise SandboxUnavailable(f"the {self.backend.name} backend has no named workspaces")
+            sb = await self._start_one(warm=False, workspace=workspace)
+            self.cold_starts += 1
+            self.hooks.sandbox_acquired("cold", time.perf_counter() - t0)
+            return sb
         while self._ready:
             sb = self._ready.popleft()
             if sb.alive:
@@ -198,7 +206,7 @@ class Engine:
     async def replace(self, sb: Sandbox) -> Sandbox:
         """A new sandbox for one that died; the old one is removed."""
         await self._discard(sb)
-        return await self.acquire()
+        return await self.acquire(sb.workspace)
 
     async def _discard(self, sb: Sandbox) -> None:
         self._live.discard(sb)
@@ -207,7 +215,7 @@ class Engine:
         finally:
             self._changed()
 
-    async def _start_one(self, warm: bool) -> Sandbox:
+    async def _start_one(self, warm: bool, workspace: str | None = None) -> Sandbox:
         if self._closed:
             raise SandboxUnavailable("the sandbox engine is shutting down")
         self._starting += 1
@@ -215,7 +223,12 @@ class Engine:
         self._changed()
         t0 = time.perf_counter()
         try:
-            sb = await self.backend.start(new_session_id(self.settings.server_id))
+            sid = new_session_id(self.settings.server_id)
+            sb = await (
+                self.backend.start(sid, workspace=workspace)  # type: ignore[call-arg]
+                if workspace
+                else self.backend.start(sid)
+            )
         except SandboxUnavailable as exc:
             self.last_error = str(exc)
             raise
@@ -224,6 +237,7 @@ class Engine:
             self._warming -= warm
         self.last_error = None
         sb.warm = warm
+        sb.workspace = workspace
         self._live.add(sb)
         self.hooks.sandbox_started(time.perf_counter() - t0)
         self._changed()

@@ -191,3 +191,17 @@ class SandboxSettings:
         "an upload_file with no chunk for this long is dropped (its temporary file too)",
     )
     max_terminals: int = env("GROUNDLOOP_MAX_TERMINALS", 4, "terminals open at once per session (open_terminal)")
+    workspace_dir: str = env(
+        "GROUNDLOOP_WORKSPACE_DIR",
+        "",
+        "host directory of the named workspaces (`?workspace=` at connect; docs/workspaces.md); empty: none",
+    )
+    workspace_quota: str = env(
+        "GROUNDLOOP_WORKSPACE_QUOTA", "1g", "disk per user for all of their workspaces and snapshots"
+    )
+    workspace_quota_mode: str = env(
+        "GROUNDLOOP_WORKSPACE_QUOTA_MODE",
+        "auto",
+        "`loop` (a loop-mounted ext4 image per user: a hard limit; needs root), `measured` (usage checked "
+        "before a new workspace or snapshot), `auto` (loop when possible)",
+    )

@@ -30,7 +30,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from . import http
+from . import http, workspaces_http
 from .auth import Authenticator, LoopbackHostOnly
 from .connection import websocket_endpoint
 from .metrics import Metrics
@@ -166,6 +166,9 @@ def create_app(
         Route("/readyz", http.readyz),
         Route("/metrics", http.metrics),
         Route("/v1/validate-code", http.validate_code, methods=["POST"]),
+        Route("/v1/workspaces", workspaces_http.list_workspaces, methods=["GET"]),
+        Route("/v1/workspaces/{name}", workspaces_http.delete_workspace, methods=["DELETE"]),
+        Route("/v1/workspaces/{name}/snapshots/{snapshot}", workspaces_http.delete_snapshot, methods=["DELETE"]),
     ]
     static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
     if static.is_dir():

@@ -23,12 +23,14 @@ import time
 from typing import TYPE_CHECKING
 
 from groundloop.sandbox.base import SandboxError
+from groundloop.sandbox.workspaces import WorkspaceError
 from groundloop.sessions import logs
 from groundloop.sessions.egress import parse_param as parse_egress
 from groundloop.sessions.errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_DRAINING,
     CLOSE_FORBIDDEN,
+    CLOSE_INTERNAL,
     CLOSE_NOT_FOUND,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TAKEN_OVER,
@@ -39,7 +41,7 @@ from groundloop.sessions.errors import (
     LimitError,
 )
 from groundloop.sessions.outbox import ResumeError
-from groundloop.sessions.protocol import encode, error_frame, with_seq
+from groundloop.sessions.protocol import encode, error_frame, shown, with_seq
 from groundloop.sessions.session import Session, SessionClosed
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
@@ -110,7 +112,7 @@ class Connection:
         if resume is not None:
             ok = await self._resume(resume, q.get("last_seq", "0"))
         else:
-            ok = await self._new()
+            ok = await self._new(q.get("workspace"))
         if not ok:
             return
         session = self.session
@@ -132,7 +134,7 @@ class Connection:
                 seconds=round(time.monotonic() - self.t0, 3),
             )
 
-    async def _new(self) -> bool:
+    async def _new(self, workspace: str | None = None) -> bool:
         try:
             egress = parse_egress(self.ws.query_params.get("egress"))
         except ValueError as exc:
@@ -140,7 +142,7 @@ class Connection:
             return False
         try:
             assert self.gl.manager is not None  # set before the first connection is accepted
-            session = await self.gl.manager.create(self.user, egress=egress)
+            session = await self.gl.manager.create(self.user, workspace, egress=egress)
         except LimitError as exc:
             # A draining server tells the client to connect again at once: the proxy has taken it
             # out of rotation, so the next connection reaches another server (server/drain.py).
@@ -150,6 +152,10 @@ class Connection:
             return False
         except SandboxError as exc:
             await self._fail("sandbox_unavailable", f"no sandbox could be started: {exc}", CLOSE_TRY_LATER)
+            return False
+        except WorkspaceError as exc:  # a bad name, no workspaces here, the quota (sessions/workspaces.py)
+            close = CLOSE_INTERNAL if exc.code == "internal" else CLOSE_BAD_REQUEST
+            await self._fail(exc.code, f"workspace {shown(workspace)}: {exc.message}", close)
             return False
         self.session = session
         await session.attach(self)

@@ -28,6 +28,7 @@ ERROR_CODES = {
     "llm_unavailable": "assist needs ANTHROPIC_API_KEY (or the model API is unreachable)",
     "draining": "this server is draining (shutting down): connect again, without `session`, to reach another",
     "internal": "a server bug; the message says what",
+    "quota_exceeded": "the user's named workspaces are at their quota (docs/workspaces.md)",
 }
 
 # WebSocket close codes used by the server.

@@ -30,6 +30,7 @@ from .errors import CLOSE_RESTART, CLOSE_SESSION_CLOSED, LimitError
 from .protocol import Request
 from .seams import Assistant, SessionMetrics, SessionSettings
 from .session import Session
+from .workspaces import Workspaces
 
 
 class TokenBucket:
@@ -69,6 +70,7 @@ class SessionManager:
         self._reaper: asyncio.Task[None] | None = None
         self.closing = False
         self.draining = False
+        self.workspaces = Workspaces(settings.sandbox, engine.backend)
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_loop(), name="session-reaper")
@@ -87,9 +89,10 @@ class SessionManager:
     def user_sessions(self, user: str) -> list[Session]:
         return [s for s in self.sessions.values() if s.user == user and s.live]
 
-    async def create(self, user: str, egress: list[str] | None = None) -> Session:
-        """A new session holding a fresh sandbox. Raises LimitError or SandboxError.
-        ``egress`` narrows the server's egress allow-list for this session (sessions/egress.py)."""
+    async def create(self, user: str, workspace: str | None = None, egress: list[str] | None = None) -> Session:
+        """A new session holding a fresh sandbox; with ``workspace``, that named workspace of the user's
+        at /workspace (sessions/workspaces.py). ``egress`` narrows the server's egress allow-list for this
+        session (sessions/egress.py). Raises LimitError, SandboxError or WorkspaceError."""
         if self.draining:
             raise LimitError("this server is draining: connect again to reach another", code="draining")
         if self.closing:
@@ -98,15 +101,29 @@ class SessionManager:
         if n >= self.settings.max_sessions_per_user:
             raise LimitError(f"user has {n} sessions, the limit is {self.settings.max_sessions_per_user}", code="busy")
         with self._holding(user):
-            sb = await self.engine.acquire()
+            if workspace is None:
+                sb = await self.engine.acquire()
+            else:
+                sb = await self._acquire_with_workspace(user, workspace)
         if self.closing:
             await self.engine.release(sb)
+            if workspace is not None:
+                self.workspaces.release(user, workspace)
             raise LimitError("the server is shutting down", code="busy")
         session = Session(user=user, sandbox=sb, manager=self, egress=egress)
+        session.workspace = workspace
         self.sessions[session.id] = session
         self.metrics.sessions.set(len(self.sessions))
         logs.event("session_created", user=user, session=session.id, warm=sb.warm)
         return session
+
+    async def _acquire_with_workspace(self, user: str, workspace: str):
+        path = await self.workspaces.open(user, workspace)
+        try:
+            return await self.engine.acquire(path)
+        except BaseException:
+            self.workspaces.release(user, workspace)
+            raise
 
     def find(self, user: str, session_id: str) -> Session | None:
         s = self.sessions.get(session_id)
@@ -174,7 +191,8 @@ class SessionManager:
         try:
             await session.close(reason, code)
         finally:
-            self.sessions.pop(session.id, None)
+            if self.sessions.pop(session.id, None) is not None and session.workspace is not None:
+                self.workspaces.release(session.user, session.workspace)
             self.metrics.sessions.set(len(self.sessions))
 
     # ---- limits
@@ -200,6 +218,10 @@ class SessionManager:
                 id=req.id,
             )
         return None
+
+    def take_token(self, user: str) -> bool:
+        """One request of ``user`` outside a session (an HTTP route): False when over the token bucket."""
+        return self._bucket(user).take(time.monotonic())
 
     def _bucket(self, user: str) -> TokenBucket:
         bucket = self._buckets.get(user)
@@ -248,4 +270,5 @@ class SessionManager:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.workspaces.close()
         logs.event("sessions_closed", logging.INFO, count=len(sessions))

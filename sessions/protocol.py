@@ -68,6 +68,9 @@ SPECS: dict[str, dict[str, tuple[str, bool]]] = {
     "terminal_input": {"terminal": (_ID, True), "data": (_STR, True), "encoding": (_STR, False)},
     "resize_terminal": {"terminal": (_ID, True), "cols": (_INT, True), "rows": (_INT, True)},
     "close_terminal": {"terminal": (_ID, True)},
+    "snapshot": {"snapshot": (_STR, False)},
+    "restore": {"snapshot": (_STR, True)},
+    "list_snapshots": {},
 }
 REQUEST_TYPES = frozenset(SPECS)
 # Requests that run code or commands: audited, and counted in execution metrics.

@@ -62,6 +62,7 @@ from .protocol import (
 from .seams import Conn
 from .streaming import AgentOps
 from .transfers import RequestFailed
+from .workspace_ops import WORKSPACE_REQUESTS, run_workspace_request
 
 if TYPE_CHECKING:
     from .manager import SessionManager
@@ -91,7 +92,7 @@ class SessionClosed(Exception):
 Handler = Callable[[InFlight], Awaitable[dict[str, Any]]]
 # Every request type but cancel (answered in place) that is neither answered in place
 # (ping) nor run by a handler of its own (assist) is an op of the sandbox agent.
-AGENT_OPS = REQUEST_TYPES - {"cancel", "ping", "assist"}
+AGENT_OPS = REQUEST_TYPES - {"cancel", "ping", "assist"} - WORKSPACE_REQUESTS
 
 
 class Session:
@@ -115,6 +116,7 @@ class Session:
         self.requests = RequestTable()
         self.ops = AgentOps(self)
         self.procs: dict[Any, Any] = {}  # process id -> the id of the request that started it
+        self.workspace: str | None = None  # the named workspace at /workspace (set by the manager)
         self.created = time.monotonic()
         self.last_activity = self.created
         self.detached_at: float | None = None
@@ -129,6 +131,8 @@ class Session:
         self._start: dict[str, Callable[[InFlight], None]] = dict.fromkeys(AGENT_OPS, self._start_agent_op)
         self._start["ping"] = self._answer_ping
         self._start["assist"] = self._start_assist
+        for kind in WORKSPACE_REQUESTS:
+            self._start[kind] = lambda r: self._start_task(r, partial(run_workspace_request, self))
         sandbox.set_listener(self._make_listener(sandbox))
         self.egress = SessionEgress(
             user=user, session=self.id, sandbox_settings=s.sandbox, metrics=self.metrics, narrow=egress
@@ -223,7 +227,7 @@ class Session:
 
     def sandbox_info(self) -> dict[str, Any]:
         sb = self.sb
-        return {
+        info = {
             "backend": sb.backend,
             "runtime": sb.runtime,
             "image": sb.image,
@@ -233,6 +237,9 @@ class Session:
             and bool(sb.hello.get("egress"))
             and self.egress.describe()["enabled"],
         }
+        if self.workspace is not None:
+            info["workspace"] = self.workspace
+        return info
 
     def limits(self) -> dict[str, Any]:
         s, sb = self.settings, self.settings.sandbox

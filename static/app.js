@@ -204,7 +204,10 @@ const { Cell, AssistCell } = makeCells({ append, scrollSoon, cancel: (id) => can
 
 /* ---- requests --------------------------------------------------------------- */
 
-const wsUrl = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/v1/ws`;
+// The page's own ?workspace=<name> opens that named workspace of the user's (docs/page.md).
+const pageWorkspace = new URLSearchParams(location.search).get("workspace");
+const wsUrl = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/v1/ws` +
+  (pageWorkspace ? `?workspace=${encodeURIComponent(pageWorkspace)}` : "");
 // renewExpired: a page starts a fresh session when the server forgot its own (and says so).
 const client = new Session(wsUrl, { token: store.get("token", ""), renewExpired: true, pingIntervalMs: 20000,
   healthUrl: new URL("/healthz", location.href).href });
@@ -356,10 +359,12 @@ client.on("ready", ({ frame, fresh, expired, drained }) => {
   $("sb-session").textContent = (frame.session_id || "").slice(0, 12) || "–";
   $("sb-session").title = frame.session_id || "";
   const sb = frame.sandbox || {};
-  $("sb-sandbox").textContent = [sb.backend, sb.runtime, sb.warm ? "warm" : sb.warm === false ? "cold" : ""].filter(Boolean).join(" · ") || "–";
+  $("sb-sandbox").textContent = [sb.backend, sb.runtime, sb.warm ? "warm" : sb.warm === false ? "cold" : "",
+    sb.workspace ? `workspace ${sb.workspace}` : ""].filter(Boolean).join(" · ") || "–";
   $("sb-sandbox").title = sb.image || "";
-  if (drained) notice("The server restarted: started a fresh session on another server (variables and files are gone).", "warn");
-  else if (expired) notice("The previous session expired on the server: started a fresh session (variables and files are gone).", "warn");
+  const lost = pageWorkspace ? "variables are gone, the workspace's files are kept" : "variables and files are gone";
+  if (drained) notice(`The server restarted: started a fresh session on another server (${lost}).`, "warn");
+  else if (expired) notice(`The previous session expired on the server: started a fresh session (${lost}).`, "warn");
   else if (!fresh) notice("Reconnected: session resumed, nothing lost.", "muted");
   if (fresh) refreshFiles();
 });

@@ -89,6 +89,9 @@ def test_every_type_with_its_required_fields():
         "terminal_input": {"terminal": "t1", "data": "ls\r"},
         "resize_terminal": {"terminal": 7, "cols": 100, "rows": 30},
         "close_terminal": {"terminal": "t1"},
+        "snapshot": {},
+        "restore": {"snapshot": "s"},
+        "list_snapshots": {},
     }
     assert set(required) == REQUEST_TYPES
     for kind, fields in required.items():

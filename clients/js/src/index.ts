@@ -345,7 +345,7 @@ export class Session extends EventTarget {
       protocols.push(`bearer.${this.token}`);
     }
     const resuming = this.sessionId !== null;
-    const url = resuming ? `${this.url}?session=${encodeURIComponent(this.sessionId!)}&last_seq=${this.lastSeq}` : this.url;
+    const url = resuming ? `${this.url}${this.url.includes("?") ? "&" : "?"}session=${encodeURIComponent(this.sessionId!)}&last_seq=${this.lastSeq}` : this.url;
     this.setState("connecting", resuming ? "resuming session" : "new session");
     let ws: Socket;
     try {
