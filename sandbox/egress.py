@@ -379,7 +379,7 @@ class EgressGate:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         seen: list[Address] = []
         for *_, sockaddr in infos:
-            addr = ipaddress.ip_address(sockaddr[0].split("%")[0])
+            addr = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
             if addr not in seen:
                 seen.append(addr)
         return seen

@@ -246,7 +246,8 @@ def _check_files_event(kind: str, ev: dict[str, Any]) -> dict[str, Any]:
         _need(_int(ev.get("offset")) and _int(ev.get("size")), ev, "offset and size as integers")
         return {"ev": kind, "rid": rid, "offset": ev["offset"], "content": ev["content"], "size": ev["size"]}
     events = ev.get("events")
-    _need(isinstance(events, list), ev, "events as a list")
+    if not isinstance(events, list):
+        raise FramingError(f"expected events as a list in a {kind!r} event of the agent")
     clean = []
     for item in events:
         _need(isinstance(item, dict), ev, "file events as objects")

@@ -34,7 +34,7 @@ class RequestFailed(Exception):
 
 
 def prepare(
-    req: Request, params: dict[str, Any], settings: SandboxSettings, requests: RequestTable, deadline: float
+    req: Request, params: dict[str, Any], settings: SandboxSettings, requests: RequestTable, deadline: float | None
 ) -> float | None:
     """Complete ``params`` (the agent's op parameters) of ``req``; its deadline (None: no deadline)."""
     op = req.type
