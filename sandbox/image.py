@@ -69,7 +69,12 @@ def profile_packages(profile: str) -> str:
 
 
 def offline_base(profile: str) -> str:
-    return OFFLINE_BASE if profile == "minimal" else f"{OFFLINE_BASE}-{profile}"
+    """The offline base's tag: named by the profile and its packages, so that a changed package list
+    makes a new base instead of reusing the old one."""
+    if profile == "minimal":
+        return OFFLINE_BASE
+    digest = hashlib.sha256(profile_packages(profile).encode()).hexdigest()[:12]
+    return f"{OFFLINE_BASE}-{profile}-{digest}"
 
 
 def agent_files() -> list[str]:
