@@ -143,8 +143,10 @@ _DONE_FIELDS: dict[str, tuple[type, ...]] = {
     "processes": (list,),
     "found": (bool,),
     "pong": (bool,),
+    "execution_count": (int,),
 }
 _ERROR_FIELDS = ("name", "message", "traceback")
+_ERROR_KINDS = ("user", "request")
 _STREAMS = ("stdout", "stderr")
 
 
@@ -187,6 +189,8 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
             done["error"] = {k: error[k] for k in _ERROR_FIELDS if k in error}
             done["error"].setdefault("name", "Error")
             done["error"].setdefault("message", "")
+            if error.get("kind") in _ERROR_KINDS:  # whose error it is; anything else is left to the server
+                done["error"]["kind"] = error["kind"]
         return done
     elif kind == "pout":
         _need(isinstance(ev.get("proc"), str), ev, "a string proc")
