@@ -267,7 +267,7 @@ async def test_close_session_leaves_no_container(srv):
     finally:
         client.close()
     # the session cannot be resumed
-    with pytest.raises(Exception):
+    with pytest.raises(ConnectionError, match="not_found"):
         await WSClient.connect(srv.url, token="tok1", session=sid, last_seq=1)
 
 
