@@ -456,16 +456,19 @@ class Session:
         language: str = "python",
         context: str | None = None,
         timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
         on_stdout: Callback[str] | None = None,
         on_stderr: Callback[str] | None = None,
         on_result: Callback[R.Result] | None = None,
     ) -> R.Execution:
         """Run ``code`` in a context (the session's default one of ``language`` unless ``context`` is given).
 
-        The callbacks get each line (and each rich result) as it arrives; they may be
-        coroutine functions. The code's own failure is in ``Execution.error``.
+        ``env``: environment variables for this run only. The callbacks get each line (and each rich
+        result) as it arrives; they may be coroutine functions. The code's own failure is in ``Execution.error``.
         """
-        req = await self.request("run_code", code=code, language=language, context=context, timeout_s=timeout_s)
+        req = await self.request(
+            "run_code", code=code, language=language, context=context, timeout_s=timeout_s, env=env
+        )
         done = await self._stream(req, on_stdout, on_stderr, on_result)
         return R.execution(req.id, req.fold, dict(done))
 
