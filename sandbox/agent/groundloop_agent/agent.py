@@ -54,7 +54,7 @@ class Agent(FileOps):
 
     def path(self, p) -> str:
         if not isinstance(p, str) or not p:
-            raise RequestError("ValueError", "path must be a non-empty string")
+            raise RequestError("BadRequest", "path must be a non-empty string")
         return os.path.normpath(os.path.join(WORKDIR, p))
 
     def next_id(self, prefix: str) -> str:
@@ -206,7 +206,7 @@ class Agent(FileOps):
         cancel = self.cancels[rid] = Cancel()
         code = req.get("code")
         if not isinstance(code, str):
-            self.send_done(rid, target, t0, None, RequestError("ValueError", "code must be a string"))
+            self.send_done(rid, target, t0, None, RequestError("BadRequest", "code must be a string"))
             return
         timeout = req.get("timeout_s")
         run = Run(rid, code, target, cancel, float(timeout) if timeout else None, t0, req.get("env") or None)
@@ -321,7 +321,7 @@ class Agent(FileOps):
         """The ``command`` and working directory of an exec or start_process request, checked."""
         command = req.get("command")
         if not isinstance(command, str):
-            raise RequestError("ValueError", "command must be a string")
+            raise RequestError("BadRequest", "command must be a string")
         cwd = self.path(req.get("cwd") or WORKDIR)
         self.check_cwd(cwd)
         return command, cwd
