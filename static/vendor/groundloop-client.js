@@ -795,6 +795,14 @@ export class Session extends EventTarget {
     async deleteContext(context) {
         await this.call("delete_context", { context });
     }
+    /** A fresh worker for the context: its state is gone (a run in progress ends `ContextRestarted`). */
+    async restartContext(context) {
+        await this.call("restart_context", { context });
+    }
+    /** Set the session's environment (under every later run, exec and process); resolves with its names. */
+    async setEnv(env, opts = {}) {
+        return (await this.call("set_env", { env, replace: opts.replace })).names;
+    }
     async listContexts() {
         return (await this.call("list_contexts")).contexts;
     }

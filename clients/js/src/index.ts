@@ -820,6 +820,16 @@ export class Session extends EventTarget {
     await this.call("delete_context", { context });
   }
 
+  /** A fresh worker for the context: its state is gone (a run in progress ends `ContextRestarted`). */
+  async restartContext(context: string): Promise<void> {
+    await this.call("restart_context", { context });
+  }
+
+  /** Set the session's environment (under every later run, exec and process); resolves with its names. */
+  async setEnv(env: Record<string, string>, opts: { replace?: boolean } = {}): Promise<string[]> {
+    return (await this.call("set_env", { env, replace: opts.replace })).names as string[];
+  }
+
   async listContexts(): Promise<ContextInfo[]> {
     return (await this.call("list_contexts")).contexts as ContextInfo[];
   }

@@ -501,6 +501,14 @@ class Session:
     async def delete_context(self, context_id: str) -> None:
         await self.call("delete_context", context=context_id)
 
+    async def restart_context(self, context_id: str) -> None:
+        """A fresh worker for the context: its state is gone (a run in progress ends ``ContextRestarted``)."""
+        await self.call("restart_context", context=context_id)
+
+    async def set_env(self, env: dict[str, str], *, replace: bool = False) -> list[str]:
+        """Set the session's environment (under every later run, exec and process); returns its names."""
+        return list((await self.call("set_env", env=env, replace=replace or None))["names"])
+
     async def list_contexts(self) -> list[R.ContextInfo]:
         return R.contexts(await self.call("list_contexts"))
 
