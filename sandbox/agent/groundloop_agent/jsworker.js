@@ -58,8 +58,14 @@ function errorOf(e) {
 async function run(code, n) {
   const filename = `<cell-${n}>`;
   let script;
+  if (TYPESCRIPT) {
+    try {
+      code = jscell.transpile(code, filename);
+    } catch (e) {
+      return errorOf(e);  // the compiler's own messages
+    }
+  }
   try {
-    if (TYPESCRIPT) code = jscell.transpile(code, filename);
     script = new vm.Script(code, { filename });
   } catch (e) {
     if (!(e instanceof SyntaxError)) return errorOf(e);
