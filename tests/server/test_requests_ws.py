@@ -129,6 +129,13 @@ async def test_javascript_import_and_top_level_await(srv):
         frames = await c.request("run_code", language="javascript", code="[typeof fs.readFileSync, data, twice(21)]")
         assert done_of(frames)["ok"], frames
         assert main_result(frames) == "[ 'function', true, 42 ]"
+        # destructuring and classes of an awaiting cell persist too; an error keeps the cell's line number
+        code = "const { a, b: [c] } = await Promise.resolve({ a: 1, b: [2] });\nclass K { v() { return a + c; } }"
+        assert done_of(await c.request("run_code", language="javascript", code=code))["ok"]
+        frames = await c.request("run_code", language="javascript", code="new K().v()")
+        assert main_result(frames) == "3"
+        bad = done_of(await c.request("run_code", language="javascript", code="await 1;\nnull.x"))["error"]
+        assert bad["name"] == "TypeError" and "<cell-" in bad["traceback"] and ":2:" in bad["traceback"]
         frames = await c.request("run_code", language="javascript", code="(await import('node:os')).platform()")
         assert main_result(frames) == "linux"  # a string result is its own text
 
