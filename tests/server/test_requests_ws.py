@@ -79,6 +79,7 @@ async def test_default_contexts_are_listed_from_the_start(srv):
         for language in languages(c):
             assert listed[f"default-{language}"]["language"] == language
         assert listed["default-python"]["alive"] is False and listed["default-python"]["runs"] == 0
+        await call_ok(c, "delete_context", context="default-bash")  # never started: nothing to delete
         await call_ok(c, "run_code", code="1")
         listed = {x["context_id"]: x for x in (await call_ok(c, "list_contexts"))["contexts"]}
         assert listed["default-python"]["alive"] is True and listed["default-python"]["runs"] == 1

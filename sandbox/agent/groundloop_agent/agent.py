@@ -282,6 +282,8 @@ class Agent(FileOps):
     async def op_delete_context(self, req, target, cancel):
         ctx = self.contexts.pop(req.get("context"), None)
         if ctx is None:
+            if req.get("context") in [f"default-{x}" for x in languages.available()]:
+                return {}  # a default context not started: listed, and as empty as after a delete
             raise RequestError("ContextNotFound", f"no context {req.get('context')!r}")
         ctx.close(RequestError("ContextNotFound", f"context {ctx.id!r} was deleted"))
         return {}
