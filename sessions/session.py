@@ -334,6 +334,8 @@ class Session:
             self.cancel(rid)
         loop = asyncio.get_running_loop()
         until = loop.time() + CLOSE_FLUSH_S
+        # Polled, like the drain (server/drain.py): neither the request table nor the outbox has an event for
+        # "emptied", and this runs once per session.
         while any(rid in self.requests for rid in others) and loop.time() < until:
             await asyncio.sleep(0.01)
         self.manager.own(asyncio.create_task(self._close_after(r.req.id), name=f"close-{self.id[:8]}"))
