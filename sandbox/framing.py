@@ -151,6 +151,7 @@ _DONE_FIELDS: dict[str, tuple[type, ...]] = {
     "bytes": (int,),  # terminal_input
     "cols": (int,),  # resize_terminal
     "rows": (int,),
+    "execution_count": (int,),
 }
 FILE_EVENT_KINDS = ("created", "modified", "deleted", "moved", "overflow")
 # A file event's fields and their types (kind and path are required; nothing else passes).
@@ -163,6 +164,7 @@ _FILE_EVENT_FIELDS: dict[str, tuple[type, ...]] = {
     "message": (str,),
 }
 _ERROR_FIELDS = ("name", "message", "traceback")
+_ERROR_KINDS = ("user", "request")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _STREAMS = ("stdout", "stderr")
 
@@ -206,6 +208,8 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
             done["error"] = {k: error[k] for k in _ERROR_FIELDS if k in error}
             done["error"].setdefault("name", "Error")
             done["error"].setdefault("message", "")
+            if error.get("kind") in _ERROR_KINDS:  # whose error it is; anything else is left to the server
+                done["error"]["kind"] = error["kind"]
         return done
     elif kind == "pout":
         _need(isinstance(ev.get("proc"), str), ev, "a string proc")

@@ -99,7 +99,7 @@ OTHER = "other"
 
 # The bounded label values. Anything else is counted as "other".
 KIND_LABELS = ("run_code", "exec")
-LANGUAGE_LABELS = ("python", "javascript", "shell")
+LANGUAGE_LABELS = ("python", "javascript", "typescript", "bash", "shell")
 # "unavailable": no sandbox could be had; "internal": a server bug ended the request.
 OUTCOME_LABELS = ("ok", "error", "timeout", "cancelled", "lost", "unavailable", "internal")
 SOURCE_LABELS = ("pool", "cold")

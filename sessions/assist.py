@@ -313,7 +313,10 @@ class AssistRunner:
                 await self._reap(current)
         ok = last is None or bool(last["ok"])
         self._iterations_metric(iterations)
-        fields = self._fields(ok, iterations, last, None if ok else last and last.get("error"), usage, timings)
+        error = None if ok else last and last.get("error")
+        if error and "kind" not in error:  # the model's code failed a syntax check: the code's error
+            error = {**error, "kind": "user"}
+        fields = self._fields(ok, iterations, last, error, usage, timings)
         if ok and last is not None and self.cache is not None and context is None:
             self.cache.put(key, {"code": last["code"], "iterations": iterations})
         return fields
@@ -489,7 +492,7 @@ class AssistRunner:
                 output="",
                 duration_ms=0.0,
                 ran=False,
-                error={"name": "PolicyViolation", "message": reason},
+                error={"name": "PolicyViolation", "message": reason, "kind": "request"},
             )
         syntax = await check_syntax(code, language)
         if syntax is not None:

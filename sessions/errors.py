@@ -17,7 +17,7 @@ WebSocket close codes the server uses. docs/protocol.md mirrors both.
 from __future__ import annotations
 
 ERROR_CODES = {
-    "bad_request": "the frame is not valid JSON, has an unknown type, or a field is missing or wrong",
+    "bad_request": "the frame is not valid JSON, has an unknown type, or a field is missing, unknown or wrong",
     "unauthorized": "no token, or a token that is not configured",
     "forbidden": "the Origin is not allowed",
     "not_found": "no such session (or it belongs to another user), or no such request for cancel",

@@ -198,14 +198,15 @@ class SessionManager:
     # ---- limits
 
     def check_limits(self, session: Session, req: Request) -> LimitError | None:
-        if self.draining and req.type != "ping":
+        if self.draining and req.type not in ("ping", "close_session"):
             return LimitError(
                 "this server is draining: no new requests; running ones finish, then the session closes "
                 "(connect again for a new session on another server)",
                 code="draining",
                 id=req.id,
             )
-        if len(session.requests) >= self.settings.max_inflight:
+        # close_session ends everything in flight: a full session must still be able to end.
+        if len(session.requests) >= self.settings.max_inflight and req.type != "close_session":
             return LimitError(
                 f"{len(session.requests)} requests in flight, the limit is {self.settings.max_inflight}",
                 code="busy",

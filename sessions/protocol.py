@@ -6,7 +6,8 @@ turns the frame's bytes (or text) into a typed ``Request`` or raises
 
 - ``too_large``   the frame is over the size limit;
 - ``bad_request`` not JSON, not an object, unknown ``type``, a missing or
-  malformed ``id``, or a field of the wrong type (the table ``SPECS``).
+  malformed ``id``, a field of the wrong type, or a field the request does not
+  have (the table ``SPECS``: a client must learn that its field was not used).
 
 When the ``id`` could be read, the error carries it (``ProtocolError.id``) so
 the caller can end that request with a ``done``.
@@ -26,14 +27,21 @@ import orjson
 from .errors import ProtocolError
 
 PROTOCOL = "groundloop.v1"
-LANGUAGES = ("python", "javascript")
+LANGUAGES = ("python", "javascript", "typescript", "bash")
+ASSIST_LANGUAGES = ("python", "javascript")
 ENCODINGS = ("utf-8", "utf8", "base64")
 
 _STR, _NUM, _INT, _BOOL, _ENV, _ID = "str", "num", "int", "bool", "env", "id"
 
 # type -> {field: (kind, required)}
 SPECS: dict[str, dict[str, tuple[str, bool]]] = {
-    "run_code": {"code": (_STR, True), "language": (_STR, False), "context": (_STR, False), "timeout_s": (_NUM, False)},
+    "run_code": {
+        "code": (_STR, True),
+        "language": (_STR, False),
+        "context": (_STR, False),
+        "timeout_s": (_NUM, False),
+        "env": (_ENV, False),
+    },
     "exec": {"command": (_STR, True), "cwd": (_STR, False), "env": (_ENV, False), "timeout_s": (_NUM, False)},
     "create_context": {"language": (_STR, False), "cwd": (_STR, False), "env": (_ENV, False), "context": (_STR, False)},
     "delete_context": {"context": (_STR, True)},
@@ -71,10 +79,15 @@ SPECS: dict[str, dict[str, tuple[str, bool]]] = {
     "snapshot": {"snapshot": (_STR, False)},
     "restore": {"snapshot": (_STR, True)},
     "list_snapshots": {},
+    "restart_context": {"context": (_STR, True)},
+    "set_env": {"env": (_ENV, True), "replace": (_BOOL, False)},
+    "close_session": {},
 }
 REQUEST_TYPES = frozenset(SPECS)
 # Requests that run code or commands: audited, and counted in execution metrics.
 EXECUTIONS = frozenset({"run_code", "exec", "start_process", "assist"})
+# What ``ready.features`` lists besides the request types: capabilities a client checks before it sends.
+CAPABILITIES = ("run_code.env", "session_env", "done.execution_count", "error.kind", "strict_fields")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,18 +135,24 @@ def _check(kind: str, value: Any) -> bool:
     if kind == _BOOL:
         return isinstance(value, bool)
     if kind == _ENV:
-        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        # What an environment can hold: a name without "=" or NUL, a value without NUL.
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k and "\0" not in v
+            for k, v in value.items()
+        )
     if kind == _ID:
         return _valid_id(value)
     raise AssertionError(kind)
 
+
+_ENVELOPE = ("type", "id")
 
 _KIND_TEXT = {
     _STR: "a string",
     _NUM: "a positive number",
     _INT: "an integer",
     _BOOL: "a boolean",
-    _ENV: "an object of strings",
+    _ENV: "an object of strings (names without `=` or NUL, values without NUL)",
     _ID: "a request id (string or integer)",
 }
 
@@ -155,8 +174,15 @@ def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in SPECS:
         raise ProtocolError(f"unknown request type {shown(kind)}", id=rid)
+    spec = SPECS[kind]
     params: dict[str, Any] = {}
-    for name, (fkind, required) in SPECS[kind].items():
+    # null means absent, here as everywhere: a client that sends every optional field as null stays valid.
+    unknown = [k for k, v in obj.items() if k not in spec and k not in _ENVELOPE and v is not None]
+    if unknown:
+        names = ", ".join(f"`{shown(k)[1:-1]}`" for k in sorted(unknown)[:4])
+        more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise ProtocolError(f"{kind} has no field {names}{more}", id=rid)
+    for name, (fkind, required) in spec.items():
         if name not in obj or obj[name] is None:
             if required:
                 raise ProtocolError(f"{kind} needs `{name}` ({_KIND_TEXT[fkind]})", id=rid)
@@ -167,7 +193,9 @@ def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
         params[name] = value
     lang = params.get("language")
     if lang is not None and lang not in LANGUAGES:
-        raise ProtocolError(f"unsupported language {shown(lang)} (python or javascript)", id=rid)
+        raise ProtocolError(f"unsupported language {shown(lang)} ({', '.join(LANGUAGES)})", id=rid)
+    if kind == "assist" and lang not in (None, *ASSIST_LANGUAGES):
+        raise ProtocolError(f"assist runs {' or '.join(ASSIST_LANGUAGES)}, not {shown(lang)}", id=rid)
     enc = params.get("encoding")
     if enc is not None and enc not in ENCODINGS:
         raise ProtocolError(f"unknown encoding {shown(enc)} (utf-8 or base64)", id=rid)
@@ -192,6 +220,13 @@ its opening brace."""
 def with_seq(seq: int, body: bytes) -> bytes:
     """``{"seq":N,...rest of body}``: body must be an encoded non-empty object."""
     return SEQ_HEAD % seq + body[1:]
+
+
+def features(languages: Any = None) -> list[str]:
+    """``ready.features``: every request type, the capabilities, and ``language:<name>`` for each language
+    the sandbox runs (``languages``: what its agent said at hello; None: all of LANGUAGES)."""
+    langs = [x for x in LANGUAGES if languages is None or x in languages]
+    return sorted(REQUEST_TYPES) + list(CAPABILITIES) + [f"language:{x}" for x in langs]
 
 
 def ready_frame(
@@ -226,8 +261,8 @@ def done_frame(
     return frame
 
 
-def failure(name: str, message: str, traceback: str | None = None) -> dict[str, Any]:
-    err = {"name": name, "message": message}
+def failure(name: str, message: str, traceback: str | None = None, kind: str = "request") -> dict[str, Any]:
+    err = {"name": name, "message": message, "kind": kind}
     if traceback:
         err["traceback"] = traceback
     return err

@@ -45,7 +45,7 @@ from groundloop.sandbox.base import EventHandler, Sandbox, SandboxError, Sandbox
 from . import logs
 from .assist_adapter import run_assist
 from .egress import SessionEgress
-from .errors import CLOSE_SESSION_CLOSED, ProtocolError
+from .errors import CLOSE_NORMAL, CLOSE_SESSION_CLOSED, ProtocolError
 from .inflight import Cancelled, InFlight, ReqState, RequestTable, outcome_of
 from .outbox import Outbox
 from .protocol import (
@@ -55,6 +55,7 @@ from .protocol import (
     done_frame,
     error_frame,
     failure,
+    features,
     output_frame,
     parse_request,
     ready_frame,
@@ -91,8 +92,12 @@ class SessionClosed(Exception):
 
 Handler = Callable[[InFlight], Awaitable[dict[str, Any]]]
 # Every request type but cancel (answered in place) that is neither answered in place
-# (ping) nor run by a handler of its own (assist) is an op of the sandbox agent.
-AGENT_OPS = REQUEST_TYPES - {"cancel", "ping", "assist"} - WORKSPACE_REQUESTS
+# (ping, set_env) nor run by a handler of its own (assist, close_session, the workspace requests) is an op of
+# the sandbox agent.
+SESSION_REQUESTS = frozenset({"cancel", "ping", "assist", "set_env", "close_session"})
+AGENT_OPS = REQUEST_TYPES - SESSION_REQUESTS - WORKSPACE_REQUESTS
+CLOSE_FLUSH_S = 5.0
+"""How long close_session waits for the requests it cancels, and then for its done to reach the client."""
 
 
 class Session:
@@ -117,6 +122,9 @@ class Session:
         self.ops = AgentOps(self)
         self.procs: dict[Any, Any] = {}  # process id -> the id of the request that started it
         self.workspace: str | None = None  # the named workspace at /workspace (set by the manager)
+        # The session's environment (set_env): under every context, run, exec and process. Its values are
+        # never logged, counted or audited.
+        self.env: dict[str, str] = {}
         self.created = time.monotonic()
         self.last_activity = self.created
         self.detached_at: float | None = None
@@ -133,6 +141,8 @@ class Session:
         self._start["assist"] = self._start_assist
         for kind in WORKSPACE_REQUESTS:
             self._start[kind] = lambda r: self._start_task(r, partial(run_workspace_request, self))
+        self._start["set_env"] = self._set_env
+        self._start["close_session"] = partial(self._start_task, handler=self._close_by_client)
         sandbox.set_listener(self._make_listener(sandbox))
         self.egress = SessionEgress(
             user=user, session=self.id, sandbox_settings=s.sandbox, metrics=self.metrics, narrow=egress
@@ -174,7 +184,13 @@ class Session:
             await old.kick_for_takeover()  # up to CLOSE_WAIT_S against a dead peer
             if not self.live:  # the reaper or the drain closed the session meanwhile
                 raise SessionClosed("the session is closed")
-        ready = ready_frame(self.id, last_seq is not None, self.sandbox_info(), self.limits())
+        ready = ready_frame(
+            self.id,
+            last_seq is not None,
+            self.sandbox_info(),
+            self.limits(),
+            features=features(getattr(self.sb, "hello", {}).get("languages")),
+        )
         if last_seq is None:
             self.outbox.put_nowait(ready)
         else:
@@ -331,6 +347,36 @@ class Session:
         self.outbox.put_nowait({"type": "pong", "id": r.req.id})
         self.finish(r, True, "ok", None, {})
 
+    def _set_env(self, r: InFlight) -> None:
+        """No task: answered in place. The done names the variables, never their values."""
+        p = r.req.params
+        self.env = dict(p["env"]) if p.get("replace") else {**self.env, **p["env"]}
+        self.finish(r, True, "ok", None, {"names": sorted(self.env)})
+
+    async def _close_by_client(self, r: InFlight) -> dict[str, Any]:
+        """close_session: the other requests end (Cancelled) first, this done last, then the session
+        closes at once (1000), its sandbox removed: no resume grace."""
+        others = [x.req.id for x in self.requests.values() if x is not r]
+        for rid in others:
+            self.cancel(rid)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLOSE_FLUSH_S
+        # Polled, like the drain (server/drain.py): neither the request table nor the outbox has an event for
+        # "emptied", and this runs once per session.
+        while any(rid in self.requests for rid in others) and loop.time() < until:
+            await asyncio.sleep(0.01)
+        self.manager.own(asyncio.create_task(self._close_after(r.req.id), name=f"close-{self.id[:8]}"))
+        return {}
+
+    async def _close_after(self, rid: Any) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLOSE_FLUSH_S
+        # Until its done has left (or no client is there to read it).
+        while (rid in self.requests or self.outbox.unsent) and self.conn is not None and loop.time() < until:
+            await asyncio.sleep(0.01)
+        logs.event("session_close_requested", user=self.user, session=self.id)
+        await self.manager.close_session(self, "closed by the client", CLOSE_NORMAL)
+
     def _start_agent_op(self, r: InFlight) -> None:
         if not self.requests.queued and self._sb_ready.is_set():
             self.ops.submit(r, self.sb)  # no task: the sandbox reader queues its done
@@ -422,6 +468,8 @@ class Session:
             self._audit(r, outcome, seconds)
         if error is not None:
             ok = False
+            if "kind" not in error:  # a failed request unless the user's code raised it (the agent says so)
+                error = {**error, "kind": "request"}
             if outcome in ("lost", "unavailable"):
                 self.metrics.error("sandbox_unavailable")
         logs.event(

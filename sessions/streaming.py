@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .session import Session
 
 EXECUTION_OPS = ("run_code", "exec")
+ENV_OPS = frozenset({"run_code", "exec", "start_process", "create_context"})
 
 
 class AgentOps:
@@ -67,7 +68,7 @@ class AgentOps:
             p["timeout_s"] = self.timeout(r)
             p["max_output_bytes"] = sb.max_output_bytes
             deadline = p["timeout_s"] + 10
-            if op == "run_code":
+            if op == "run_code" and "context" not in p:  # a named context runs its own language
                 p.setdefault("language", "python")
         elif op in ("write_file", "read_file"):
             p["max_file_bytes"] = sb.max_file_bytes
@@ -172,6 +173,8 @@ class AgentOps:
         """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
         session = self.session
         session.requests.unqueue(r)
+        if session.env and op in ENV_OPS:  # the request's own env wins over the session's
+            params = {**params, "env": {**session.env, **(params.get("env") or {})}}
         rid = f"{r.req.type}-{next(self._rids)}"
         on_event = self.streamer(r, tags, tail)
         r.t_sent = time.perf_counter()

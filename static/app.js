@@ -79,7 +79,24 @@ await new Promise((r) => setTimeout(r, 300));
 }
 ({ node: process.version, answer: 6 * 7 })
 `],
+  "TypeScript": ["typescript", `import { cpus } from "node:os";
+
+interface Reading { label: string; value: number }
+const readings: Reading[] = [{ label: "cores", value: cpus().length }];
+const wait = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+await wait(100);
+readings
+`],
+  "Bash": ["bash", `# one shell for the session: cd, variables and functions stay for the next run
+cd /tmp
+export STAGE=warm
+greet() { echo "hello from $(pwd), stage $STAGE"; }
+greet
+`],
 };
+
+// CodeMirror's mode of each language (Bash is its shell mode).
+const MODES = { python: "python", javascript: "javascript", typescript: "text/typescript", bash: "shell" };
 
 /* ---- editor --------------------------------------------------------------- */
 
@@ -93,7 +110,7 @@ function initEditor() {
   textarea.value = store.get(`code.${language}`, EXAMPLES["Stream lines"][1]);
   if (window.CodeMirror) {
     cm = window.CodeMirror.fromTextArea(textarea, {
-      mode: language,
+      mode: MODES[language] || language,
       theme: "groundloop",
       lineNumbers: true,
       indentUnit: language === "python" ? 4 : 2,
@@ -157,7 +174,7 @@ function applyLanguage(loadSaved = true) {
   const lang = language();
   store.set("language", lang);
   if (cm) {
-    cm.setOption("mode", lang);
+    cm.setOption("mode", MODES[lang] || lang);
     cm.setOption("indentUnit", lang === "python" ? 4 : 2);
   }
   if (loadSaved) {
@@ -256,7 +273,9 @@ function exec(command) {
 function assist(prompt) {
   const text = (prompt ?? $("prompt").value).trim();
   if (!text) { notice("Type a question for the model first.", "muted"); $("prompt").focus(); return null; }
-  return start("assist", { prompt: text, language: language() }, text);
+  // The model writes Python or JavaScript only (assist refuses other languages).
+  const lang = ["python", "javascript"].includes(language()) ? language() : undefined;
+  return start("assist", { prompt: text, language: lang }, text);
 }
 
 function cancelRequest(id) {
@@ -362,6 +381,11 @@ client.on("ready", ({ frame, fresh, expired, drained }) => {
   $("sb-sandbox").textContent = [sb.backend, sb.runtime, sb.warm ? "warm" : sb.warm === false ? "cold" : "",
     sb.workspace ? `workspace ${sb.workspace}` : ""].filter(Boolean).join(" · ") || "–";
   $("sb-sandbox").title = sb.image || "";
+  // Only the languages this sandbox runs can be picked (the minimal image has no TypeScript).
+  const features = frame.features || [];
+  for (const option of $("language").options) {
+    option.disabled = features.length > 0 && !features.includes(`language:${option.value}`);
+  }
   const lost = pageWorkspace ? "variables are gone, the workspace's files are kept" : "variables and files are gone";
   if (drained) notice(`The server restarted: started a fresh session on another server (${lost}).`, "warn");
   else if (expired) notice(`The previous session expired on the server: started a fresh session (${lost}).`, "warn");

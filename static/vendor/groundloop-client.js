@@ -742,8 +742,8 @@ export class Session extends EventTarget {
     }
     /** Run code in a persistent context (default: the session's context of the language). */
     async runCode(code, opts = {}) {
-        const { language, context, timeoutS, ...cb } = opts;
-        const ex = await this.collect("run_code", { code, language, context, timeout_s: timeoutS }, cb);
+        const { language, context, timeoutS, env, ...cb } = opts;
+        const ex = await this.collect("run_code", { code, language, context, timeout_s: timeoutS, env }, cb);
         return { ...ex, context: ex.done.context };
     }
     /** Run a shell command (`/bin/sh -c`). */
@@ -794,6 +794,14 @@ export class Session extends EventTarget {
     }
     async deleteContext(context) {
         await this.call("delete_context", { context });
+    }
+    /** A fresh worker for the context: its state is gone (a run in progress ends `ContextRestarted`). */
+    async restartContext(context) {
+        await this.call("restart_context", { context });
+    }
+    /** Set the session's environment (under every later run, exec and process); resolves with its names. */
+    async setEnv(env, opts = {}) {
+        return (await this.call("set_env", { env, replace: opts.replace })).names;
     }
     async listContexts() {
         return (await this.call("list_contexts")).contexts;

@@ -26,8 +26,11 @@ def test_run_code_parses():
 
 
 def test_integer_ids_and_unknown_fields():
-    req = parse_request('{"type":"ping","id":7,"whatever":1}')
+    req = parse_request('{"type":"ping","id":7,"whatever":null}')  # null is absent, known field or not
     assert req.id == 7 and req.params == {}
+    with pytest.raises(ProtocolError) as info:
+        parse_request('{"type":"ping","id":7,"whatever":1}')
+    assert info.value.id == 7 and "`whatever`" in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -92,6 +95,9 @@ def test_every_type_with_its_required_fields():
         "snapshot": {},
         "restore": {"snapshot": "s"},
         "list_snapshots": {},
+        "restart_context": {"context": "c"},
+        "set_env": {"env": {"A": "1"}},
+        "close_session": {},
     }
     assert set(required) == REQUEST_TYPES
     for kind, fields in required.items():

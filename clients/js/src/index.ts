@@ -764,8 +764,8 @@ export class Session extends EventTarget {
 
   /** Run code in a persistent context (default: the session's context of the language). */
   async runCode(code: string, opts: RunCodeOptions = {}): Promise<Execution> {
-    const { language, context, timeoutS, ...cb } = opts;
-    const ex = await this.collect("run_code", { code, language, context, timeout_s: timeoutS }, cb);
+    const { language, context, timeoutS, env, ...cb } = opts;
+    const ex = await this.collect("run_code", { code, language, context, timeout_s: timeoutS, env }, cb);
     return { ...ex, context: ex.done.context as string | undefined };
   }
 
@@ -818,6 +818,16 @@ export class Session extends EventTarget {
 
   async deleteContext(context: string): Promise<void> {
     await this.call("delete_context", { context });
+  }
+
+  /** A fresh worker for the context: its state is gone (a run in progress ends `ContextRestarted`). */
+  async restartContext(context: string): Promise<void> {
+    await this.call("restart_context", { context });
+  }
+
+  /** Set the session's environment (under every later run, exec and process); resolves with its names. */
+  async setEnv(env: Record<string, string>, opts: { replace?: boolean } = {}): Promise<string[]> {
+    return (await this.call("set_env", { env, replace: opts.replace })).names as string[];
   }
 
   async listContexts(): Promise<ContextInfo[]> {

@@ -181,7 +181,7 @@ export type ServerFrame =
 /** The frames a request receives, its terminal `done` last. */
 export type RequestFrame = OutputFrame | ResultFrame | DoneFrame | ErrorFrame | PongFrame | ExitFrame | TokenFrame | CodeFrame | AttemptFrame;
 
-export type Language = "python" | "javascript";
+export type Language = "python" | "javascript" | "typescript" | "bash";
 
 export interface ContextInfo {
   context_id: string;
@@ -318,6 +318,8 @@ export interface RunCodeOptions extends OutputCallbacks {
   language?: Language;
   context?: string;
   timeoutS?: number;
+  /** Environment variables for this run only (over the session's, see `set_env`). */
+  env?: Record<string, string>;
 }
 
 export interface ExecOptions extends OutputCallbacks {

@@ -456,16 +456,19 @@ class Session:
         language: str = "python",
         context: str | None = None,
         timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
         on_stdout: Callback[str] | None = None,
         on_stderr: Callback[str] | None = None,
         on_result: Callback[R.Result] | None = None,
     ) -> R.Execution:
         """Run ``code`` in a context (the session's default one of ``language`` unless ``context`` is given).
 
-        The callbacks get each line (and each rich result) as it arrives; they may be
-        coroutine functions. The code's own failure is in ``Execution.error``.
+        ``env``: environment variables for this run only. The callbacks get each line (and each rich
+        result) as it arrives; they may be coroutine functions. The code's own failure is in ``Execution.error``.
         """
-        req = await self.request("run_code", code=code, language=language, context=context, timeout_s=timeout_s)
+        req = await self.request(
+            "run_code", code=code, language=language, context=context, timeout_s=timeout_s, env=env
+        )
         done = await self._stream(req, on_stdout, on_stderr, on_result)
         return R.execution(req.id, req.fold, dict(done))
 
@@ -497,6 +500,14 @@ class Session:
 
     async def delete_context(self, context_id: str) -> None:
         await self.call("delete_context", context=context_id)
+
+    async def restart_context(self, context_id: str) -> None:
+        """A fresh worker for the context: its state is gone (a run in progress ends ``ContextRestarted``)."""
+        await self.call("restart_context", context=context_id)
+
+    async def set_env(self, env: dict[str, str], *, replace: bool = False) -> list[str]:
+        """Set the session's environment (under every later run, exec and process); returns its names."""
+        return list((await self.call("set_env", env=env, replace=replace or None))["names"])
 
     async def list_contexts(self) -> list[R.ContextInfo]:
         return R.contexts(await self.call("list_contexts"))

@@ -108,10 +108,13 @@ def build_server(holder: SessionHolder, *, max_chars: int = fmt.DEFAULT_MAX_CHAR
     @tool(destructive=True)
     async def run_code(
         code: Annotated[str, Field(description="the code; the value of its last expression is returned too")],
-        language: Annotated[Literal["python", "javascript"], Field(description="python or javascript")] = "python",
+        language: Annotated[
+            Literal["python", "javascript", "typescript", "bash"],
+            Field(description="python, javascript, typescript or bash (a persistent shell)"),
+        ] = "python",
         timeout_s: Annotated[float | None, Field(description="seconds before the run is stopped")] = None,
     ) -> CallToolResult:
-        """Run Python or JavaScript in the session's persistent interpreter of that language.
+        """Run Python, JavaScript, TypeScript or bash in the session's persistent interpreter of that language.
 
         Returns stdout, stderr, the last expression's value, images (PNG) and the error with its traceback.
         """

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
 import time
 
-from . import egress, memguard
+from . import egress, languages, memguard
 from .common import AGENT_VERSION, BASE_ENV, ERROR_TEXT_MAX, INTERRUPT_GRACE, MAX_OUTPUT, WORKDIR, RequestError
 from .contexts import Context, Run
 from .files import FileOps
@@ -60,7 +59,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
 
     def path(self, p) -> str:
         if not isinstance(p, str) or not p:
-            raise RequestError("ValueError", "path must be a non-empty string")
+            raise RequestError("BadRequest", "path must be a non-empty string")
         return os.path.normpath(os.path.join(WORKDIR, p))
 
     def next_id(self, prefix: str) -> str:
@@ -75,7 +74,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         os.dup2(2, 1)
         sys.stdout = sys.stderr
         _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
-        langs = ["python"] + (["javascript"] if shutil.which("node") else [])
+        langs = languages.available()
         egress_env = egress.start()  # issue 17: the proxy, when the server put an egress socket here
         BASE_ENV.update(egress_env)
         self.out.send(
@@ -83,7 +82,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
                 "ev": "hello",
                 "agent": AGENT_VERSION,
                 "pid": os.getpid(),
-                "languages": langs,
+                "languages": list(langs),
                 "python": sys.version.split()[0],
                 "workdir": WORKDIR,
                 "uid": os.getuid(),
@@ -165,7 +164,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         if extra:
             done.update(extra)
         if error is not None:
-            done["error"] = {"name": clip(error.name, 256), "message": clip(error.message)}
+            done["error"] = {"name": clip(error.name, 256), "message": clip(error.message), "kind": error.kind}
             tb = error.extra.get("traceback")
             if tb:
                 done["error"]["traceback"] = clip(tb)
@@ -215,15 +214,18 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         cancel = self.cancels[rid] = Cancel()
         code = req.get("code")
         if not isinstance(code, str):
-            self.send_done(rid, target, t0, None, RequestError("ValueError", "code must be a string"))
+            self.send_done(rid, target, t0, None, RequestError("BadRequest", "code must be a string"))
             return
         timeout = req.get("timeout_s")
-        run = Run(rid, code, target, cancel, float(timeout) if timeout else None, t0)
+        run = Run(rid, code, target, cancel, float(timeout) if timeout else None, t0, req.get("env") or None)
         try:
             ctx = self.find_context(req)
             if ctx is None:  # a default context on its first use: created now, so runs keep their order
                 language = req.get("language") or "python"
                 ctx = self.make_context(f"default-{language}", language, None, None)
+            refused = languages.refuse(ctx.language, code)
+            if refused is not None:
+                raise refused
         except RequestError as exc:
             self.finish(run, None, exc)
             return
@@ -249,8 +251,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         cid = req.get("context")
         language = req.get("language") or "python"
         if cid is None:
-            if language not in ("python", "javascript"):
-                raise RequestError("ValueError", f"unsupported language {language!r}")
+            languages.check(language)
             cid = f"default-{language}"
             if cid not in self.contexts:
                 return None
@@ -258,16 +259,14 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         if ctx is None:
             raise RequestError("ContextNotFound", f"no context {cid!r}")
         if req.get("language") and req["language"] != ctx.language:
-            raise RequestError("ValueError", f"context {cid!r} runs {ctx.language}, not {req['language']}")
+            raise RequestError("LanguageMismatch", f"context {cid!r} runs {ctx.language}, not {req['language']}")
         return ctx
 
     def make_context(self, cid, language, cwd, env) -> Context:
         """Register a context and start its worker; runs submitted meanwhile wait in its queue."""
-        if language == "javascript" and not shutil.which("node"):
-            raise RequestError("ValueError", "javascript needs node, which this sandbox does not have")
+        languages.check(language)
         ctx = Context(self, cid, language, self.path(cwd) if cwd else WORKDIR, self.env_for(env))
-        if not os.path.isdir(ctx.cwd):
-            raise RequestError("FileNotFoundError", f"no directory {ctx.cwd}")
+        self.check_cwd(ctx.cwd)
         self.contexts[cid] = ctx
         ctx._busy(ctx._first_start())
         return ctx
@@ -281,32 +280,60 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
 
     async def op_create_context(self, req, target, cancel):
         language = req.get("language") or "python"
-        if language not in ("python", "javascript"):
-            raise RequestError("ValueError", f"unsupported language {language!r}")
+        languages.check(language)
         cid = req.get("context") or self.next_id("ctx-")
         if cid in self.contexts:
-            raise RequestError("ValueError", f"context {cid!r} exists")
+            raise RequestError("ContextExists", f"context {cid!r} exists")
         await self.new_context(cid, language, req.get("cwd"), req.get("env"))
         return {"context_id": cid}
 
     async def op_delete_context(self, req, target, cancel):
         ctx = self.contexts.pop(req.get("context"), None)
         if ctx is None:
+            if req.get("context") in [f"default-{x}" for x in languages.available()]:
+                return {}  # a default context not started: listed, and as empty as after a delete
             raise RequestError("ContextNotFound", f"no context {req.get('context')!r}")
         ctx.close(RequestError("ContextNotFound", f"context {ctx.id!r} was deleted"))
         return {}
 
     async def op_list_contexts(self, req, target, cancel):
-        return {"contexts": [c.describe() for c in self.contexts.values()]}
+        listed = [c.describe() for c in self.contexts.values()]
+        # The default contexts are there from the start; a worker starts on first use (or restart).
+        for language in languages.available():
+            cid = f"default-{language}"
+            if cid not in self.contexts:
+                listed.append(
+                    {"context_id": cid, "language": language, "cwd": WORKDIR, "runs": 0, "restarts": 0, "alive": False}
+                )
+        return {"contexts": listed}
+
+    async def op_restart_context(self, req, target, cancel):
+        cid = req.get("context")
+        ctx = self.contexts.get(cid)
+        if ctx is None:
+            language = cid[len("default-") :] if isinstance(cid, str) and cid.startswith("default-") else None
+            if language not in languages.LANGUAGES:
+                raise RequestError("ContextNotFound", f"no context {cid!r}")
+            await self.new_context(cid, language, None, None)  # a default never used: restarting starts it
+            return {"context_id": cid}
+        await ctx.reset()
+        return {"context_id": cid}
+
+    @staticmethod
+    def check_cwd(cwd: str) -> None:
+        if not os.path.isdir(cwd):
+            raise RequestError("FileNotFoundError", f"no directory {cwd}")
+        if not os.access(cwd, os.X_OK):
+            # The worker's chdir would fail in the child, which used to end as WorkerDied.
+            raise RequestError("PermissionError", f"the sandbox user cannot enter {cwd}")
 
     def command_of(self, req):
         """The ``command`` and working directory of an exec or start_process request, checked."""
         command = req.get("command")
         if not isinstance(command, str):
-            raise RequestError("ValueError", "command must be a string")
+            raise RequestError("BadRequest", "command must be a string")
         cwd = self.path(req.get("cwd") or WORKDIR)
-        if not os.path.isdir(cwd):
-            raise RequestError("FileNotFoundError", f"no directory {cwd}")
+        self.check_cwd(cwd)
         return command, cwd
 
     async def op_exec(self, req, target, cancel):

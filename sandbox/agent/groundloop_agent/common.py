@@ -30,10 +30,11 @@ BASE_ENV = {
 class RequestError(Exception):
     """An error that ends one request with ``ok: false``."""
 
-    def __init__(self, name: str, message: str, **extra):
+    def __init__(self, name: str, message: str, kind: str = "request", **extra):
         super().__init__(message)
         self.name = name
         self.message = message
+        self.kind = kind  # "user": raised by the user's code; "request": the request failed (a documented name)
         self.extra = extra
 
     @classmethod
@@ -42,7 +43,7 @@ class RequestError(Exception):
         if ev.get("ok"):
             return None
         err = ev.get("error") or {}
-        return cls(err.get("name", "Error"), err.get("message", ""), traceback=err.get("traceback"))
+        return cls(err.get("name", "Error"), err.get("message", ""), "user", traceback=err.get("traceback"))
 
 
 def os_error(exc: OSError) -> RequestError:

@@ -1,4 +1,4 @@
-"""Code contexts: one persistent worker process (Python or JavaScript) each."""
+"""Code contexts: one persistent worker process (Python, JavaScript/TypeScript or bash) each."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ import json
 import os
 import select
 import signal
-import sys
 import time
 from typing import TYPE_CHECKING
 
+from . import languages
 from .common import INTERRUPT_GRACE, RequestError
 from .pipes import Pipe, Target, spawn
 from .procs import Cancel, exit_code_of, kill_group, kill_group_except, kill_tree
 
 if TYPE_CHECKING:
     from .agent import Agent
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --------------------------------------------------------------------------
 # Code contexts: one persistent worker process each.
@@ -29,10 +27,21 @@ class Run:
     """One run_code request: queued on a context, begun by a write to its worker,
     finished by the worker's answer (in the reader callback, with no task in between)."""
 
-    __slots__ = ("rid", "code", "target", "cancel", "timeout", "timer", "t0", "finished")
+    __slots__ = ("rid", "code", "target", "cancel", "timeout", "timer", "t0", "finished", "env", "n")
 
-    def __init__(self, rid: str, code: str, target: Target, cancel: Cancel, timeout: float | None, t0: float):
+    def __init__(
+        self,
+        rid: str,
+        code: str,
+        target: Target,
+        cancel: Cancel,
+        timeout: float | None,
+        t0: float,
+        env: dict | None = None,
+    ):
         self.rid = rid
+        self.env = env  # the run's own environment (the session's and the request's), set for this cell only
+        self.n = 0  # its execution count, once the worker has it
         self.code = code
         self.target = target
         self.cancel = cancel
@@ -78,11 +87,8 @@ class Context:
         env = dict(self.env)
         env["GROUNDLOOP_CMD_FD"] = str(cmd_r)
         env["GROUNDLOOP_RES_FD"] = str(res_w)
-        if self.language == "python":
-            # -P: the worker's own folder (the agent's modules) must not shadow the user's modules.
-            argv = [sys.executable, "-u", "-P", os.path.join(HERE, "pyworker.py")]
-        else:
-            argv = ["node", os.path.join(HERE, "jsworker.js")]
+        env.update(languages.worker_env(self.language))
+        argv = languages.argv(self.language)
         try:
             self.proc, self.pipes = await spawn(self.agent, argv, self.cwd, env, None, extra_fds=(cmd_r, res_w))
         except BaseException:
@@ -161,9 +167,10 @@ class Context:
     def _begin(self, run: Run) -> None:
         self.current = run
         self.runs += 1
+        run.n = self.runs
         for p in self.pipes:
             p.target = run.target
-        data = json.dumps({"code": run.code, "n": self.runs}).encode() + b"\n"
+        data = languages.cell(self.language, run.code, run.n, run.env)
         written = 0
         if len(data) < 32768:
             try:
@@ -260,7 +267,10 @@ class Context:
                 self._wake(("done", ev))
             elif run is not None:
                 self._end(run)
-                self.agent.finish(run, {"context": self.id}, RequestError.of_answer(ev))
+                extra = self.extra(run)
+                if "exit_code" in ev:  # a bash cell's status
+                    extra["exit_code"] = ev["exit_code"]
+                self.agent.finish(run, extra, RequestError.of_answer(ev))
                 self._next()
 
     def _wake(self, value) -> None:
@@ -290,7 +300,7 @@ class Context:
             message = f"execution exceeded the timeout of {timeout:g} s"
         else:
             message = "the request was cancelled"
-        extra = {"context": self.id}
+        extra = self.extra(run)
         self.waiter = loop.create_future()
         kill_group(self.proc.pid, signal.SIGINT)
         timer = loop.call_later(INTERRUPT_GRACE, self._wake, ("stop", None))
@@ -344,7 +354,7 @@ class Context:
         finally:
             self.agent.finish(
                 run,
-                {"context": self.id},
+                self.extra(run),
                 RequestError(
                     "WorkerDied",
                     f"the {self.language} worker died ({how}); the context was restarted and its state was lost",
@@ -388,7 +398,31 @@ class Context:
             self._end(self.current)
         self.stop()
         for run in runs:
-            self.agent.finish(run, {"context": self.id}, error)
+            self.agent.finish(run, self.extra(run), error)
+
+    def extra(self, run: Run) -> dict:
+        """The done fields of a run of this context: the context, and its execution count once it began."""
+        return {"context": self.id, "execution_count": run.n} if run.n else {"context": self.id}
+
+    async def reset(self) -> None:
+        """restart_context: a fresh worker, the state gone. A running cell ends with ``ContextRestarted``;
+        queued cells wait and run in the new worker."""
+        if self.busy is not None:
+            await asyncio.wait([self.busy])
+        run = self.current
+        if run is not None:
+            self._flush_output()
+            self._end(run)
+            self.agent.finish(
+                run, self.extra(run), RequestError("ContextRestarted", "the context was restarted under the run")
+            )
+        self._busy(self.restart())
+        restarting = self.busy
+        await asyncio.wait([restarting])
+        if self.closed is not None:
+            raise self.closed
+        if restarting.cancelled() or restarting.exception() is not None:
+            raise RequestError("WorkerDied", f"the {self.language} worker could not be restarted")
 
     def describe(self) -> dict:
         return {

@@ -6,11 +6,16 @@
 const fs = require("fs");
 const vm = require("vm");
 const util = require("util");
+const jscell = require("./jscell.js");
 
 const CMD_FD = Number(process.env.GROUNDLOOP_CMD_FD);
 const RES_FD = Number(process.env.GROUNDLOOP_RES_FD);
 delete process.env.GROUNDLOOP_CMD_FD;
 delete process.env.GROUNDLOOP_RES_FD;
+// A TypeScript context: the compiler is loaded once, here, not per cell.
+const TYPESCRIPT = process.env.GROUNDLOOP_LANGUAGE === "typescript";
+delete process.env.GROUNDLOOP_LANGUAGE;
+if (TYPESCRIPT) jscell.loadTypeScript();
 try { fs.writeFileSync("/proc/self/oom_score_adj", "1000"); } catch (e) { /* not Linux, or not allowed */ }
 
 // A SIGINT while idle must not end the worker; during a run, breakOnSigint
@@ -21,6 +26,7 @@ const sandbox = {
   console, process, Buffer, URL, URLSearchParams, TextEncoder, TextDecoder,
   setTimeout, clearTimeout, setInterval, clearInterval, setImmediate, clearImmediate,
   queueMicrotask, structuredClone, require, module: { exports: {} },
+  __groundloop_import: jscell.importFor,
 };
 sandbox.exports = sandbox.module.exports;
 sandbox.globalThis = sandbox;
@@ -52,14 +58,27 @@ function errorOf(e) {
 async function run(code, n) {
   const filename = `<cell-${n}>`;
   let script;
+  if (TYPESCRIPT) {
+    try {
+      code = jscell.transpile(code, filename);
+    } catch (e) {
+      return errorOf(e);  // the compiler's own messages
+    }
+  }
   try {
     script = new vm.Script(code, { filename });
   } catch (e) {
-    if (e instanceof SyntaxError && /await/.test(String(e.message))) {
-      // Top-level await: run the cell as an async function (its declarations stay local).
-      script = new vm.Script(`(async () => {\n${code}\n})()`, { filename, lineOffset: -1 });
-    } else {
-      return errorOf(e);
+    if (!(e instanceof SyntaxError)) return errorOf(e);
+    // Module syntax or a top-level await (jscell.js); without a parser, await alone still runs,
+    // as an async function whose declarations stay local.
+    const rewritten = jscell.rewrite(code, "__groundloop_import");
+    try {
+      if (rewritten !== null) script = new vm.Script(rewritten, { filename });
+      else if (/await/.test(String(e.message))) {
+        script = new vm.Script(`(async () => {\n${code}\n})()`, { filename, lineOffset: -1 });
+      } else return errorOf(e);
+    } catch (e2) {
+      return errorOf(e);  // the rewrite did not compile either: the cell's own error is the one to show
     }
   }
   let value;
@@ -94,7 +113,15 @@ input.on("data", (chunk) => {
     buf = buf.slice(i + 1);
     const cmd = JSON.parse(line);
     queue = queue.then(async () => {
-      const error = await run(cmd.code || "", cmd.n || 0);
+      // The run's own environment (the session's and the request's env), for this cell only.
+      const saved = {};
+      for (const [k, v] of Object.entries(cmd.env || {})) { saved[k] = process.env[k]; process.env[k] = v; }
+      let error;
+      try {
+        error = await run(cmd.code || "", cmd.n || 0);
+      } finally {
+        for (const [k, v] of Object.entries(saved)) { if (v === undefined) delete process.env[k]; else process.env[k] = v; }
+      }
       send({ t: "done", ok: error === null, error });
     });
   }

@@ -1,6 +1,7 @@
 """groundloop Python worker: one persistent namespace, driven by the agent.
 
-Commands arrive as JSON lines on fd GROUNDLOOP_CMD_FD (``{"code":..,"n":..}``);
+Commands arrive as JSON lines on fd GROUNDLOOP_CMD_FD (``{"code":..,"n":..,"env"?:{..}}``: env is set
+for the cell only);
 answers leave as JSON lines on fd GROUNDLOOP_RES_FD: zero or more
 ``{"t":"result","data":{mime: value},"main":bool,"ack":true}`` (each waits for the agent's
 empty line on the command fd) then one
@@ -255,9 +256,27 @@ def read_commands():
             yield json.loads(line)
 
 
+def run_env(env):
+    """Set a run's own environment (``env`` of the command); returns what puts it back."""
+    if not env:
+        return None
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return saved
+
+
+def restore_env(saved):
+    for k, v in (saved or {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def main():
     NB.install(_main, send, send_display)
     for cmd in read_commands():
+        saved = run_env(cmd.get("env"))
         try:
             try:
                 result = run(cmd.get("code", ""), cmd.get("n", 0))
@@ -277,6 +296,8 @@ def main():
                     "error": {"name": "KeyboardInterrupt", "message": "interrupted", "traceback": ""},
                 }
             )
+        finally:
+            restore_env(saved)
 
 
 if __name__ == "__main__":
