@@ -17,6 +17,7 @@ from .files import FileOps
 from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
 from .procs import Cancel, Process, exit_code_of, kill_tree
 from .wire import In, Out
+from .workers import Workers
 
 # --------------------------------------------------------------------------
 # The agent.
@@ -34,6 +35,7 @@ class Agent(FileOps):
         self.cancels: dict[str, Cancel] = {}
         self.counter = 0
         self.stopping = asyncio.Event()
+        self.workers = Workers(self)
 
     # flow control
     def pause_pipes(self) -> None:
@@ -82,6 +84,7 @@ class Agent(FileOps):
                 "uid": os.getuid(),
             }
         )
+        self.workers.start()
         memguard.start(  # gVisor only (issue 21, item 8)
             lambda message: loop.call_soon_threadsafe(
                 self.out.send, {"ev": "log", "level": "warning", "message": message}
@@ -222,6 +225,7 @@ class Agent(FileOps):
         ctx.submit(run)
 
     async def shutdown(self) -> None:
+        self.workers.close()
         for t in list(self.tasks.values()):
             t.cancel()
         for c in list(self.contexts.values()):
@@ -261,12 +265,13 @@ class Agent(FileOps):
         if not os.path.isdir(ctx.cwd):
             raise RequestError("FileNotFoundError", f"no directory {ctx.cwd}")
         self.contexts[cid] = ctx
-        ctx._busy(ctx._first_start())
+        ctx.first_start()
         return ctx
 
     async def new_context(self, cid, language, cwd, env) -> Context:
         ctx = self.make_context(cid, language, cwd, env)
-        await asyncio.wait([ctx.busy])
+        if ctx.busy is not None:
+            await asyncio.wait([ctx.busy])
         if ctx.closed is not None:
             raise ctx.closed
         return ctx

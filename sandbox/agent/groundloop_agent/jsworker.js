@@ -93,6 +93,15 @@ input.on("data", (chunk) => {
     const line = buf.slice(0, i);
     buf = buf.slice(i + 1);
     const cmd = JSON.parse(line);
+    if (cmd.setup) {
+      // A spare started ahead becomes a context's worker: its cwd and env come now, before any run.
+      // What node read at its start (NODE_OPTIONS, NODE_PATH...) cannot change: the agent spawns
+      // a new worker for an env that sets those.
+      process.chdir(cmd.setup.cwd);
+      for (const k of Object.keys(process.env)) delete process.env[k];
+      Object.assign(process.env, cmd.setup.env);
+      continue;
+    }
     queue = queue.then(async () => {
       const error = await run(cmd.code || "", cmd.n || 0);
       send({ t: "done", ok: error === null, error });
