@@ -42,6 +42,8 @@ class Server:
         self.http = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")},
+            # The image under test (a branch's own tag); every other setting is the bench's.
+            "GROUNDLOOP_SANDBOX_IMAGE": os.environ.get("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest"),
             "GROUNDLOOP_NAMESPACE": "bench",
             "GROUNDLOOP_POOL_SIZE": str(pool_size),
             "GROUNDLOOP_MAX_SESSIONS_PER_USER": "1000",
