@@ -40,6 +40,8 @@ def test_bench_smoke_prints_the_table():
         "ws: stream throughput",
         "sessions held at once",
         "hostile[runc]: bystander during",
+        "ws: fresh python context + first run",
+        "ws: fresh javascript context + first run (paced",
         "humaneval: groundloop, fresh context each, 4 session(s)",
         "humaneval: docker exec python3, one warm container",
         "humaneval: one local python3 per problem",

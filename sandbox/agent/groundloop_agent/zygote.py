@@ -35,6 +35,7 @@ import time
 
 MAX_MESSAGE = 1 << 20  # a claim carries the context's env: bounded by what the agent sends
 FDS_PER_CLAIM = 4
+SPARE_READY_TIMEOUT = 10.0  # seconds: a fork on a machine under heavy load, not a stuck spare
 
 
 def _send(sock: socket.socket, obj: dict, fds: tuple = ()) -> None:
@@ -136,12 +137,20 @@ class Zygote:
                 keep = theirs.fileno()
                 os.closerange(3, keep)
                 os.closerange(keep + 1, 1 << 16)
+                theirs.send(b"r")
                 become_worker(self.worker, theirs, self.package_path)
             finally:
                 os._exit(1)
         theirs.close()
         try:
+            # Handed over only once it leads its session: a kill of its group must reach it.
+            mine.settimeout(SPARE_READY_TIMEOUT)
+            if mine.recv(1) != b"r":
+                raise OSError("a spare ended before it was ready")
             _send(self.sock, {"spare": pid}, (mine.fileno(),))
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            raise
         finally:
             mine.close()
 
