@@ -23,7 +23,7 @@ import time
 
 import orjson
 
-from .server import Client, Server, images
+from .server import NAMESPACE, Client, Server, images
 from .stats import Table
 
 IMAGE = os.environ.get("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest")
@@ -107,7 +107,7 @@ def docker_exec_rate(progs: list[tuple[str, str]]) -> tuple[float, list[str]]:
     name = f"groundloop-bench-humaneval-{os.getpid()}"
     subprocess.run(
         ["docker", "run", "-d", "--rm", "--name", name, "--network", "none", "--user", "1000:1000",
-         "--label", "groundloop.managed=true", "--label", "groundloop.namespace=bench",
+         "--label", "groundloop.managed=true", "--label", f"groundloop.namespace={NAMESPACE}",
          "--entrypoint", "sleep", IMAGE, "infinity"],
         check=True, capture_output=True,
     )  # fmt: skip

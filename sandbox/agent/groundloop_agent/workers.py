@@ -165,7 +165,8 @@ class PythonZygote:
             elif "ready" in msg:
                 self.ready = True
                 self.refill()
-            elif "log" in msg:
+            elif "log" in msg:  # a fork failed: what was asked for will not come
+                self.asked = 0
                 self._log(str(msg["log"]))
             for fd in fds[1:] if "spare" in msg else fds:
                 os.close(fd)
@@ -310,7 +311,10 @@ class Workers:
         """A spare made into the context's worker at once: (proc, pipes, cmd_w, res_r), or None."""
         if language == "javascript":
             return self.node.claim(cwd, env)
-        if language != "python" or not self.python.spares:
+        if language != "python":
+            return None
+        if not self.python.spares:
+            self.python.refill()  # asks again after a failed fork (one try per context, not a loop)
             return None
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
