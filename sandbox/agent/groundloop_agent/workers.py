@@ -37,6 +37,7 @@ NODE_SPARES = 1
 ZYGOTE_RESTART = (0.5, 30.0)  # backoff between restarts of a zygote that keeps dying, seconds
 ORPHAN_POLL = 0.2  # how often a worker whose zygote died is looked for in /proc
 NODE_START_VARS = ("NODE_", "UV_", "OPENSSL_")
+CLAIM_MAX = 64 << 10  # bytes of a claim's JSON (its env, mostly); a unix datagram holds ~200 KiB
 
 
 def _start_vars_differ(env: dict, base: dict, prefixes: tuple[str, ...]) -> bool:
@@ -185,6 +186,8 @@ class PythonZygote:
         if _start_vars_differ(env, self.env, ("PYTHON",)):
             return None
         claim = json.dumps({"cwd": cwd, "env": env, "umask": self.umask}).encode()
+        if len(claim) > CLAIM_MAX:
+            return None  # one datagram must hold it: a spawn takes an env of any size
         try:
             while self.spares:
                 proc, sock = self.spares.popleft()

@@ -222,3 +222,15 @@ async def test_javascript_contexts_from_spares_are_isolated_and_take_cwd_and_env
             await asyncio.sleep(2.5)  # room for a spare to start, and to be older than any spawn
         # at least one came from a spare: started seconds before its context was created
         assert max(ages) > 2, ages
+
+
+async def test_an_env_too_big_for_a_claim_gets_a_spawned_worker_with_all_of_it(engine):
+    async with sandbox_of(engine) as sb:
+        await forked_context(sb, "warm")
+        big = "x" * (100 << 10)
+        done, _ = await call(sb, "create_context", language="python", context="big", env={"BIG": big})
+        assert done["ok"], done
+        assert await value(sb, "big", "import os\nlen(os.environ['BIG'])") == str(100 << 10)
+        # the spares were not spent on it
+        again = await forked_context(sb, "after-big")
+        assert "zygote" in again["parent"]
