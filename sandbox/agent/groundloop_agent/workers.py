@@ -23,6 +23,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .common import BASE_ENV, WORKDIR
+from .memguard import MEMORY_GUARD_VAR
 from .pipes import Pipe, spawn
 from .procs import kill_tree
 
@@ -32,8 +33,11 @@ if TYPE_CHECKING:
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY_SPARES = 2  # forked ahead: each costs a few hundred KiB of its own (the rest is shared with the zygote)
 # Started ahead once the sandbox has run JavaScript (not at boot: a spare node costs 46 MiB of PSS
-# under runc and 127 MiB of guest memory under gVisor, a quarter of a 512 MiB sandbox).
+# under runc and 127 MiB of guest memory under gVisor, a quarter of a 512 MiB sandbox). Under gVisor
+# a smaller sandbox keeps none: at 256 MiB the memory guard's threshold (166 MiB) is about what the
+# agent, the zygote and a spare node hold together, and the guard would take the spare.
 NODE_SPARES = 1
+NODE_SPARE_MIN_GUARD = 384 << 20
 ZYGOTE_RESTART = (0.5, 30.0)  # backoff between restarts of a zygote that keeps dying, seconds
 ORPHAN_POLL = 0.2  # how often a worker whose zygote died is looked for in /proc
 NODE_START_VARS = ("NODE_", "UV_", "OPENSSL_")
@@ -253,9 +257,11 @@ class NodeSpares:
         self.tasks: set[asyncio.Task] = set()
         self.closed = False
         self.env = dict(BASE_ENV)
+        guard = os.environ.get(MEMORY_GUARD_VAR)
+        self.want = NODE_SPARES if not guard or int(guard) >= NODE_SPARE_MIN_GUARD else 0
 
     def refill(self) -> None:
-        while not self.closed and len(self.spares) + self.starting < NODE_SPARES:
+        while not self.closed and len(self.spares) + self.starting < self.want:
             self.starting += 1
             task = asyncio.ensure_future(self._start_one())
             self.tasks.add(task)
