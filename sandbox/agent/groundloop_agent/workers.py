@@ -31,17 +31,27 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PY_SPARES = 2  # forked ahead: each costs a few hundred KiB of its own (the rest is shared with the zygote)
+# Forked ahead: each costs 3.3 to 3.7 MiB of PSS under runc (the rest is shared with the zygote), and
+# ~6 MiB of guest memory under gVisor, where a small sandbox keeps one (below).
+PY_SPARES = 2
 # Started ahead once the sandbox has run JavaScript (not at boot: a spare node costs 46 MiB of PSS
 # under runc and 127 MiB of guest memory under gVisor, a quarter of a 512 MiB sandbox). Under gVisor
 # a smaller sandbox keeps none: at 256 MiB the memory guard's threshold (166 MiB) is about what the
 # agent, the zygote and a spare node hold together, and the guard would take the spare.
 NODE_SPARES = 1
-NODE_SPARE_MIN_GUARD = 384 << 20
+# A gVisor sandbox whose memory guard fires below this is small: one Python spare and no node spare,
+# so that the process cap's arithmetic (docker_backend.guest_process_cap) keeps its headroom.
+SMALL_GUARD = 384 << 20
+
 ZYGOTE_RESTART = (0.5, 30.0)  # backoff between restarts of a zygote that keeps dying, seconds
 ORPHAN_POLL = 0.2  # how often a worker whose zygote died is looked for in /proc
 NODE_START_VARS = ("NODE_", "UV_", "OPENSSL_")
 CLAIM_MAX = 64 << 10  # bytes of a claim's JSON (its env, mostly); a unix datagram holds ~200 KiB
+
+
+def small_sandbox() -> bool:
+    guard = os.environ.get(MEMORY_GUARD_VAR)
+    return bool(guard) and int(guard) < SMALL_GUARD
 
 
 def _start_vars_differ(env: dict, base: dict, prefixes: tuple[str, ...]) -> bool:
@@ -99,6 +109,7 @@ class PythonZygote:
         self.env = dict(BASE_ENV)
         self.umask = os.umask(0)
         os.umask(self.umask)
+        self.want = 1 if small_sandbox() else PY_SPARES
 
     def start(self) -> None:
         if self.task is None and not self.closed:
@@ -177,7 +188,7 @@ class PythonZygote:
                 os.close(fd)
 
     def refill(self) -> None:
-        want = PY_SPARES - len(self.spares) - self.asked
+        want = self.want - len(self.spares) - self.asked
         if want > 0 and self.ready and self.sock is not None:
             try:
                 self.sock.send(json.dumps({"fork": want}).encode())
@@ -257,8 +268,7 @@ class NodeSpares:
         self.tasks: set[asyncio.Task] = set()
         self.closed = False
         self.env = dict(BASE_ENV)
-        guard = os.environ.get(MEMORY_GUARD_VAR)
-        self.want = NODE_SPARES if not guard or int(guard) >= NODE_SPARE_MIN_GUARD else 0
+        self.want = 0 if small_sandbox() else NODE_SPARES
 
     def refill(self) -> None:
         while not self.closed and len(self.spares) + self.starting < self.want:
