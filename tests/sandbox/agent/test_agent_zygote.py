@@ -73,12 +73,20 @@ async def who(sb, context: str) -> dict:
     return json.loads(ev.text())
 
 
-async def forked_context(sb, name: str, **params) -> dict:
+async def forked_context(sb, name: str, tolerate_guard: bool = False, **params) -> dict:
     """Create a Python context, waiting (a bounded number of tries) until the zygote has a spare for it."""
     for attempt in range(100):
         done, _ = await call(sb, "create_context", language="python", context=f"{name}-{attempt}", **params)
         assert done["ok"], done
-        me = await who(sb, f"{name}-{attempt}")
+        done, ev = await call(sb, "run_code", context=f"{name}-{attempt}", code=WHO)
+        if not done["ok"]:
+            # Only right after a memory bomb under gVisor: the guard may take a new worker too while the
+            # Sentry has not yet freed the bomb's memory (seconds, under load). Anything else is a failure.
+            assert done["error"]["name"] == "WorkerDied" and tolerate_guard, done
+            await call(sb, "delete_context", context=f"{name}-{attempt}")
+            await asyncio.sleep(0.5)
+            continue
+        me = json.loads(ev.text())
         if "groundloop_agent.zygote" in me["parent"]:
             return dict(me, context=f"{name}-{attempt}")
         await call(sb, "delete_context", context=f"{name}-{attempt}")
@@ -175,7 +183,7 @@ async def test_a_memory_bomb_in_a_forked_worker_takes_only_that_worker(engine):
         assert await value(sb, me["context"], "1 + 1") == "2"
         assert await value(sb, other["context"], "mine") == "'safe'"
         # and the zygote still forks
-        await forked_context(sb, "after")
+        await forked_context(sb, "after", tolerate_guard=True)
 
 
 async def test_a_dead_zygote_does_not_break_contexts(engine):
