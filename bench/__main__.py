@@ -7,7 +7,7 @@ import asyncio
 import os
 import platform
 
-from . import baselines, egress, engine, files, floors, hostile, humaneval
+from . import baselines, contexts, egress, engine, files, floors, hostile, humaneval
 from .stats import Table
 
 
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="iterations of the round-trip loops")
     parser.add_argument(
         "--only",
-        choices=["engine", "server", "terminal", "hostile", "humaneval", "egress", "files"],
+        choices=["engine", "server", "contexts", "terminal", "hostile", "humaneval", "egress", "files"],
         default=None,
     )
     args = parser.parse_args()
@@ -51,6 +51,8 @@ def main() -> None:
         from . import terminal
 
         run(terminal.run(table, n, smoke=args.smoke))
+    if args.only in (None, "contexts"):
+        run(contexts.run(table, smoke=args.smoke))
     if args.only in (None, "humaneval"):
         run(humaneval.run(table, smoke=args.smoke))
     if args.only in (None, "egress"):

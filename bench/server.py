@@ -29,6 +29,22 @@ from .stats import Table, pct, summary_ms
 _ids = itertools.count()
 
 
+# A server removes the containers of its namespace at start: one of its own per bench run, so two
+# runs on one machine do not take each other's sandboxes (a shared "bench" did: SandboxLost).
+NAMESPACE = f"bench-{os.getpid()}"
+
+
+def images() -> list[tuple[str, str]]:
+    """(row suffix, image) of each sandbox image to measure: the one under test, and, when
+    GROUNDLOOP_BENCH_BASELINE_IMAGE names one, that baseline beside it (an A/B in one run, which is
+    what this shared machine's noise allows to compare)."""
+    out = [("", os.environ.get("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest"))]
+    baseline = os.environ.get("GROUNDLOOP_BENCH_BASELINE_IMAGE")
+    if baseline:
+        out.append((f" [baseline {baseline}]", baseline))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,7 +58,9 @@ class Server:
         self.http = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")},
-            "GROUNDLOOP_NAMESPACE": "bench",
+            # The image under test (a branch's own tag); every other setting is the bench's.
+            "GROUNDLOOP_SANDBOX_IMAGE": os.environ.get("GROUNDLOOP_SANDBOX_IMAGE", "groundloop-sandbox:latest"),
+            "GROUNDLOOP_NAMESPACE": NAMESPACE,
             "GROUNDLOOP_POOL_SIZE": str(pool_size),
             "GROUNDLOOP_MAX_SESSIONS_PER_USER": "1000",
             "GROUNDLOOP_RATE_PER_S": "1000000",

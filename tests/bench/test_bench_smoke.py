@@ -43,6 +43,8 @@ def test_bench_smoke_prints_the_table():
         "hostile[runc]: bystander during",
         "files[runc]: watch latency, write to file_event",
         "files[runc]: 2 MiB upload / download, 1 MiB chunks",
+        "ws: fresh python context + first run",
+        "ws: fresh javascript context + first run (paced",
         "humaneval: groundloop, fresh context each, 4 session(s)",
         "humaneval: docker exec python3, one warm container",
         "humaneval: one local python3 per problem",

@@ -550,8 +550,8 @@ print(json.dumps(out))
 """
 
 
-# the agent's own pipes to its workers, and (runsc) the threshold of its memory guard
-AGENT_VARS = {"GROUNDLOOP_CMD_FD", "GROUNDLOOP_RES_FD", "GROUNDLOOP_MEMORY_GUARD_BYTES"}
+# the agent's own pipes to its workers and its zygote's socket, and (runsc) the threshold of its memory guard
+AGENT_VARS = {"GROUNDLOOP_CMD_FD", "GROUNDLOOP_RES_FD", "GROUNDLOOP_ZYGOTE_FD", "GROUNDLOOP_MEMORY_GUARD_BYTES"}
 
 
 async def test_isolation(env):

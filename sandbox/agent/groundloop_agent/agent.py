@@ -19,6 +19,7 @@ from .terminals import Terminal, TerminalOps
 from .transfer import TransferOps
 from .watch import WatchOps
 from .wire import In, Out
+from .workers import Workers
 
 # --------------------------------------------------------------------------
 # The agent.
@@ -38,6 +39,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         self.uploads: dict = {}  # rid of an upload_file -> its Upload (transfer.py)
         self.counter = 0
         self.stopping = asyncio.Event()
+        self.workers = Workers(self)
 
     # flow control
     def pause_pipes(self) -> None:
@@ -89,6 +91,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
                 "egress": bool(egress_env),
             }
         )
+        self.workers.start()
         memguard.start(  # gVisor only (issue 21, item 8)
             lambda message: loop.call_soon_threadsafe(
                 self.out.send, {"ev": "log", "level": "warning", "message": message}
@@ -232,6 +235,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         ctx.submit(run)
 
     async def shutdown(self) -> None:
+        self.workers.close()
         for t in list(self.tasks.values()):
             t.cancel()
         for c in list(self.contexts.values()):
@@ -268,12 +272,13 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         ctx = Context(self, cid, language, self.path(cwd) if cwd else WORKDIR, self.env_for(env))
         self.check_cwd(ctx.cwd)
         self.contexts[cid] = ctx
-        ctx._busy(ctx._first_start())
+        ctx.first_start()
         return ctx
 
     async def new_context(self, cid, language, cwd, env) -> Context:
         ctx = self.make_context(cid, language, cwd, env)
-        await asyncio.wait([ctx.busy])
+        if ctx.busy is not None:
+            await asyncio.wait([ctx.busy])
         if ctx.closed is not None:
             raise ctx.closed
         return ctx

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import languages
 from .common import INTERRUPT_GRACE, RequestError
-from .pipes import Pipe, Target, spawn
+from .pipes import Pipe, Target
 from .procs import Cancel, exit_code_of, kill_group, kill_group_except, kill_tree
 
 if TYPE_CHECKING:
@@ -82,31 +82,24 @@ class Context:
         self.created = time.time()
 
     async def start(self) -> None:
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        env = dict(self.env)
-        env["GROUNDLOOP_CMD_FD"] = str(cmd_r)
-        env["GROUNDLOOP_RES_FD"] = str(res_w)
-        env.update(languages.worker_env(self.language))
-        argv = languages.argv(self.language)
-        try:
-            self.proc, self.pipes = await spawn(self.agent, argv, self.cwd, env, None, extra_fds=(cmd_r, res_w))
-        except BaseException:
-            os.close(cmd_w)
-            os.close(res_r)
-            raise
-        finally:
-            os.close(cmd_r)
-            os.close(res_w)
-        self.ctrl_w = cmd_w
-        # Non-blocking: the acknowledgements of results (below) must never block the agent, whatever a cell
-        # writes on the answer pipe.
-        os.set_blocking(cmd_w, False)
-        self.ctrl_r = res_r
+        self._attach(await self.agent.workers.obtain(self.language, self.cwd, self.env))
+
+    def start_now(self) -> bool:
+        """Take a spare worker at once (no task): True if there was one."""
+        got = self.agent.workers.take(self.language, self.cwd, self.env)
+        if got is not None:
+            self._attach(got)
+        return got is not None
+
+    def _attach(self, got) -> None:
+        self.proc, self.pipes, self.ctrl_w, self.ctrl_r = got
+        # Non-blocking: the acknowledgements of results (notebook.py) must never block the agent, whatever a
+        # cell writes on the answer pipe.
+        os.set_blocking(self.ctrl_w, False)
         self.ctrl_buf = bytearray()
         self.ctrl_eof = False
-        os.set_blocking(res_r, False)
-        self.agent.loop.add_reader(res_r, self._on_ctrl)
+        os.set_blocking(self.ctrl_r, False)
+        self.agent.loop.add_reader(self.ctrl_r, self._on_ctrl)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None and not self.ctrl_eof
@@ -143,6 +136,11 @@ class Context:
             self._next()
 
         self.busy.add_done_callback(idle)
+
+    def first_start(self) -> None:
+        """Start the worker: from a spare at once when there is one, else in a task (``busy``)."""
+        if not self.start_now():
+            self._busy(self._first_start())
 
     async def _first_start(self) -> None:
         try:

@@ -95,6 +95,12 @@ async function run(code, n) {
   return null;
 }
 
+// Warm what a first cell runs through (compile, run, inspect, JSON) in a throwaway context, so a
+// spare started ahead does not pay for it in its context's first run.
+try {
+  bundle(new vm.Script("[1, 'a', { b: 2 }]", { filename: "<warm-up>" }).runInContext(vm.createContext({})));
+} catch (e) { /* a warm-up only */ }
+
 process.on("uncaughtException", (e) => {
   process.stderr.write("Uncaught " + (e && e.stack ? e.stack : String(e)) + "\n");
 });
@@ -112,6 +118,15 @@ input.on("data", (chunk) => {
     const line = buf.slice(0, i);
     buf = buf.slice(i + 1);
     const cmd = JSON.parse(line);
+    if (cmd.setup) {
+      // A spare started ahead becomes a context's worker: its cwd and env come now, before any run.
+      // What node read at its start (NODE_OPTIONS, NODE_PATH...) cannot change: the agent spawns
+      // a new worker for an env that sets those.
+      process.chdir(cmd.setup.cwd);
+      for (const k of Object.keys(process.env)) delete process.env[k];
+      Object.assign(process.env, cmd.setup.env);
+      continue;
+    }
     queue = queue.then(async () => {
       // The run's own environment (the session's and the request's env), for this cell only.
       const saved = {};

@@ -14,6 +14,7 @@ before results.
 """
 
 import ast
+import builtins
 import importlib.util
 import io
 import json
@@ -24,27 +25,60 @@ import traceback
 import types
 
 CO_COROUTINE = 0x0080  # inspect.CO_COROUTINE, without importing inspect
-CMD_FD = int(os.environ.pop("GROUNDLOOP_CMD_FD"))
-RES_FD = int(os.environ.pop("GROUNDLOOP_RES_FD"))
+# What a zygote imports before it forks workers (zygote.py): the modules most cells import, so a
+# forked worker has them already. Nothing that starts a thread (a fork keeps only the forking
+# thread). Extend it here: one tuple, read by the zygote at its start. These take ~0.1 s and 2 MiB.
+# IPython is not in it while the worker does not use it: measured in the standard image, importing it
+# takes 1.5 to 2 s of CPU (on this shared machine) and 40 MiB more in every zygote, i.e. in every
+# sandbox the warm pool starts. Once cells run through InteractiveShell, add "IPython" here: each
+# context then forks with it loaded instead of importing it at its first cell.
+PRELOAD = (
+    "json", "re", "math", "random", "collections", "itertools", "functools", "operator", "string",
+    "typing", "dataclasses", "enum", "heapq", "bisect", "copy", "fractions", "decimal", "statistics",
+    "datetime", "hashlib", "textwrap", "inspect", "traceback", "linecache", "io", "ast", "base64",
+)  # fmt: skip
 
-try:  # the first to go when the sandbox runs out of memory
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")
-except OSError:
-    pass
-
-_main = types.ModuleType("__main__")
-_main.__dict__["__builtins__"] = __builtins__
-sys.modules["__main__"] = _main
-NS = _main.__dict__
-sys.argv = [""]
-sys.path.insert(0, "")
+CMD_FD = RES_FD = -1
+_main = types.ModuleType("__main__")  # the cell's module, made by start()
+NS: dict = {}
+_STDIO: dict = {}
+_STREAMS: dict = {}
 
 
-# Copies of the cell's stdio, to give every cell back what an earlier one closed or redirected
-# (os.close(1), os.dup2(x, 1), sys.stdout.close()), as Jupyter's kernels do. Not inherited.
-_STDIO = {fd: os.dup(fd) for fd in (0, 1, 2)}
-_STREAMS = {"stdout": sys.stdout, "stderr": sys.stderr}
+def preload(names=PRELOAD):
+    """Import ``names`` (the zygote, before its first fork); one that fails is skipped."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional module the image lacks
+            pass
+
+
+def start(cmd_fd, res_fd):
+    """Become the worker: a fresh ``__main__`` namespace on the given pipes. Run once per process,
+    at its start (``python pyworker.py``) or in a zygote's child right after the fork."""
+    global CMD_FD, RES_FD, NS, FORKED, _STDIO, _STREAMS, _main
+    CMD_FD, RES_FD = cmd_fd, res_fd
+    try:  # the first to go when the sandbox runs out of memory
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    main_module = types.ModuleType("__main__")
+    main_module.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = _main = main_module
+    NS = main_module.__dict__
+    sys.argv = [""]
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    # Copies of the cell's stdio, to give every cell back what an earlier one closed or redirected
+    # (os.close(1), os.dup2(x, 1), sys.stdout.close()), as Jupyter's kernels do. Not inherited.
+    _STDIO = {fd: os.dup(fd) for fd in (0, 1, 2)}
+    _STREAMS = {"stdout": sys.stdout, "stderr": sys.stderr}
+    FORKED = False
+    os.register_at_fork(after_in_child=_forked)
 
 
 def restore_stdio():
@@ -72,9 +106,6 @@ FORKED = False
 def _forked():
     global FORKED
     FORKED = True
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 def only_the_worker():
@@ -301,4 +332,5 @@ def main():
 
 
 if __name__ == "__main__":
+    start(int(os.environ.pop("GROUNDLOOP_CMD_FD")), int(os.environ.pop("GROUNDLOOP_RES_FD")))
     main()
