@@ -6,6 +6,10 @@ in moving bytes. The container is attached *before* it starts, so the agent's
 hello cannot be missed; stdin is "once", so when the server's end of the
 socket closes (even when the server is killed) the agent reads EOF, exits,
 and ``auto_remove`` makes Docker delete the container.
+
+When Docker runs on this host, each sandbox also gets a host directory of its
+own (sandbox/rundir.py) with a socket the server listens on, and the agent's
+frames take that socket instead of the attach stream (sandbox/channel.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import secrets
 import socket
 from typing import Any
 
+from . import rundir
 from .base import Sandbox, SandboxUnavailable
+from .channel import SocketOffer
 from .settings import SandboxSettings, parse_size
 
 log = logging.getLogger("groundloop.sandbox")
@@ -125,6 +131,9 @@ class DockerBackend:
         self.runtime = settings.runtime or "runc"
         self.instance = instance or secrets.token_hex(6)
         self._client = client
+        self.run_root = rundir.root_of(settings.run_dir)
+        self._rundirs: dict[str, rundir.RunDir] = {}  # container id -> its host directory
+        self._socket_refused: str | None = None  # why the socket channel cannot be used here (logged once)
 
     @property
     def client(self):
@@ -158,14 +167,18 @@ class DockerBackend:
             return False
 
     async def reap_orphans(self) -> int:
-        """Remove this namespace's containers left by a server that is gone."""
-        return await asyncio.to_thread(
+        """Remove this namespace's containers left by a server that is gone, and their host directories."""
+        n = await asyncio.to_thread(
             self._reap, {"groundloop.namespace": self.settings.namespace}, exclude_instance=self.instance
         )
+        await asyncio.to_thread(rundir.reap, self.run_root, self.settings.namespace, self.instance)
+        return n
 
     async def reap_all(self) -> int:
-        """Remove every container of this server instance."""
-        return await asyncio.to_thread(self._reap, {"groundloop.instance": self.instance})
+        """Remove every container of this server instance, and their host directories."""
+        n = await asyncio.to_thread(self._reap, {"groundloop.instance": self.instance})
+        await asyncio.to_thread(rundir.reap_instance, self.run_root, self.settings.namespace, self.instance)
+        return n
 
     def _reap(self, match: dict[str, str], exclude_instance: str | None = None) -> int:
         filters = {"label": [f"{LABEL}=true"] + [f"{k}={v}" for k, v in match.items()]}
@@ -195,11 +208,49 @@ class DockerBackend:
             env[MEMORY_GUARD_VAR] = str(guard)
         return env
 
-    def create_and_attach(self, session_id: str, command: list[str] = AGENT_CMD) -> tuple[str, socket.socket]:
+    def socket_channel_refused(self) -> str | None:
+        """Why this backend's sandboxes cannot have the socket channel; None when they can."""
+        if self.settings.channel == "attach":
+            return "GROUNDLOOP_SANDBOX_CHANNEL=attach"
+        if self.settings.channel != "auto":
+            return f"GROUNDLOOP_SANDBOX_CHANNEL={self.settings.channel!r} is not auto or attach"
+        base_url = getattr(self.client.api, "base_url", "")
+        if base_url != "http+docker://localhost":  # a Unix socket of this host; tcp://, ssh:// are elsewhere
+            return f"Docker is not on this host ({base_url})"
+        return None
+
+    def prepare_channel(self) -> tuple[rundir.RunDir | None, SocketOffer | None]:
+        """The sandbox's host directory and the socket its agent will connect to, or (None, None) for the
+        attach stream alone (blocking: call it in a thread)."""
+        refused = self.socket_channel_refused()
+        if refused is None:
+            rd = rundir.RunDir(self.run_root, self.settings.namespace, self.instance)
+            try:
+                rd.create()
+                return rd, SocketOffer.open(rd)
+            except OSError as exc:
+                rd.remove()
+                refused = f"could not make its host directory under {self.run_root}: {exc}"
+        if refused != self._socket_refused:
+            self._socket_refused = refused
+            log.info("sandboxes use the attach stream for their data, not a socket: %s", refused)
+        return None, None
+
+    def create_and_attach(
+        self,
+        session_id: str,
+        command: list[str] = AGENT_CMD,
+        run_dir: rundir.RunDir | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> tuple[str, socket.socket]:
         """Create a hardened container running ``command``, attach a non-blocking socket to its
-        stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way."""
+        stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way.
+        ``run_dir`` is mounted read-only at /run/groundloop (sandbox/rundir.py)."""
         api = self.client.api
-        host_config = api.create_host_config(**hardening(self.settings))
+        config = hardening(self.settings)
+        if run_dir is not None:
+            config["binds"] = {run_dir.path: {"bind": rundir.MOUNT, "mode": "ro"}}
+        host_config = api.create_host_config(**config)
         created = api.create_container(
             self.settings.image,
             command=command,
@@ -209,7 +260,7 @@ class DockerBackend:
             user=SANDBOX_USER,
             working_dir="/workspace",
             hostname="sandbox",
-            environment=self.environment(),
+            environment={**self.environment(), **(extra_env or {})},
             labels=self.labels(session_id),
             network_disabled=True,
             host_config=host_config,
@@ -232,22 +283,42 @@ class DockerBackend:
             raise
         return cid, sock
 
+    def _create(self, session_id: str) -> tuple[str, socket.socket, rundir.RunDir | None, SocketOffer | None]:
+        rd, offer = self.prepare_channel()
+        try:
+            cid, sock = self.create_and_attach(
+                session_id, run_dir=rd, extra_env=offer.environment() if offer is not None else None
+            )
+        except BaseException:
+            if offer is not None:
+                offer.close()
+            if rd is not None:
+                rd.remove()
+            raise
+        return cid, sock, rd, offer
+
     async def start(self, session_id: str) -> Sandbox:
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
-        # so no container or socket is left without an owner.
-        work = asyncio.ensure_future(asyncio.to_thread(self.create_and_attach, session_id))
+        # so no container, socket or directory is left without an owner.
+        work = asyncio.ensure_future(asyncio.to_thread(self._create, session_id))
         try:
-            cid, sock = await asyncio.shield(work)
+            cid, sock, rd, offer = await asyncio.shield(work)
         except asyncio.CancelledError:
             try:
-                cid, sock = await work
+                cid, sock, rd, offer = await work
             except Exception:
                 raise asyncio.CancelledError from None
             sock.close()
+            if offer is not None:
+                offer.close()
             await asyncio.to_thread(self.remove, cid)
+            if rd is not None:
+                rd.remove()
             raise
         except Exception as exc:
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
+        if rd is not None:
+            self._rundirs[cid] = rd
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
         sb = Sandbox(
             sandbox_id=cid,
@@ -261,6 +332,8 @@ class DockerBackend:
             closer=self._close_sandbox,
             max_frame_bytes=self.settings.max_frame_bytes,
         )
+        if offer is not None:
+            sb.offer_socket(offer)
         await sb.handshake_or_close(self.settings.start_timeout_s)
         return sb
 
@@ -269,6 +342,9 @@ class DockerBackend:
             await asyncio.to_thread(self.remove, sb.id)
         except Exception as exc:
             log.warning("could not remove container %s: %s", sb.id[:12], exc)
+        rd = self._rundirs.pop(sb.id, None)
+        if rd is not None:
+            await asyncio.to_thread(rd.remove)
 
     async def kill(self, sb: Sandbox) -> None:
         """Kill the container from outside (for tests of faults)."""

@@ -148,3 +148,15 @@ class SandboxSettings:
         False,
         "fall back to the local backend when Docker is unreachable (loopback only)",
     )
+    channel: str = env(
+        "GROUNDLOOP_SANDBOX_CHANNEL",
+        "auto",
+        "`auto`: the agent's frames take a Unix socket per sandbox when Docker runs on this host (the attach "
+        "stream where the agent cannot connect); `attach`: always Docker's attach stream (docs/architecture.md)",
+    )
+    run_dir: str = env(
+        "GROUNDLOOP_RUN_DIR",
+        "",
+        "host directory holding one directory per sandbox (its sockets), mounted at /run/groundloop; empty: "
+        "`/run/groundloop` as root, else `<tmp>/groundloop-<uid>`",
+    )

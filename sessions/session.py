@@ -215,7 +215,7 @@ class Session:
 
     def sandbox_info(self) -> dict[str, Any]:
         sb = self.sb
-        return {"backend": sb.backend, "runtime": sb.runtime, "image": sb.image, "warm": sb.warm}
+        return {"backend": sb.backend, "runtime": sb.runtime, "image": sb.image, "warm": sb.warm, "channel": sb.channel}
 
     def limits(self) -> dict[str, Any]:
         s, sb = self.settings, self.settings.sandbox

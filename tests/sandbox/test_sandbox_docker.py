@@ -61,7 +61,11 @@ async def test_container_is_hardened(monkeypatch):
         labels = info["Config"]["Labels"]
         assert labels["groundloop.managed"] == "true" and labels["groundloop.namespace"] == NAMESPACE
         assert labels["groundloop.session"] == sb.session_id and labels["groundloop.instance"]
-        assert not any("GROUNDLOOP" in e or "s3cr3t" in e for e in info["Config"]["Env"])
+        assert not any("s3cr3t" in e for e in info["Config"]["Env"])
+        # the server's own variables never reach the container; the data channel's two do (sandbox/channel.py)
+        own = {e.split("=")[0] for e in info["Config"]["Env"] if "GROUNDLOOP" in e}
+        assert own == {"GROUNDLOOP_CHANNEL", "GROUNDLOOP_CHANNEL_NONCE"}, own
+        assert hc["Binds"] == [f"{eng.backend._rundirs[sb.id].path}:/run/groundloop:ro"]
 
         # And from inside.
         done, out = await lines_of(sb, "id -u; ls /sys/class/net; grep CapEff /proc/self/status; env")

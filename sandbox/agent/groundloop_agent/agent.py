@@ -16,7 +16,7 @@ from .contexts import Context, Run
 from .files import FileOps
 from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
 from .procs import Cancel, Process, exit_code_of, kill_tree
-from .wire import In, Out
+from .wire import READ_MAX, Duplex, In, Out, connect_channel
 
 # --------------------------------------------------------------------------
 # The agent.
@@ -69,11 +69,19 @@ class Agent(FileOps):
         # Anything printed by accident goes to stderr, never into the frame stream.
         os.dup2(2, 1)
         sys.stdout = sys.stderr
-        _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
+        channel = connect_channel()
+        if channel is not None:
+            sock, nonce = channel
+            _, self.out = await loop.create_unix_connection(lambda: Duplex(self), sock=sock)
+            self.out.send({"ev": "channel", "nonce": nonce})  # the server reads this line first
+            # out_fd stays open, unused: the attach stream (the lifeline) ends when stdout closes.
+        else:
+            _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
         langs = ["python"] + (["javascript"] if shutil.which("node") else [])
         self.out.send(
             {
                 "ev": "hello",
+                "channel": "socket" if channel is not None else "attach",
                 "agent": AGENT_VERSION,
                 "pid": os.getpid(),
                 "languages": langs,
@@ -87,11 +95,10 @@ class Agent(FileOps):
                 self.out.send, {"ev": "log", "level": "warning", "message": message}
             )
         )
+        # stdin: the requests when there is no socket, and the lifeline either way (its EOF stops the agent).
         transport, _ = await loop.connect_read_pipe(lambda: In(self), sys.stdin.buffer)
         if isinstance(getattr(transport, "max_size", None), int):
-            # asyncio reads 256 KiB at a time, which glibc serves with an mmap (three
-            # system calls) per read; 64 KiB comes from the heap.
-            transport.max_size = 1 << 16
+            transport.max_size = READ_MAX
         await self.stopping.wait()
         await self.shutdown()
 
