@@ -7,7 +7,7 @@ import asyncio
 import os
 import platform
 
-from . import baselines, engine, floors, hostile, humaneval
+from . import baselines, channels, engine, floors, hostile, humaneval
 from .stats import Table
 
 
@@ -15,7 +15,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--smoke", action="store_true", help="a few iterations: checks the benchmarks work")
     parser.add_argument("-n", type=int, default=2000, help="iterations of the round-trip loops")
-    parser.add_argument("--only", choices=["engine", "server", "hostile", "humaneval"], default=None)
+    parser.add_argument("--only", choices=["engine", "server", "hostile", "humaneval", "channels"], default=None)
     args = parser.parse_args()
     n = 20 if args.smoke else args.n
     table = Table()
@@ -34,6 +34,8 @@ def main() -> None:
     if args.only in (None, "engine"):
         run(engine.run(table, n))
         floors.attach_echo(table, n)
+        channels.socket_echo(table, n)
+        run(channels.engine_rows(table, n, args.smoke))
         baselines.jupyter(table, min(n, 1000))
     if args.only in (None, "server"):
         try:
@@ -43,6 +45,12 @@ def main() -> None:
         else:
             floors.ws_echo(table, n)
             run(server.run(table, n, smoke=args.smoke))
+            run(channels.server_rows(table, n, args.smoke))
+    if args.only == "channels":  # the rows of issue 15 alone
+        floors.attach_echo(table, n)
+        channels.socket_echo(table, n)
+        run(channels.engine_rows(table, n, args.smoke))
+        run(channels.server_rows(table, n, args.smoke))
     if args.only in (None, "humaneval"):
         run(humaneval.run(table, smoke=args.smoke))
     if args.only in (None, "hostile"):
