@@ -373,10 +373,11 @@ async def run(table: Table, n: int, smoke: bool = False) -> None:
         await concurrent(table, sessions, per_session=5 if smoke else (50 if sessions == 40 else 10))
 
 
-async def concurrent(table: Table, sessions: int, per_session: int) -> None:
+async def concurrent(table: Table, sessions: int, per_session: int, label: str = "", **env: str) -> None:
+    """``sessions`` clients at once, each ``per_session`` requests in turn; ``env``: the server's settings."""
     from .channels import Processes, cpu_row
 
-    async with Server(pool_size=2) as srv:
+    async with Server(pool_size=2, **env) as srv:
         cpu0, _ = srv.usage()
         t0 = time.perf_counter()
         opened = await asyncio.gather(*(Client.open(srv.url) for _ in range(sessions)), return_exceptions=True)
@@ -396,12 +397,12 @@ async def concurrent(table: Table, sessions: int, per_session: int) -> None:
         cpu1, hwm = srv.usage()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         table.add(
-            f"ws: {sessions} concurrent sessions, run_code 1 + 1",
+            f"ws{label}: {sessions} concurrent sessions, run_code 1 + 1",
             f"p50 {pct(lat, 50) * 1e3:.2f} ms, p99 {pct(lat, 99) * 1e3:.2f} ms, {len(lat) / wall:.0f} req/s",
             "p99 <= 50 ms, >= 2000 req/s" if sessions == 40 else "",
         )
         table.add(
-            f"ws: {sessions} concurrent sessions: CPU per request, every process",
+            f"ws{label}: {sessions} concurrent sessions: CPU per request, every process",
             cpu_row(before, after, len(lat)),
             "<= 1.0 ms" if sessions == 40 else "",
         )

@@ -217,6 +217,10 @@ class DockerBackend:
         base_url = getattr(self.client.api, "base_url", "")
         if base_url != "http+docker://localhost":  # a Unix socket of this host; tcp://, ssh:// are elsewhere
             return f"Docker is not on this host ({base_url})"
+        if not self.settings.run_dir and os.path.exists("/.dockerenv"):
+            # The engine resolves a bind's source on its host: a directory made in this container's own file
+            # system would not be there (and Docker would create an empty one in its place).
+            return "the server runs in a container; set GROUNDLOOP_RUN_DIR to a host directory mounted at the same path"
         return None
 
     def prepare_channel(self) -> tuple[rundir.RunDir | None, SocketOffer | None]:
