@@ -134,6 +134,7 @@ class DockerBackend:
         self.run_root = rundir.root_of(settings.run_dir)
         self._rundirs: dict[str, rundir.RunDir] = {}  # container id -> its host directory
         self._socket_refused: str | None = None  # why the socket channel cannot be used here (logged once)
+        self._socket_broken: str | None = None  # set when the engine could not mount a sandbox's directory
 
     @property
     def client(self):
@@ -217,11 +218,7 @@ class DockerBackend:
         base_url = getattr(self.client.api, "base_url", "")
         if base_url != "http+docker://localhost":  # a Unix socket of this host; tcp://, ssh:// are elsewhere
             return f"Docker is not on this host ({base_url})"
-        if not self.settings.run_dir and os.path.exists("/.dockerenv"):
-            # The engine resolves a bind's source on its host: a directory made in this container's own file
-            # system would not be there (and Docker would create an empty one in its place).
-            return "the server runs in a container; set GROUNDLOOP_RUN_DIR to a host directory mounted at the same path"
-        return None
+        return self._socket_broken
 
     def prepare_channel(self) -> tuple[rundir.RunDir | None, SocketOffer | None]:
         """The sandbox's host directory and the socket its agent will connect to, or (None, None) for the
@@ -253,7 +250,10 @@ class DockerBackend:
         api = self.client.api
         config = hardening(self.settings)
         if run_dir is not None:
-            config["binds"] = {run_dir.path: {"bind": rundir.MOUNT, "mode": "ro"}}
+            import docker.types
+
+            # A mount, not a bind: the engine refuses a source it does not have instead of making an empty one.
+            config["mounts"] = [docker.types.Mount(rundir.MOUNT, run_dir.path, type="bind", read_only=True)]
         host_config = api.create_host_config(**config)
         created = api.create_container(
             self.settings.image,
@@ -288,16 +288,23 @@ class DockerBackend:
         return cid, sock
 
     def _create(self, session_id: str) -> tuple[str, socket.socket, rundir.RunDir | None, SocketOffer | None]:
+        import docker.errors
+
         rd, offer = self.prepare_channel()
         try:
             cid, sock = self.create_and_attach(
                 session_id, run_dir=rd, extra_env=offer.environment() if offer is not None else None
             )
-        except BaseException:
+        except BaseException as exc:
             if offer is not None:
                 offer.close()
             if rd is not None:
                 rd.remove()
+            if rd is not None and isinstance(exc, docker.errors.APIError) and "bind source path" in str(exc):
+                # The engine does not see this server's files (a server in a container, the engine on its
+                # host): from now on, the attach stream alone.
+                self._socket_broken = f"the engine cannot mount {self.run_root} (set GROUNDLOOP_RUN_DIR): {exc}"
+                return (*self.create_and_attach(session_id), None, None)
             raise
         return cid, sock, rd, offer
 

@@ -65,7 +65,8 @@ async def test_container_is_hardened(monkeypatch):
         # the server's own variables never reach the container; the data channel's two do (sandbox/channel.py)
         own = {e.split("=")[0] for e in info["Config"]["Env"] if "GROUNDLOOP" in e}
         assert own == {"GROUNDLOOP_CHANNEL", "GROUNDLOOP_CHANNEL_NONCE"}, own
-        assert hc["Binds"] == [f"{eng.backend._rundirs[sb.id].path}:/run/groundloop:ro"]
+        mounts = [(m["Type"], m["Source"], m["Target"], m["ReadOnly"]) for m in hc["Mounts"]]
+        assert mounts == [("bind", eng.backend._rundirs[sb.id].path, "/run/groundloop", True)] and not hc["Binds"]
 
         # And from inside.
         done, out = await lines_of(sb, "id -u; ls /sys/class/net; grep CapEff /proc/self/status; env")
