@@ -194,3 +194,27 @@ def test_run_dirs_of_a_gone_server_are_reaped(tmp_path):
     assert sorted(os.listdir(root)) == sorted(os.path.basename(d.path) for d in (mine, other_ns))
     assert rundir.reap_instance(root, NAMESPACE, "aaaa") == 1
     assert os.listdir(root) == [os.path.basename(other_ns.path)]
+
+
+@pytest.mark.docker
+async def test_an_engine_that_cannot_mount_the_directory_gets_the_attach_stream(tmp_path, monkeypatch):
+    """A server in a container whose run directory the engine does not have: the mount is refused (not made
+    empty), that sandbox starts on the attach stream, and the backend stops offering the socket."""
+    async with backend_of(tmp_path) as backend:
+        real = backend.prepare_channel
+
+        def elsewhere():
+            rd, offer = real()
+            rd.path = str(tmp_path / "not-on-the-engine")  # what the engine would look for on its own host
+            return rd, offer
+
+        monkeypatch.setattr(backend, "prepare_channel", elsewhere)
+        sb = await backend.start("no-mount")
+        try:
+            assert sb.channel == "attach" and backend._socket_broken and backend._rundirs == {}
+            assert (await sb.request("ping", deadline_s=DEADLINE))["ok"]
+        finally:
+            await sb.close()
+        monkeypatch.setattr(backend, "prepare_channel", real)
+        assert backend.prepare_channel() == (None, None)
+        assert not (tmp_path / "not-on-the-engine").exists()
