@@ -121,6 +121,7 @@ async def test_orphans_of_a_dead_server_are_reaped():
         left = client.api.containers(all=True, filters={"id": [orphan.id]})
         assert left == [] or left[0]["State"] in ("removing", "exited", "dead")
     await orphan.close()
+    await crashed.close()
 
 
 async def test_sandbox_stops_when_the_server_connection_drops():
@@ -137,6 +138,7 @@ async def test_sandbox_stops_when_the_server_connection_drops():
             await asyncio.sleep(0.1)
         assert not client.api.containers(filters={"id": [sb.id], "status": "running"})
     await sb.close()
+    await backend.close()
 
 
 @pytest.mark.runsc

@@ -48,6 +48,11 @@ def docker_client():
     return docker.from_env(timeout=60)
 
 
+def kill_container(cid: str) -> None:
+    with contextlib.closing(docker_client()) as client:
+        client.api.kill(cid)
+
+
 def running(cid: str) -> bool:
     import docker
 
@@ -92,7 +97,7 @@ async def test_container_killed_mid_run(srv):
         rid = await c.send("run_code", code="import time\nprint('running', flush=True)\ntime.sleep(60)")
         while not c.of(rid, "stdout"):
             await c.recv(WAIT)
-        await asyncio.to_thread(lambda: docker_client().api.kill(old))
+        await asyncio.to_thread(kill_container, old)
         done = (await c.until_done(rid, WAIT))[-1]
         assert done["ok"] is False and done["error"]["name"] == "SandboxLost", done
         replaced = await until_replaced(c)
