@@ -41,7 +41,7 @@ def fmt(s: dict[str, float], digits: int = 3) -> str:
 async def engine_rows(table: Table, n: int, smoke: bool) -> None:
     starts_n = 3 if smoke else 20
     for runtime in runtimes():
-        for channel, setting in CHANNELS.items():
+        for setting in CHANNELS.values():
             backend = DockerBackend(settings(runtime=runtime, channel=setting))
             try:
                 starts = []
@@ -52,7 +52,8 @@ async def engine_rows(table: Table, n: int, smoke: bool) -> None:
                     t0 = time.perf_counter()
                     sb = await backend.start("bench-channel")
                     starts.append(time.perf_counter() - t0)
-                assert sb is not None and sb.channel == channel, (sb and sb.channel, channel)
+                assert sb is not None
+                got = sb.channel  # "attach" where the socket cannot be had (an image of an older agent)
                 await sb.request("run_code", {"code": "1 + 1"})
                 rt = []
                 for _ in range(n):
@@ -64,30 +65,30 @@ async def engine_rows(table: Table, n: int, smoke: bool) -> None:
             finally:
                 await backend.reap_all()
                 await backend.close()
-            main = runtime == "runc" and channel == "socket"
+            main = runtime == "runc" and got == "socket"
             table.add(
-                f"engine [{runtime}, {channel}]: run_code 1 + 1 round trip",
+                f"engine [{runtime}, {got}]: run_code 1 + 1 round trip",
                 fmt(summary_ms(rt)),
                 "p50 <= 0.4 ms" if main else "",
             )
-            table.add(f"engine [{runtime}, {channel}]: sandbox start (create+start+hello)", fmt(summary_ms(starts), 0))
+            table.add(f"engine [{runtime}, {got}]: sandbox start (create+start+hello)", fmt(summary_ms(starts), 0))
 
 
 async def server_rows(table: Table, n: int, smoke: bool) -> None:
     from .server import Client, Server, lean_rtt
 
     for runtime in runtimes():
-        for channel, setting in CHANNELS.items():
+        for setting in CHANNELS.values():
             env = {"GROUNDLOOP_SANDBOX_RUNTIME": runtime, "GROUNDLOOP_SANDBOX_CHANNEL": setting}
             async with Server(pool_size=1, **env) as srv:
                 c, ready = await Client.open(srv.url)
-                assert ready["sandbox"]["channel"] == channel, ready
+                got = ready["sandbox"].get("channel", "attach")  # what the server could have, as above
                 await c.close()
                 lean = await asyncio.to_thread(lean_rtt, srv.url, {"type": "run_code", "code": "1 + 1"}, n)
             table.add(
-                f"ws [{runtime}, {channel}]: run_code 1 + 1 round trip (lean client)",
+                f"ws [{runtime}, {got}]: run_code 1 + 1 round trip (lean client)",
                 fmt(summary_ms(lean)),
-                "p50 <= 0.8 ms, p99 <= 2.5 ms" if channel == "socket" else "",
+                "p50 <= 0.8 ms, p99 <= 2.5 ms" if got == "socket" else "",
             )
         # A session's start when no warm container waits: connect, a cold start, ready.
         async with Server(pool_size=0, GROUNDLOOP_SANDBOX_RUNTIME=runtime) as srv:

@@ -386,7 +386,7 @@ async def concurrent(table: Table, sessions: int, per_session: int, label: str =
         connect_all = time.perf_counter() - t0
         await asyncio.gather(*(c.request({"type": "run_code", "code": "1 + 1"}) for c in clients))
         assert srv.proc is not None
-        procs = Processes(srv.proc.pid)
+        procs = Processes(srv.proc.pid, srv.env["GROUNDLOOP_NAMESPACE"])
         before = await asyncio.to_thread(procs.take)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(rtt(c, per_session) for c in clients), return_exceptions=True)
