@@ -24,9 +24,10 @@ $(BIN)/groundloop: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-# Start a Docker engine when none answers (this machine has none running by default).
+# Start a Docker engine when none answers (this machine has none running by default); on a running
+# one, only make sure runsc has its flags (--host-uds=open: the data channel), reloading it if they changed.
 docker-up:
-	@docker info >/dev/null 2>&1 || ./deploy/docker-up.sh
+	@./deploy/docker-up.sh
 
 # What the tests need beyond the package and Docker: Chromium, Prometheus, HAProxy.
 test-deps:

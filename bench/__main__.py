@@ -7,7 +7,7 @@ import asyncio
 import os
 import platform
 
-from . import baselines, contexts, egress, engine, files, floors, hostile, humaneval
+from . import baselines, channels, contexts, egress, engine, files, floors, hostile, humaneval
 from .stats import Table
 
 
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="iterations of the round-trip loops")
     parser.add_argument(
         "--only",
-        choices=["engine", "server", "contexts", "terminal", "hostile", "humaneval", "egress", "files"],
+        choices=["engine", "server", "channels", "contexts", "terminal", "hostile", "humaneval", "egress", "files"],
         default=None,
     )
     args = parser.parse_args()
@@ -38,6 +38,8 @@ def main() -> None:
     if args.only in (None, "engine"):
         run(engine.run(table, n))
         floors.attach_echo(table, n)
+        channels.socket_echo(table, n)
+        run(channels.engine_rows(table, n, args.smoke))
         baselines.jupyter(table, min(n, 1000))
     if args.only in (None, "server"):
         try:
@@ -47,6 +49,12 @@ def main() -> None:
         else:
             floors.ws_echo(table, n)
             run(server.run(table, n, smoke=args.smoke))
+            run(channels.server_rows(table, n, args.smoke))
+    if args.only == "channels":  # the rows of issue 15 alone
+        floors.attach_echo(table, n)
+        channels.socket_echo(table, n)
+        run(channels.engine_rows(table, n, args.smoke))
+        run(channels.server_rows(table, n, args.smoke))
     if args.only in (None, "server", "terminal"):
         from . import terminal
 

@@ -4,6 +4,9 @@
 the agent's NDJSON frames (for Docker, wrapped in the attach multiplexing),
 and offers ``request()``: send one op, stream its events to a callback,
 return its ``done``. Many requests run at once, told apart by ``rid``.
+A Docker sandbox may also be offered a direct socket (``offer_socket``,
+sandbox/channel.py): when the agent connects to it, the frames take it both
+ways and the first stream stays as the lifeline and the agent's stderr.
 
 Backpressure: the callback is awaited inside the one reader task, so a slow
 consumer stops the reading of the agent's stream, which in turn makes the
@@ -32,9 +35,12 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import framing
+
+if TYPE_CHECKING:
+    from .channel import SocketOffer
 
 log = logging.getLogger("groundloop.sandbox")
 
@@ -134,8 +140,13 @@ class Sandbox:
         self.hello: dict[str, Any] = {}
         self.created = time.monotonic()
         self.lost_reason: str | None = None
-        self._reader = reader
-        self._writer = writer
+        self._writer = writer  # where frames to the agent go: the first stream, or the socket once connected
+        self._lifeline = writer
+        # "attach" (Docker's attach stream), "stdio" (the local backend's pipes) or "socket" (sandbox/channel.py)
+        self.channel = "attach" if docker_mux else "stdio"
+        self._offer: SocketOffer | None = None
+        self._accept_task: asyncio.Task | None = None
+        self._socket_task: asyncio.Task | None = None
         self.max_frame_bytes = max_frame_bytes
         self._demux = framing.DockerDemux(max_frame_bytes) if docker_mux else None
         self._lines = framing.LineSplitter(max_frame_bytes)
@@ -148,7 +159,7 @@ class Sandbox:
         self.egress: Any = None  # its EgressGate (sandbox/egress.py), when egress is on
         self.run_dir: str | None = None  # its host directory (sandbox/rundir.py), when it has one
         self._closed = asyncio.Event()
-        self._task = asyncio.create_task(self._read_loop(), name=f"sandbox-reader-{sandbox_id[:12]}")
+        self._task = asyncio.create_task(self._read_loop(reader, self._demux), name=f"sandbox-reader-{sandbox_id[:12]}")
 
     # ---- life cycle
 
@@ -171,8 +182,29 @@ class Sandbox:
             self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except TimeoutError:
             raise SandboxUnavailable(f"the sandbox agent did not say hello within {timeout:g} s") from None
+        if self._accept_task is not None and not self._accept_task.done():
+            # The agent said hello on its stdout: it could not connect, and the attach stream carries the data.
+            self._accept_task.cancel()
+        if self._offer is not None:
+            self._offer.close()
         self.transition(State.READY)
         return self.hello
+
+    def offer_socket(self, offer: SocketOffer) -> None:
+        """Accept the agent's connection on ``offer`` while the handshake waits: if the agent connects, it
+        says hello on the socket, and the socket carries every frame from then on."""
+        self._offer = offer
+        self._accept_task = asyncio.create_task(self._accept(offer), name=f"sandbox-accept-{self.id[:12]}")
+
+    async def _accept(self, offer: SocketOffer) -> None:
+        try:
+            reader, writer = await offer.accept(limit=1 << 20)
+        except (framing.FramingError, OSError) as exc:
+            await self._ended(f"the sandbox's data channel failed: {exc}")
+            return
+        self._writer = writer
+        self.channel = "socket"
+        self._socket_task = asyncio.create_task(self._read_loop(reader, None), name=f"sandbox-socket-{self.id[:12]}")
 
     @property
     def alive(self) -> bool:
@@ -188,15 +220,21 @@ class Sandbox:
             await self._closed.wait()
             return
         self.transition(State.CLOSING)
-        try:
-            self._writer.close()
-        except Exception:  # pragma: no cover - transport already gone
-            pass
-        self._task.cancel()
-        try:
-            await self._task
-        except (asyncio.CancelledError, Exception):
-            pass
+        if self._offer is not None:
+            self._offer.close()
+        for writer in {self._writer, self._lifeline}:
+            try:
+                writer.close()
+            except Exception:  # pragma: no cover - transport already gone
+                pass
+        for task in (self._accept_task, self._socket_task, self._task):
+            if task is None:
+                continue
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
         self._fail_all(SandboxLost("the sandbox was closed"))
         try:
             if self._closer is not None:
@@ -302,16 +340,20 @@ class Sandbox:
 
     # ---- reading
 
-    async def _read_loop(self) -> None:
-        reason = "the sandbox stream ended"
+    async def _read_loop(self, reader: asyncio.StreamReader, demux: framing.DockerDemux | None) -> None:
+        """Read one stream until it ends; either stream ending (the socket, or the lifeline) loses the sandbox."""
+        reason = "the sandbox stream ended" if demux is not None or self.channel != "socket" else "the socket ended"
         try:
             while True:
-                data = await self._reader.read(1 << 18)
+                data = await reader.read(1 << 18)
                 if not data:
                     break
-                if self._demux is not None:
-                    for stream, payload in self._demux.feed(data):
-                        if stream == framing.STDERR:
+                if demux is not None:
+                    for stream, payload in demux.feed(data):
+                        if stream == framing.STDERR or self.channel == "socket":
+                            # With the socket, the agent writes nothing on its stdout: what comes there was
+                            # written by the code through /proc/<agent>/fd/1 (gVisor lets it, docs/security.md
+                            # item 5), and goes to the log like stderr, never into the frame stream.
                             for line in payload.decode("utf-8", "replace").splitlines():
                                 self._log_line(line)
                         else:
@@ -328,17 +370,21 @@ class Sandbox:
             reason = f"the sandbox reader failed: {type(exc).__name__}: {exc}"
             log.exception("sandbox %s: %s", self.id[:12], reason)
         finally:
-            if self._log_budget.dropped:
+            if demux is not None and self._log_budget.dropped:
                 log.warning("sandbox %s: %d lines of its stderr not logged", self.id[:12], self._log_budget.dropped)
-            self.lost_reason = self.lost_reason or reason
-            self._fail_all(SandboxLost(self.lost_reason))
-            if self.state < State.LOST:
-                self.state = State.LOST
-                if self._listener is not None:
-                    try:
-                        await self._listener({"ev": "lost", "reason": self.lost_reason})
-                    except Exception:  # pragma: no cover
-                        log.exception("sandbox listener failed")
+            await self._ended(reason)
+
+    async def _ended(self, reason: str) -> None:
+        """A stream ended or broke: every request fails, and the listener hears it once."""
+        self.lost_reason = self.lost_reason or reason
+        self._fail_all(SandboxLost(self.lost_reason))
+        if self.state < State.LOST:
+            self.state = State.LOST
+            if self._listener is not None:
+                try:
+                    await self._listener({"ev": "lost", "reason": self.lost_reason})
+                except Exception:  # pragma: no cover
+                    log.exception("sandbox listener failed")
 
     def _log_line(self, line: str) -> None:
         """One line of the sandbox's stderr (or of a log event) into the server's log, escaped, within budget."""

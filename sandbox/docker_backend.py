@@ -6,6 +6,10 @@ in moving bytes. The container is attached *before* it starts, so the agent's
 hello cannot be missed; stdin is "once", so when the server's end of the
 socket closes (even when the server is killed) the agent reads EOF, exits,
 and ``auto_remove`` makes Docker delete the container.
+
+When Docker runs on this host, each sandbox also gets a host directory of its
+own (sandbox/rundir.py) with a socket the server listens on, and the agent's
+frames take that socket instead of the attach stream (sandbox/channel.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from . import rundir
 from .base import Sandbox, SandboxUnavailable
+from .channel import SocketOffer
 from .egress import EgressGate, EgressPolicy
 from .settings import SandboxSettings, parse_size
 
@@ -136,6 +141,10 @@ class DockerBackend:
         self.instance = instance or secrets.token_hex(6)
         self._client = client
         self.egress_policy = EgressPolicy.from_settings(settings)
+        self.run_root = rundir.root_of(settings.run_dir)
+        self._rundirs: dict[str, rundir.RunDir] = {}  # container id -> its host directory
+        self._socket_refused: str | None = None  # why the socket channel cannot be used here (logged once)
+        self._socket_broken: str | None = None  # set when the engine could not mount a sandbox's directory
 
     @property
     def client(self):
@@ -169,14 +178,18 @@ class DockerBackend:
             return False
 
     async def reap_orphans(self) -> int:
-        """Remove this namespace's containers left by a server that is gone."""
-        return await asyncio.to_thread(
+        """Remove this namespace's containers left by a server that is gone, and their host directories."""
+        n = await asyncio.to_thread(
             self._reap, {"groundloop.namespace": self.settings.namespace}, exclude_instance=self.instance
         )
+        await asyncio.to_thread(rundir.reap, self.run_root, self.settings.namespace, self.instance)
+        return n
 
     async def reap_all(self) -> int:
-        """Remove every container of this server instance."""
-        return await asyncio.to_thread(self._reap, {"groundloop.instance": self.instance})
+        """Remove every container of this server instance, and their host directories."""
+        n = await asyncio.to_thread(self._reap, {"groundloop.instance": self.instance})
+        await asyncio.to_thread(rundir.reap_instance, self.run_root, self.settings.namespace, self.instance)
+        return n
 
     def _reap(self, match: dict[str, str], exclude_instance: str | None = None) -> int:
         filters = {"label": [f"{LABEL}=true"] + [f"{k}={v}" for k, v in match.items()]}
@@ -206,20 +219,69 @@ class DockerBackend:
             env[MEMORY_GUARD_VAR] = str(guard)
         return env
 
+    def socket_channel_refused(self) -> str | None:
+        """Why this backend's sandboxes cannot have the socket channel; None when they can."""
+        if self.settings.channel == "attach":
+            return "GROUNDLOOP_SANDBOX_CHANNEL=attach"
+        if self.settings.channel != "auto":
+            return f"GROUNDLOOP_SANDBOX_CHANNEL={self.settings.channel!r} is not auto or attach"
+        base_url = getattr(self.client.api, "base_url", "")
+        if base_url != "http+docker://localhost":  # a Unix socket of this host; tcp://, ssh:// are elsewhere
+            return f"Docker is not on this host ({base_url})"
+        return self._socket_broken
+
+    def prepare_channel(self, egress: bool = False) -> tuple[rundir.RunDir | None, SocketOffer | None]:
+        """The sandbox's host directory and the socket its agent will connect to, or (None, None) for the
+        attach stream alone (blocking: call it in a thread). With ``egress`` the directory is made even
+        for the attach stream: the egress proxy's socket goes there too."""
+        refused = self.socket_channel_refused()
+        if refused is None or egress:
+            rd = rundir.RunDir(self.run_root, self.settings.namespace, self.instance)
+            try:
+                rd.create()
+            except OSError as exc:
+                rd.remove()
+                if egress:
+                    log.warning("no egress for this sandbox: could not make its host directory: %s", exc)
+                refused = refused or f"could not make its host directory under {self.run_root}: {exc}"
+            else:
+                if refused is not None:
+                    return rd, None
+                try:
+                    return rd, SocketOffer.open(rd)
+                except OSError as exc:
+                    refused = f"could not listen in its host directory under {self.run_root}: {exc}"
+                    if egress:
+                        self._log_refused(refused)
+                        return rd, None
+                    rd.remove()
+        self._log_refused(refused)
+        return None, None
+
+    def _log_refused(self, refused: str | None) -> None:
+        if refused != self._socket_refused:
+            self._socket_refused = refused
+            log.info("sandboxes use the attach stream for their data, not a socket: %s", refused)
+
     def create_and_attach(
         self,
         session_id: str,
         command: list[str] = AGENT_CMD,
-        run_dir: str | None = None,
+        run_dir: rundir.RunDir | None = None,
+        extra_env: dict[str, str] | None = None,
         workspace: str | None = None,
     ) -> tuple[str, socket.socket]:
         """Create a hardened container running ``command``, attach a non-blocking socket to its
         stdio and start it (blocking: call it in a thread). The bench runs ``cat`` this way.
-        ``run_dir`` (sandbox/rundir.py) is mounted at /run/groundloop."""
+        ``run_dir`` is mounted read-only at /run/groundloop (sandbox/rundir.py); ``workspace`` (a host
+        directory, sandbox/workspaces.py) at /workspace."""
         api = self.client.api
         config = hardening(self.settings, workspace)
         if run_dir is not None:
-            config["binds"] = {**config.get("binds", {}), **rundir.mount(run_dir)}
+            import docker.types
+
+            # A mount, not a bind: the engine refuses a source it does not have instead of making an empty one.
+            config["mounts"] = [docker.types.Mount(rundir.MOUNT, run_dir.path, type="bind", read_only=True)]
         host_config = api.create_host_config(**config)
         created = api.create_container(
             self.settings.image,
@@ -230,7 +292,7 @@ class DockerBackend:
             user=SANDBOX_USER,
             working_dir="/workspace",
             hostname="sandbox",
-            environment=self.environment(),
+            environment={**self.environment(), **(extra_env or {})},
             labels=self.labels(session_id),
             network_disabled=True,
             host_config=host_config,
@@ -253,51 +315,88 @@ class DockerBackend:
             raise
         return cid, sock
 
-    async def _egress_gate(self, session_id: str) -> tuple[str | None, EgressGate | None]:
-        """The sandbox's run directory and its egress gate, when the operator allows any egress (the
-        socket exists before the container starts: the agent looks for it once, at boot)."""
-        if not self.egress_policy.enabled:
-            return None, None
-        run_dir = await asyncio.to_thread(rundir.create, session_id.rsplit(".", 1)[-1], self.settings.run_dir)
-        gate = EgressGate(os.path.join(run_dir, rundir.EGRESS_SOCK), self.egress_policy)
+    def _create(
+        self,
+        session_id: str,
+        rd: rundir.RunDir | None,
+        offer: SocketOffer | None,
+        workspace: str | None,
+    ) -> tuple[str, socket.socket, rundir.RunDir | None, SocketOffer | None]:
+        import docker.errors
+
+        try:
+            cid, sock = self.create_and_attach(
+                session_id,
+                run_dir=rd,
+                extra_env=offer.environment() if offer is not None else None,
+                workspace=workspace,
+            )
+        except BaseException as exc:
+            if offer is not None:
+                offer.close()
+            if rd is not None:
+                rd.remove()
+            if rd is not None and isinstance(exc, docker.errors.APIError) and "bind source path" in str(exc):
+                # The engine does not see this server's files (a server in a container, the engine on its
+                # host): from now on, the attach stream alone (and no egress).
+                self._socket_broken = f"the engine cannot mount {self.run_root} (set GROUNDLOOP_RUN_DIR): {exc}"
+                return (*self.create_and_attach(session_id, workspace=workspace), None, None)
+            raise
+        return cid, sock, rd, offer
+
+    async def _egress_gate(self, rd: rundir.RunDir | None) -> EgressGate | None:
+        """The sandbox's egress gate in its directory, when the operator allows any egress (the socket
+        exists before the container starts: the agent looks for it once, at boot)."""
+        if rd is None or not self.egress_policy.enabled:
+            return None
+        gate = EgressGate(rd.socket_path(rundir.EGRESS_SOCK), self.egress_policy)
         try:
             await gate.start()
             await asyncio.to_thread(rundir.hand_over, gate.path)
         except BaseException:
             await gate.close()
-            await asyncio.to_thread(rundir.remove, run_dir)
             raise
-        return run_dir, gate
+        return gate
 
     async def start(self, session_id: str, workspace: str | None = None) -> Sandbox:
-        run_dir, gate = await self._egress_gate(session_id)
+        rd, offer = await asyncio.to_thread(self.prepare_channel, self.egress_policy.enabled)
+        try:
+            gate = await self._egress_gate(rd)
+        except BaseException:
+            if offer is not None:
+                offer.close()
+            if rd is not None:
+                await asyncio.to_thread(rd.remove)
+            raise
 
         async def release() -> None:
             if gate is not None:
                 await gate.close()
-            if run_dir is not None:
-                await asyncio.to_thread(rundir.remove, run_dir)
 
         # The thread cannot be cancelled: if we are, wait for it and undo its work,
-        # so no container or socket is left without an owner.
-        work = asyncio.ensure_future(
-            asyncio.to_thread(self.create_and_attach, session_id, AGENT_CMD, run_dir, workspace)
-        )
+        # so no container, socket or directory is left without an owner.
+        work = asyncio.ensure_future(asyncio.to_thread(self._create, session_id, rd, offer, workspace))
         try:
-            cid, sock = await asyncio.shield(work)
+            cid, sock, rd, offer = await asyncio.shield(work)
         except asyncio.CancelledError:
             try:
-                cid, sock = await work
+                cid, sock, rd, offer = await work
             except Exception:
                 await release()
                 raise asyncio.CancelledError from None
             sock.close()
+            if offer is not None:
+                offer.close()
             await asyncio.to_thread(self.remove, cid)
             await release()
+            if rd is not None:
+                rd.remove()
             raise
         except Exception as exc:
             await release()
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
+        if rd is not None:
+            self._rundirs[cid] = rd
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
         sb = Sandbox(
             sandbox_id=cid,
@@ -311,8 +410,13 @@ class DockerBackend:
             closer=self._close_sandbox,
             max_frame_bytes=self.settings.max_frame_bytes,
         )
+        if rd is None and gate is not None:  # the engine could not mount the directory: no egress either
+            await gate.close()
+            gate = None
         sb.egress = gate
-        sb.run_dir = run_dir
+        sb.run_dir = rd.path if rd is not None else None
+        if offer is not None:
+            sb.offer_socket(offer)
         await sb.handshake_or_close(self.settings.start_timeout_s)
         return sb
 
@@ -323,8 +427,9 @@ class DockerBackend:
             log.warning("could not remove container %s: %s", sb.id[:12], exc)
         if sb.egress is not None:
             await sb.egress.close()
-        if sb.run_dir is not None:
-            await asyncio.to_thread(rundir.remove, sb.run_dir)
+        rd = self._rundirs.pop(sb.id, None)
+        if rd is not None:
+            await asyncio.to_thread(rd.remove)
 
     async def kill(self, sb: Sandbox) -> None:
         """Kill the container from outside (for tests of faults)."""

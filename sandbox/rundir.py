@@ -1,64 +1,138 @@
-"""The per-sandbox host directory, bind-mounted at ``/run/groundloop`` in the container.
+"""A host directory per sandbox, bind-mounted read-only at ``/run/groundloop`` in its container.
 
-It carries the Unix sockets between the server and its sandbox (``egress.sock``, the egress
-proxy's host side; ``agent.sock``, the data channel), so the sandbox keeps no network
-interface: a socket file in a bind mount is reached through the filesystem, and under gVisor
-through ``--host-uds=open``. The directory is 0700 and owned by the sandbox's uid (1000), so no
-other local user reaches the sockets, and each sandbox sees only its own directory.
+It holds the Unix sockets the server offers that one sandbox (``agent.sock``, the data channel: see
+``sandbox/channel.py``; ``egress.sock``, the egress proxy's host side when the operator allows egress:
+``sandbox/egress.py``) and nothing else. The directory is mode 0700 and owned by the sandbox's uid
+(1000), so the agent can reach a socket in it; the root that holds every such directory is the server's
+own (0700), so no other host user can reach any of them. The mount is read-only: the code in the sandbox
+runs as the same uid, and a writable host directory would let it fill the host's disk (connecting to a
+socket needs no write access to the file system, only to the socket file).
+
+Names are ``<namespace>.<instance>.<random>``: a server removes its own at close, and at start those of
+its namespace that another instance left behind (a killed server), as ``DockerBackend.reap_orphans``
+does for their containers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import secrets
 import shutil
-import stat
+import socket
 import tempfile
 
-MOUNT = "/run/groundloop"
+log = logging.getLogger("groundloop.sandbox")
+
+MOUNT = "/run/groundloop"  # where the container sees its directory
+AGENT_SOCKET = "agent.sock"
+EGRESS_SOCK = "egress.sock"
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
-EGRESS_SOCK = "egress.sock"
-AGENT_SOCK = "agent.sock"
+SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its terminating zero
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-def base_dir(configured: str = "") -> str:
-    """Where the per-sandbox directories live (``GROUNDLOOP_RUN_DIR``, else under $TMPDIR). The Docker
-    engine binds them by path, so a server in a container needs the same path on the host."""
-    return configured or os.path.join(tempfile.gettempdir(), f"groundloop-run-{os.getuid()}")
+def default_root() -> str:
+    """``/run/groundloop`` for root (a tmpfs, emptied at boot); otherwise a directory of this user in the temp dir."""
+    if os.geteuid() == 0:
+        return "/run/groundloop"
+    return os.path.join(tempfile.gettempdir(), f"groundloop-{os.geteuid()}")
 
 
-def create(name: str, configured: str = "") -> str:
-    """A fresh directory for one sandbox (``name`` unique per sandbox); returns its host path."""
-    base = base_dir(configured)
-    os.makedirs(base, mode=0o711, exist_ok=True)
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        # Another user made it first (or a link in its place) in the shared temporary directory.
-        raise PermissionError(f"{base} is not a directory of this user's, writable by it alone")
-    path = tempfile.mkdtemp(prefix=f"{name[:24]}-", dir=base)
-    os.chmod(path, 0o700)
-    try:
-        os.chown(path, SANDBOX_UID, SANDBOX_GID)
-    except PermissionError:
-        # A server that is not root (the server image runs as 10001) cannot give the directory away:
-        # the sandbox may then pass through it, not list it, and its random name is the secret.
-        os.chmod(path, 0o711)
-    return path
+def root_of(configured: str) -> str:
+    return configured or default_root()
+
+
+def _prefix(namespace: str, instance: str = "") -> str:
+    ns = _UNSAFE.sub("_", namespace)
+    return f"{ns}.{instance}." if instance else f"{ns}."
+
+
+class RunDir:
+    """One sandbox's directory. ``create`` raises OSError when it cannot be made as it must be
+    (for example a server that is neither root nor uid 1000 cannot give it to the sandbox's uid)."""
+
+    def __init__(self, root: str, namespace: str, instance: str):
+        self.root = root
+        self.path = os.path.join(root, _prefix(namespace, instance) + secrets.token_hex(8))
+
+    def create(self) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.mkdir(self.path, 0o700)
+        try:
+            if os.geteuid() != SANDBOX_UID:
+                os.chown(self.path, SANDBOX_UID, SANDBOX_GID)
+            os.chmod(self.path, 0o700)  # whatever the umask
+        except OSError:
+            self.remove()
+            raise
+
+    def socket_path(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def listen(self, name: str) -> socket.socket:
+        """A non-blocking listening Unix socket ``name`` in the directory that only the sandbox's uid may
+        connect to, with a backlog of one: the server accepts one connection on it."""
+        path = self.socket_path(name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dfd = -1
+        try:
+            if len(os.fsencode(path)) < SUN_PATH_MAX:
+                sock.bind(path)
+            else:  # a socket's address holds 107 bytes: a longer root is reached through the directory's fd
+                dfd = os.open(self.path, os.O_PATH | os.O_DIRECTORY)
+                sock.bind(f"/proc/self/fd/{dfd}/{name}")
+            if os.geteuid() != SANDBOX_UID:
+                os.chown(path, SANDBOX_UID, SANDBOX_GID)
+            os.chmod(path, 0o600)
+            sock.listen(1)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+        return sock
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def hand_over(path: str) -> None:
-    """Give a socket the server created in the directory to the sandbox's uid (the directory's
-    mode already keeps everyone else out)."""
-    try:
+    """Give a socket the server made in a sandbox's directory (the egress gate's) to the sandbox's uid,
+    so that only it may connect."""
+    if os.geteuid() != SANDBOX_UID:
         os.chown(path, SANDBOX_UID, SANDBOX_GID)
-    except PermissionError:
-        os.chmod(path, 0o666)
+    os.chmod(path, 0o600)
 
 
-def mount(path: str) -> dict[str, dict[str, str]]:
-    """The ``binds`` entry of the container's host config."""
-    return {path: {"bind": MOUNT, "mode": "rw"}}
+def reap(root: str, namespace: str, keep_instance: str) -> int:
+    """Remove the directories of ``namespace`` that belong to another instance (a server that is gone)."""
+    prefix = _prefix(namespace)
+    mine = _prefix(namespace, keep_instance)
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return 0
+    n = 0
+    for name in names:
+        if name.startswith(prefix) and not name.startswith(mine) and name.count(".") == prefix.count(".") + 1:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            n += 1
+    return n
 
 
-def remove(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def reap_instance(root: str, namespace: str, instance: str) -> int:
+    """Remove every directory of this instance (at close, after its containers)."""
+    mine = _prefix(namespace, instance)
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(mine):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return sum(1 for name in names if name.startswith(mine))

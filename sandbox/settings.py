@@ -166,11 +166,17 @@ class SandboxSettings:
     egress_max_bytes: int = env(
         "GROUNDLOOP_EGRESS_MAX_BYTES", 1 << 30, "egress bytes (both ways) a session may move in its lifetime"
     )
+    channel: str = env(
+        "GROUNDLOOP_SANDBOX_CHANNEL",
+        "auto",
+        "`auto`: the agent's frames take a Unix socket per sandbox when Docker runs on this host (the attach "
+        "stream where the agent cannot connect); `attach`: always Docker's attach stream (docs/architecture.md)",
+    )
     run_dir: str = env(
         "GROUNDLOOP_RUN_DIR",
         "",
-        "host directory of the sandboxes' run directories (their egress sockets); a server in a container "
-        "needs it mounted at the same path on the host; empty: `$TMPDIR/groundloop-run-<uid>`",
+        "host directory holding one directory per sandbox (its sockets), mounted at /run/groundloop; empty: "
+        "`/run/groundloop` as root, else `<tmp>/groundloop-<uid>`",
     )
     watch_coalesce_ms: float = env(
         "GROUNDLOOP_WATCH_COALESCE_MS",

@@ -248,6 +248,7 @@ class Session:
             "runtime": sb.runtime,
             "image": sb.image,
             "warm": sb.warm,
+            "channel": sb.channel,
             # the server's gate, the agent's proxy (its hello), and a list that allows something
             "egress": getattr(sb, "egress", None) is not None
             and bool(sb.hello.get("egress"))

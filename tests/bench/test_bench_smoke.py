@@ -40,6 +40,11 @@ def test_bench_smoke_prints_the_table():
         "ws: stream throughput",
         "ws: terminal keystroke to echo [runc]",
         "sessions held at once",
+        "concurrent sessions: CPU per request, every process",
+        "floor [runc]: echo through a Unix socket",
+        "engine [runc, attach]: run_code 1 + 1 round trip",  # and [runc, socket] with an image of this agent
+        "ws [runc, attach]: run_code 1 + 1 round trip",
+        "ws [runc]: session start from an empty pool",
         "hostile[runc]: bystander during",
         "files[runc]: watch latency, write to file_event",
         "files[runc]: 2 MiB upload / download, 1 MiB chunks",

@@ -61,7 +61,12 @@ async def test_container_is_hardened(monkeypatch):
         labels = info["Config"]["Labels"]
         assert labels["groundloop.managed"] == "true" and labels["groundloop.namespace"] == NAMESPACE
         assert labels["groundloop.session"] == sb.session_id and labels["groundloop.instance"]
-        assert not any("GROUNDLOOP" in e or "s3cr3t" in e for e in info["Config"]["Env"])
+        assert not any("s3cr3t" in e for e in info["Config"]["Env"])
+        # the server's own variables never reach the container; the data channel's two do (sandbox/channel.py)
+        own = {e.split("=")[0] for e in info["Config"]["Env"] if "GROUNDLOOP" in e}
+        assert own == {"GROUNDLOOP_CHANNEL", "GROUNDLOOP_CHANNEL_NONCE"}, own
+        mounts = [(m["Type"], m["Source"], m["Target"], m["ReadOnly"]) for m in hc["Mounts"]]
+        assert mounts == [("bind", eng.backend._rundirs[sb.id].path, "/run/groundloop", True)] and not hc["Binds"]
 
         # And from inside.
         done, out = await lines_of(sb, "id -u; ls /sys/class/net; grep CapEff /proc/self/status; env")
@@ -116,6 +121,7 @@ async def test_orphans_of_a_dead_server_are_reaped():
         left = client.api.containers(all=True, filters={"id": [orphan.id]})
         assert left == [] or left[0]["State"] in ("removing", "exited", "dead")
     await orphan.close()
+    await crashed.close()
 
 
 async def test_sandbox_stops_when_the_server_connection_drops():
@@ -132,6 +138,7 @@ async def test_sandbox_stops_when_the_server_connection_drops():
             await asyncio.sleep(0.1)
         assert not client.api.containers(filters={"id": [sb.id], "status": "running"})
     await sb.close()
+    await backend.close()
 
 
 @pytest.mark.runsc

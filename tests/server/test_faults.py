@@ -48,6 +48,11 @@ def docker_client():
     return docker.from_env(timeout=60)
 
 
+def kill_container(cid: str) -> None:
+    with contextlib.closing(docker_client()) as client:
+        client.api.kill(cid)
+
+
 def running(cid: str) -> bool:
     import docker
 
@@ -92,7 +97,7 @@ async def test_container_killed_mid_run(srv):
         rid = await c.send("run_code", code="import time\nprint('running', flush=True)\ntime.sleep(60)")
         while not c.of(rid, "stdout"):
             await c.recv(WAIT)
-        await asyncio.to_thread(lambda: docker_client().api.kill(old))
+        await asyncio.to_thread(kill_container, old)
         done = (await c.until_done(rid, WAIT))[-1]
         assert done["ok"] is False and done["error"]["name"] == "SandboxLost", done
         replaced = await until_replaced(c)
@@ -273,7 +278,7 @@ def remove_namespace(ns: str) -> None:
 
 
 class ServerProcess:
-    def __init__(self, ns: str, log: Path):
+    def __init__(self, ns: str, log: Path, run_dir: Path | None = None):
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")}
         env.update(
@@ -287,6 +292,8 @@ class ServerProcess:
                 "GROUNDLOOP_LOG_LEVEL": "warning",
             }
         )
+        if run_dir is not None:
+            env["GROUNDLOOP_RUN_DIR"] = str(run_dir)
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "groundloop.server.cli", "serve"],
@@ -323,26 +330,31 @@ class ServerProcess:
 async def test_server_sigkill_and_restart(tmp_path):
     ns = f"{NAMESPACE}-restart"
     first = second = None
+    run_dir = tmp_path / "run"  # the sandboxes' host directories (sandbox/rundir.py)
     try:
-        first = ServerProcess(ns, tmp_path / "server.log")
+        first = ServerProcess(ns, tmp_path / "server.log", run_dir)
         await first.ready()
         async with await WSClient.connect(first.url, token="tok1") as c:
             await usable(c)
             before = {x["Id"] for x in await asyncio.to_thread(namespace_containers, ns)}
             assert len(before) >= 2  # the session's sandbox and the warm pool
+            dirs_before = set(os.listdir(run_dir))
+            assert len(dirs_before) >= 2
             await asyncio.to_thread(first.stop, signal.SIGKILL)
         # an orphan that would outlive its server (an agent that never sees EOF)
         orphan = await asyncio.to_thread(_plant_orphan, ns)
-        second = ServerProcess(ns, tmp_path / "server.log")
+        second = ServerProcess(ns, tmp_path / "server.log", run_dir)
         await second.ready()  # orphans are reaped before the server says ready
         for cid in before | {orphan}:
             assert not await asyncio.to_thread(running, cid), cid
+        assert not dirs_before & set(os.listdir(run_dir))  # and their directories
         async with await WSClient.connect(second.url, token="tok1") as c:
             await usable(c)
         # graceful shutdown; uvicorn re-raises the captured SIGTERM after it, hence -15
         assert await asyncio.to_thread(second.stop, signal.SIGTERM) in (0, -signal.SIGTERM)
         left = [x for x in await asyncio.to_thread(namespace_containers, ns) if x["State"] == "running"]
         assert left == [], left
+        assert os.listdir(run_dir) == []
     finally:
         for p in (first, second):
             if p is not None and p.proc.poll() is None:

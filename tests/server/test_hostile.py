@@ -550,8 +550,17 @@ print(json.dumps(out))
 """
 
 
-# the agent's own pipes to its workers and its zygote's socket, and (runsc) the threshold of its memory guard
-AGENT_VARS = {"GROUNDLOOP_CMD_FD", "GROUNDLOOP_RES_FD", "GROUNDLOOP_ZYGOTE_FD", "GROUNDLOOP_MEMORY_GUARD_BYTES"}
+# the agent's own pipes to its workers and its zygote's socket, (runsc) the threshold of its memory guard, and the
+# data channel's socket and nonce (runsc shows the agent's first environment; the nonce is spent: the server accepts
+# one connection)
+AGENT_VARS = {
+    "GROUNDLOOP_CMD_FD",
+    "GROUNDLOOP_RES_FD",
+    "GROUNDLOOP_ZYGOTE_FD",
+    "GROUNDLOOP_MEMORY_GUARD_BYTES",
+    "GROUNDLOOP_CHANNEL",
+    "GROUNDLOOP_CHANNEL_NONCE",
+}
 
 
 async def test_isolation(env):

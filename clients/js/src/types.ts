@@ -21,6 +21,8 @@ export interface SandboxInfo {
   runtime: string;
   image: string;
   warm: boolean;
+  /** How the server reaches the sandbox: "socket", "attach" or "stdio" (docs/protocol.md); informational. */
+  channel?: string;
 }
 
 export interface Limits {

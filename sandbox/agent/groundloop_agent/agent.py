@@ -18,7 +18,7 @@ from .procs import Cancel, Process, exit_code_of, kill_tree
 from .terminals import Terminal, TerminalOps
 from .transfer import TransferOps
 from .watch import WatchOps
-from .wire import In, Out
+from .wire import READ_MAX, Duplex, In, Out, connect_channel
 from .workers import Workers
 
 # --------------------------------------------------------------------------
@@ -75,13 +75,21 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         # Anything printed by accident goes to stderr, never into the frame stream.
         os.dup2(2, 1)
         sys.stdout = sys.stderr
-        _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
+        channel = connect_channel()
+        if channel is not None:
+            sock, nonce = channel
+            _, self.out = await loop.create_unix_connection(lambda: Duplex(self), sock=sock)
+            self.out.send({"ev": "channel", "nonce": nonce})  # the server reads this line first
+            # out_fd stays open, unused: the attach stream (the lifeline) ends when stdout closes.
+        else:
+            _, self.out = await loop.connect_write_pipe(lambda: Out(self), os.fdopen(out_fd, "wb", buffering=0))
         langs = languages.available()
         egress_env = egress.start()  # issue 17: the proxy, when the server put an egress socket here
         BASE_ENV.update(egress_env)
         self.out.send(
             {
                 "ev": "hello",
+                "channel": "socket" if channel is not None else "attach",
                 "agent": AGENT_VERSION,
                 "pid": os.getpid(),
                 "languages": list(langs),
@@ -97,11 +105,10 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
                 self.out.send, {"ev": "log", "level": "warning", "message": message}
             )
         )
+        # stdin: the requests when there is no socket, and the lifeline either way (its EOF stops the agent).
         transport, _ = await loop.connect_read_pipe(lambda: In(self), sys.stdin.buffer)
         if isinstance(getattr(transport, "max_size", None), int):
-            # asyncio reads 256 KiB at a time, which glibc serves with an mmap (three
-            # system calls) per read; 64 KiB comes from the heap.
-            transport.max_size = 1 << 16
+            transport.max_size = READ_MAX
         await self.stopping.wait()
         await self.shutdown()
 

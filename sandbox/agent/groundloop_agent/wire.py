@@ -1,15 +1,47 @@
-"""The agent's frame stream: JSON lines out on its stdout (with flow control), requests in on its stdin."""
+"""The agent's frame stream: JSON lines out (with flow control), requests in.
+
+The stream is a Unix socket the server listens on (``connect_channel``: its path and nonce come in the
+environment; dockerd and the shim stay out of the data path), or, when there is none or it cannot be
+reached, the agent's stdout and stdin (Docker's attach stream). stdin is read either way: its EOF is the
+lifeline that ends the agent when the server is gone.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .agent import Agent
 
 WRITE_BATCH = 256 * 1024
+READ_MAX = 1 << 16  # asyncio reads 256 KiB at a time, which glibc serves with an mmap (three system calls) per read
+CHANNEL_VAR = "GROUNDLOOP_CHANNEL"
+NONCE_VAR = "GROUNDLOOP_CHANNEL_NONCE"
+
+
+def connect_channel() -> tuple[socket.socket, str] | None:
+    """The server's socket, connected, and the nonce to present; None when there is none or it refuses."""
+    path = os.environ.pop(CHANNEL_VAR, None)
+    nonce = os.environ.pop(NONCE_VAR, None)
+    if not path or not nonce:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The server listens before the container starts: no retry. Refused means runsc without
+        # --host-uds=open, or a socket that is not there: the attach stream carries the frames.
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        print(f"groundloop agent: data channel {path} refused ({exc}); using stdio", file=sys.stderr)
+        return None
+    sock.setblocking(False)
+    return sock, nonce
+
 
 # --------------------------------------------------------------------------
 # Writing frames, with flow control towards the server.
@@ -82,6 +114,26 @@ class Out(asyncio.Protocol):
         self.pending_bytes = 0
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+
+class Duplex(Out):
+    """Both ways on the socket: frames out as ``Out``, requests in as ``In``."""
+
+    def __init__(self, agent: Agent):
+        super().__init__(agent)
+        self.inbound = In(agent)
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if isinstance(getattr(transport, "max_size", None), int):
+            transport.max_size = READ_MAX
+
+    def data_received(self, data: bytes) -> None:
+        self.inbound.data_received(data)
+
+    def eof_received(self):
+        self.agent.stopping.set()
+        return False
 
 
 class In(asyncio.Protocol):
