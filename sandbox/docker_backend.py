@@ -235,7 +235,7 @@ class DockerBackend:
         attach stream alone (blocking: call it in a thread). With ``egress`` the directory is made even
         for the attach stream: the egress proxy's socket goes there too."""
         refused = self.socket_channel_refused()
-        if refused is None or egress:
+        if refused is None or (egress and not self._socket_broken):
             rd = rundir.RunDir(self.run_root, self.settings.namespace, self.instance)
             try:
                 rd.create()
@@ -351,15 +351,27 @@ class DockerBackend:
             return None
         gate = EgressGate(rd.socket_path(rundir.EGRESS_SOCK), self.egress_policy)
         try:
-            await gate.start()
-            await asyncio.to_thread(rundir.hand_over, gate.path)
+            await gate.start(await asyncio.to_thread(rd.listen, rundir.EGRESS_SOCK, 128))
+        except OSError as exc:  # the sandbox starts without egress (its ready says so) rather than not at all
+            await gate.close()
+            log.warning("no egress for this sandbox: its gate could not listen: %s", exc)
+            return None
         except BaseException:
             await gate.close()
             raise
         return gate
 
     async def start(self, session_id: str, workspace: str | None = None) -> Sandbox:
-        rd, offer = await asyncio.to_thread(self.prepare_channel, self.egress_policy.enabled)
+        prepared = asyncio.ensure_future(asyncio.to_thread(self.prepare_channel, self.egress_policy.enabled))
+        try:
+            rd, offer = await asyncio.shield(prepared)
+        except asyncio.CancelledError:  # the thread goes on: undo what it made
+            rd, offer = await prepared
+            if offer is not None:
+                offer.close()
+            if rd is not None:
+                await asyncio.to_thread(rd.remove)
+            raise
         try:
             gate = await self._egress_gate(rd)
         except BaseException:
@@ -397,7 +409,15 @@ class DockerBackend:
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
         if rd is not None:
             self._rundirs[cid] = rd
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        except BaseException:  # cancelled (or failed) between the container and its Sandbox: undo it all
+            sock.close()
+            if offer is not None:
+                offer.close()
+            await release()
+            await asyncio.shield(self._close_container(cid))
+            raise
         sb = Sandbox(
             sandbox_id=cid,
             session_id=session_id,
@@ -421,13 +441,17 @@ class DockerBackend:
         return sb
 
     async def _close_sandbox(self, sb: Sandbox) -> None:
-        try:
-            await asyncio.to_thread(self.remove, sb.id)
-        except Exception as exc:
-            log.warning("could not remove container %s: %s", sb.id[:12], exc)
         if sb.egress is not None:
             await sb.egress.close()
-        rd = self._rundirs.pop(sb.id, None)
+        await self._close_container(sb.id)
+
+    async def _close_container(self, cid: str) -> None:
+        """Remove the container and its host directory."""
+        try:
+            await asyncio.to_thread(self.remove, cid)
+        except Exception as exc:
+            log.warning("could not remove container %s: %s", cid[:12], exc)
+        rd = self._rundirs.pop(cid, None)
         if rd is not None:
             await asyncio.to_thread(rd.remove)
 

@@ -257,8 +257,13 @@ class EgressGate:
         self._tasks: set[asyncio.Task] = set()
         self._resolve = resolver or self._getaddrinfo
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=BUFFER)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` (already bound: sandbox/rundir.py binds paths too long for an address), or on
+        ``self.path``."""
+        if sock is not None:
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=BUFFER)
+        else:
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=BUFFER)
 
     def bind(self, owner: EgressOwner | None) -> None:
         self.owner = owner

@@ -72,9 +72,9 @@ class RunDir:
     def socket_path(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def listen(self, name: str) -> socket.socket:
+    def listen(self, name: str, backlog: int = 1) -> socket.socket:
         """A non-blocking listening Unix socket ``name`` in the directory that only the sandbox's uid may
-        connect to, with a backlog of one: the server accepts one connection on it."""
+        connect to; a backlog of one for the data channel, whose server accepts one connection."""
         path = self.socket_path(name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dfd = -1
@@ -87,7 +87,7 @@ class RunDir:
             if os.geteuid() != SANDBOX_UID:
                 os.chown(path, SANDBOX_UID, SANDBOX_GID)
             os.chmod(path, 0o600)
-            sock.listen(1)
+            sock.listen(backlog)
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -99,14 +99,6 @@ class RunDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def hand_over(path: str) -> None:
-    """Give a socket the server made in a sandbox's directory (the egress gate's) to the sandbox's uid,
-    so that only it may connect."""
-    if os.geteuid() != SANDBOX_UID:
-        os.chown(path, SANDBOX_UID, SANDBOX_GID)
-    os.chmod(path, 0o600)
 
 
 def reap(root: str, namespace: str, keep_instance: str) -> int:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .session import Session
 
 EXECUTION_OPS = ("run_code", "exec")
-ENV_OPS = frozenset({"run_code", "exec", "start_process", "create_context"})
+ENV_OPS = frozenset({"run_code", "exec", "start_process", "create_context", "open_terminal"})
 
 
 class AgentOps:

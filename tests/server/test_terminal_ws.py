@@ -205,6 +205,25 @@ async def test_a_full_screen_program(srv):
         assert b"\x1b[6;11H" in out  # row 5, column 10 (counted from 1 on the wire)
 
 
+async def test_top_and_less_on_the_terminal(srv):
+    """The standard image's own full-screen tools: `top -b -n 1` lists the shell's processes, and `less` on a
+    file shows its first screen on the alternate screen, then leaves on `q`."""
+    async with await connect(srv) as c:
+        lines = "".join(f"line-{i:03d}\n" for i in range(200))
+        assert (await c.call("write_file", path="long.txt", content=lines))["ok"]
+        t = await Term.open(c, cols=80, rows=24)
+        await t.run("top -b -n 1 | head -20; echo top-$((6 * 7))", b"top-42")
+        assert b"PID" in t.output and b"%Cpu" in t.output, t.output
+        mark = len(t.output)
+        await t.type("less long.txt\r")
+        screen = (await t.until(b"line-022"))[mark:]
+        assert b"\x1b[?1049h" in screen or b"\x1b[?47h" in screen, screen  # the alternate screen
+        assert b"line-000" in screen and b"line-100" not in screen  # one screenful, from the top
+        await t.type("q")
+        await t.run("echo after-less-$((1 + 2))", b"after-less-3")
+        await t.close()
+
+
 async def test_a_closed_terminal_takes_its_processes_with_it(srv):
     count = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c 'sleep 100[0-9]'"
     async with await connect(srv) as c:

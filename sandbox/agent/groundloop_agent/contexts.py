@@ -266,8 +266,9 @@ class Context:
             elif run is not None:
                 self._end(run)
                 extra = self.extra(run)
-                if "exit_code" in ev:  # a bash cell's status
-                    extra["exit_code"] = ev["exit_code"]
+                code = ev.get("exit_code")
+                if isinstance(code, int) and not isinstance(code, bool):  # a bash cell's status
+                    extra["exit_code"] = code
                 self.agent.finish(run, extra, RequestError.of_answer(ev))
                 self._next()
 

@@ -325,6 +325,11 @@ class Workers:
         self.node = NodeSpares(agent)
 
     def start(self) -> None:
+        # The environment spares start with is the agent's as it is now, after main() added the egress
+        # proxy's variables: taken at __init__, every context's env would differ from the spares' and none
+        # would ever be claimed (while a node spare sat unused).
+        self.python.env = dict(BASE_ENV)
+        self.node.env = dict(BASE_ENV)
         self.python.start()
 
     def take(self, language: str, cwd: str, env: dict):
