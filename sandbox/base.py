@@ -225,6 +225,10 @@ class Sandbox:
         for writer in {self._writer, self._lifeline}:
             try:
                 writer.close()
+                # close() waits for the write buffer to drain before the socket goes: a stream the agent no
+                # longer reads (the attach stream beside the socket channel, a dead container) would keep its
+                # descriptor until the garbage collector found it. The sandbox is going: nothing is left to say.
+                writer.transport.abort()
             except Exception:  # pragma: no cover - transport already gone
                 pass
         for task in (self._accept_task, self._socket_task, self._task):
