@@ -168,9 +168,10 @@ class SandboxSettings:
     )
     channel: str = env(
         "GROUNDLOOP_SANDBOX_CHANNEL",
-        "auto",
-        "`auto`: the agent's frames take a Unix socket per sandbox when Docker runs on this host (the attach "
-        "stream where the agent cannot connect); `attach`: always Docker's attach stream (docs/architecture.md)",
+        "attach",
+        "`attach` (default): the agent's frames take Docker's attach stream; `auto`: a Unix socket per sandbox "
+        "when Docker runs on this host (the attach stream where the agent cannot connect), not yet the default: "
+        "docs/performance.md, round four (docs/architecture.md)",
     )
     run_dir: str = env(
         "GROUNDLOOP_RUN_DIR",

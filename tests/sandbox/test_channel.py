@@ -23,6 +23,7 @@ DEADLINE = 60.0
 
 @contextlib.asynccontextmanager
 async def backend_of(tmp_path, **overrides):
+    overrides.setdefault("channel", "auto")  # the socket is not yet the default (docs/performance.md, round four)
     settings = sandbox_settings(pool_size=0, run_dir=str(tmp_path / "run"), **overrides)
     backend = DockerBackend(settings)
     try:
@@ -203,8 +204,8 @@ async def test_an_engine_that_cannot_mount_the_directory_gets_the_attach_stream(
     async with backend_of(tmp_path) as backend:
         real = backend.prepare_channel
 
-        def elsewhere():
-            rd, offer = real()
+        def elsewhere(egress=False):
+            rd, offer = real(egress)
             rd.path = str(tmp_path / "not-on-the-engine")  # what the engine would look for on its own host
             return rd, offer
 

@@ -292,8 +292,9 @@ class ServerProcess:
                 "GROUNDLOOP_LOG_LEVEL": "warning",
             }
         )
-        if run_dir is not None:
+        if run_dir is not None:  # sandboxes with the socket channel, whose directories live there
             env["GROUNDLOOP_RUN_DIR"] = str(run_dir)
+            env["GROUNDLOOP_SANDBOX_CHANNEL"] = "auto"
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "groundloop.server.cli", "serve"],

@@ -27,7 +27,8 @@ async def test_ready_frame(server):
         r = c.ready
         assert r["seq"] == 1 and r["resumed"] is False and r["protocol"] == "groundloop.v1"
         assert r["sandbox"]["backend"] == "docker" and r["sandbox"]["image"]
-        assert r["sandbox"]["channel"] == "socket"  # the frames take the sandbox's own socket (sandbox/channel.py)
+        # the attach stream by default; sandbox/channel.py's socket with GROUNDLOOP_SANDBOX_CHANNEL=auto
+        assert r["sandbox"]["channel"] == server.settings.sandbox.channel.replace("auto", "socket")
         assert r["limits"]["max_message_bytes"] == server.settings.max_message_bytes
         assert r["session_id"] in server.state.manager.sessions
 
