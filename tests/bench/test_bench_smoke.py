@@ -54,7 +54,8 @@ def test_bench_smoke_prints_the_table():
         "humaneval: docker exec python3, one warm container",
         "humaneval: one local python3 per problem",
         "egress[runc]: small GET through the proxy",
-        "egress[runsc]: MB download through the proxy",
+        "egress[runsc]: small GET through the proxy",
+        "MB download through the proxy",
     ):
         assert any(row in line for line in table), f"no row {row!r} in:\n" + "\n".join(table)
     assert not any("FAILED" in line for line in table if "humaneval" in line), "\n".join(table)
