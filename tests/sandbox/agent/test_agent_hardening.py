@@ -7,7 +7,6 @@ the server's Sandbox reader, the way a session does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import pytest
@@ -15,6 +14,7 @@ import pytest_asyncio
 from groundloop.sandbox.docker_backend import DockerBackend
 from groundloop.sandbox.engine import Engine
 from support.collect import Collector as Events
+from support.collect import call, sandbox_of
 from support.env import sandbox_settings
 from support.system import peak_rss, peak_rss_reset, rss
 
@@ -31,24 +31,6 @@ async def engine(request):
     await eng.start()
     yield eng
     await eng.close()
-
-
-@contextlib.asynccontextmanager
-async def sandbox_of(engine):
-    sb = await engine.acquire()
-    background = Events()
-    sb.set_listener(background)
-    sb.background = background
-    try:
-        yield sb
-    finally:
-        await engine.release(sb)
-
-
-async def call(sb, op: str, **params) -> tuple[dict, Events]:
-    ev = Events()
-    done = await sb.request(op, params, ev, deadline_s=DEADLINE)
-    return done, ev
 
 
 # ---- item 13: file operations never block the agent's loop; non-regular files get a clear error

@@ -8,14 +8,13 @@ and interrupts, timeouts, kills and the memory guard must still reach it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import pytest
 import pytest_asyncio
 from groundloop.sandbox.docker_backend import DockerBackend
 from groundloop.sandbox.engine import Engine
-from support.collect import Collector as Events
+from support.collect import call, sandbox_of
 from support.env import sandbox_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
@@ -41,24 +40,6 @@ async def engine(request):
     await eng.start()
     yield eng
     await eng.close()
-
-
-@contextlib.asynccontextmanager
-async def sandbox_of(engine):
-    sb = await engine.acquire()
-    background = Events()
-    sb.set_listener(background)
-    sb.background = background
-    try:
-        yield sb
-    finally:
-        await engine.release(sb)
-
-
-async def call(sb, op: str, **params) -> tuple[dict, Events]:
-    ev = Events()
-    done = await sb.request(op, params, ev, deadline_s=DEADLINE)
-    return done, ev
 
 
 async def value(sb, context: str, code: str):
