@@ -145,6 +145,7 @@ class DockerBackend:
         self._rundirs: dict[str, rundir.RunDir] = {}  # container id -> its host directory
         self._socket_refused: str | None = None  # why the socket channel cannot be used here (logged once)
         self._socket_broken: str | None = None  # set when the engine could not mount a sandbox's directory
+        self._lock = rundir.InstanceLock(self.run_root, settings.namespace, self.instance)
 
     @property
     def client(self):
@@ -178,7 +179,14 @@ class DockerBackend:
             return False
 
     async def reap_orphans(self) -> int:
-        """Remove this namespace's containers left by a server that is gone, and their host directories."""
+        """Remove this namespace's containers left by a server that is gone, and their host directories.
+        Called once at start: it first takes this instance's lock, so other servers leave ours alone."""
+        try:
+            await asyncio.to_thread(self._lock.acquire)
+        except OSError as exc:
+            log.warning(
+                "could not lock %s: another server of this namespace may take ours for gone: %s", self._lock.path, exc
+            )
         n = await asyncio.to_thread(
             self._reap, {"groundloop.namespace": self.settings.namespace}, exclude_instance=self.instance
         )
@@ -192,11 +200,20 @@ class DockerBackend:
         return n
 
     def _reap(self, match: dict[str, str], exclude_instance: str | None = None) -> int:
+        """Remove the matching containers; with ``exclude_instance`` (the orphan sweep) only those of
+        instances that are gone (rundir.instance_alive: a server running beside us keeps its own)."""
         filters = {"label": [f"{LABEL}=true"] + [f"{k}={v}" for k, v in match.items()]}
         n = 0
+        alive: dict[str, bool] = {}
         for c in self.client.api.containers(all=True, filters=filters):
-            if exclude_instance and c["Labels"].get("groundloop.instance") == exclude_instance:
-                continue
+            instance = c["Labels"].get("groundloop.instance", "")
+            if exclude_instance:
+                if instance == exclude_instance:
+                    continue
+                if instance not in alive:
+                    alive[instance] = rundir.instance_alive(self.run_root, self.settings.namespace, instance)
+                if alive[instance]:
+                    continue
             self.remove(c["Id"])
             n += 1
         return n
@@ -298,6 +315,7 @@ class DockerBackend:
             host_config=host_config,
         )
         cid = created["Id"]
+        sock: socket.socket | None = None
         try:
             raw = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             inner = getattr(raw, "_sock", raw)
@@ -311,6 +329,8 @@ class DockerBackend:
             sock.setblocking(False)
             api.start(cid)
         except BaseException:
+            if sock is not None:
+                sock.close()
             self.remove(cid)
             raise
         return cid, sock
@@ -460,5 +480,6 @@ class DockerBackend:
         await asyncio.to_thread(self.client.api.kill, sb.id)
 
     async def close(self) -> None:
+        self._lock.release()
         if self._client is not None:
             await asyncio.to_thread(self._client.close)

@@ -11,10 +11,18 @@ socket needs no write access to the file system, only to the socket file).
 Names are ``<namespace>.<instance>.<random>``: a server removes its own at close, and at start those of
 its namespace that another instance left behind (a killed server), as ``DockerBackend.reap_orphans``
 does for their containers.
+
+Several servers may share a namespace on one host (replicas behind a router, the tests' in-process
+servers): "left behind" must mean "its server is gone", not "another server's". Each instance holds an
+exclusive ``flock`` on ``.instances/<namespace>.<instance>`` under the root for as long as it runs
+(``InstanceLock``); the kernel drops it when the process dies, even on SIGKILL. A reaper skips every
+instance whose lock it cannot take.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -101,8 +109,70 @@ class RunDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+LOCKS = ".instances"  # under the root: one lock file per running instance
+
+
+def _lock_path(root: str, namespace: str, instance: str) -> str:
+    return os.path.join(root, LOCKS, _prefix(namespace, instance).rstrip("."))
+
+
+class InstanceLock:
+    """This server instance's claim to be alive: an exclusive flock held until ``release`` (or death)."""
+
+    def __init__(self, root: str, namespace: str, instance: str):
+        self.path = _lock_path(root, namespace, instance)
+        self.fd = -1
+
+    def acquire(self) -> None:
+        """Take the lock (OSError when the root cannot hold it: then other servers may take this one for gone)."""
+        if self.fd >= 0:
+            return
+        os.makedirs(os.path.dirname(os.path.dirname(self.path)), mode=0o700, exist_ok=True)  # the root: 0700
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+            os.rmdir(os.path.dirname(self.path))  # when it was the last
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def instance_alive(root: str, namespace: str, instance: str) -> bool:
+    """Whether the server instance ``instance`` of ``namespace`` still runs on this host: its lock is held.
+    An instance without a lock file is gone (or never had one: a server of an older version, a fake)."""
+    path = _lock_path(root, namespace, instance)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    else:  # nobody holds it: a dead instance's file, gone with it
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return False
+    finally:
+        os.close(fd)
+
+
 def reap(root: str, namespace: str, keep_instance: str) -> int:
-    """Remove the directories of ``namespace`` that belong to another instance (a server that is gone)."""
+    """Remove the directories of ``namespace`` that belong to another instance whose server is gone."""
     prefix = _prefix(namespace)
     mine = _prefix(namespace, keep_instance)
     try:
@@ -110,8 +180,14 @@ def reap(root: str, namespace: str, keep_instance: str) -> int:
     except FileNotFoundError:
         return 0
     n = 0
+    alive: dict[str, bool] = {}
     for name in names:
         if name.startswith(prefix) and not name.startswith(mine) and name.count(".") == prefix.count(".") + 1:
+            instance = name[len(prefix) :].split(".", 1)[0]
+            if instance not in alive:
+                alive[instance] = instance_alive(root, namespace, instance)
+            if alive[instance]:
+                continue
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             n += 1
     return n

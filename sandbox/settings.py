@@ -168,10 +168,10 @@ class SandboxSettings:
     )
     channel: str = env(
         "GROUNDLOOP_SANDBOX_CHANNEL",
-        "attach",
-        "`attach` (default): the agent's frames take Docker's attach stream; `auto`: a Unix socket per sandbox "
-        "when Docker runs on this host (the attach stream where the agent cannot connect), not yet the default: "
-        "docs/performance.md, round four (docs/architecture.md)",
+        "auto",
+        "`auto` (default): the agent's frames take a Unix socket per sandbox when Docker runs on this host, "
+        "past dockerd and the shim (the attach stream where the agent cannot connect: a remote engine, gVisor "
+        "without `--host-uds=open`); `attach`: always Docker's attach stream (docs/architecture.md)",
     )
     run_dir: str = env(
         "GROUNDLOOP_RUN_DIR",

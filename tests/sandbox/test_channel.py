@@ -23,7 +23,7 @@ DEADLINE = 60.0
 
 @contextlib.asynccontextmanager
 async def backend_of(tmp_path, **overrides):
-    overrides.setdefault("channel", "auto")  # the socket is not yet the default (docs/performance.md, round four)
+    overrides.setdefault("channel", "auto")  # the default, said here: a run with GROUNDLOOP_SANDBOX_CHANNEL=attach
     settings = sandbox_settings(pool_size=0, run_dir=str(tmp_path / "run"), **overrides)
     backend = DockerBackend(settings)
     try:
@@ -195,6 +195,44 @@ def test_run_dirs_of_a_gone_server_are_reaped(tmp_path):
     assert sorted(os.listdir(root)) == sorted(os.path.basename(d.path) for d in (mine, other_ns))
     assert rundir.reap_instance(root, NAMESPACE, "aaaa") == 1
     assert os.listdir(root) == [os.path.basename(other_ns.path)]
+
+
+def test_a_server_running_beside_us_keeps_its_directories(tmp_path):
+    """Servers sharing a namespace on one host (replicas, the tests' own): the sweep at start takes only a
+    gone server's directories; a running one holds its instance lock, which dies with its process."""
+    root = str(tmp_path)
+    alive = rundir.InstanceLock(root, NAMESPACE, "bbbb")
+    alive.acquire()
+    gone = rundir.InstanceLock(root, NAMESPACE, "cccc")
+    gone.acquire()
+    os.close(gone.fd)  # what the kernel does when that server is killed: the lock goes, its file stays
+    gone.fd = -1
+    os.makedirs(os.path.join(root, f"{NAMESPACE}.bbbb.0001"))
+    os.makedirs(os.path.join(root, f"{NAMESPACE}.cccc.0002"))
+    assert rundir.instance_alive(root, NAMESPACE, "bbbb")
+    assert not rundir.instance_alive(root, NAMESPACE, "dddd")  # never had a lock
+    assert rundir.reap(root, NAMESPACE, keep_instance="aaaa") == 1
+    assert sorted(os.listdir(root)) == [".instances", f"{NAMESPACE}.bbbb.0001"]
+    assert os.listdir(os.path.join(root, ".instances")) == [f"{NAMESPACE}.bbbb"]  # the dead one's file went too
+    alive.release()
+    assert not rundir.instance_alive(root, NAMESPACE, "bbbb")
+    assert os.listdir(root) == [f"{NAMESPACE}.bbbb.0001"]
+
+
+@pytest.mark.docker
+async def test_a_second_server_in_the_namespace_leaves_the_first_ones_sandboxes(tmp_path):
+    """Its start-up sweep used to remove every container and directory of the namespace but its own, so a
+    sandbox starting on the first server lost its directory between mkdir and the engine's mount."""
+    async with backend_of(tmp_path) as first, backend_of(tmp_path) as second:
+        await first.reap_orphans()
+        sb = await first.start("first")
+        try:
+            assert sb.channel == "socket"
+            assert await second.reap_orphans() == 0
+            assert os.path.isdir(sb.run_dir)
+            assert (await sb.request("ping", deadline_s=DEADLINE))["ok"]
+        finally:
+            await sb.close()
 
 
 @pytest.mark.docker
