@@ -4,6 +4,7 @@
 // synchronously on Linux, so every line leaves as it is written.
 "use strict";
 const fs = require("fs");
+const net = require("net");
 const vm = require("vm");
 const util = require("util");
 const jscell = require("./jscell.js");
@@ -90,15 +91,23 @@ async function run(code, n) {
   }
   if (value !== undefined) {
     sandbox._ = value;
-    send({ t: "result", data: bundle(value), main: true });
+    return { result: bundle(value) };  // rides on the done, as in pyworker.py: one write, one read
   }
   return null;
 }
 
 // Warm what a first cell runs through (compile, run, inspect, JSON) in a throwaway context, so a
 // spare started ahead does not pay for it in its context's first run.
+// The whole path, as a first command takes it: its JSON, a script run with breakOnSigint (whose first
+// use sets up node's SIGINT watchdog), a number's and an object's bundle, the answer's JSON.
 try {
-  bundle(new vm.Script("[1, 'a', { b: 2 }]", { filename: "<warm-up>" }).runInContext(vm.createContext({})));
+  const cmd = JSON.parse(JSON.stringify({ code: "1 + 1", n: 0 }));
+  const warm = vm.createContext({});
+  for (const code of [cmd.code, "[1, 'a', { b: 2 }]"]) {
+    const value = new vm.Script(code, { filename: "<warm-up>" }).runInContext(warm, { breakOnSigint: true, displayErrors: false });
+    JSON.stringify({ t: "done", ok: true, result: bundle(value) });
+  }
+  errorOf(new Error("warm-up"));
 } catch (e) { /* a warm-up only */ }
 
 process.on("uncaughtException", (e) => {
@@ -110,7 +119,10 @@ process.on("unhandledRejection", (e) => {
 
 let buf = "";
 let queue = Promise.resolve();
-const input = fs.createReadStream(null, { fd: CMD_FD, encoding: "utf8" });
+// A pipe read through the event loop (libuv's pipe handle): fs.createReadStream would read it in the
+// thread pool, a thread hand-off per command (measured: 0.48 ms against 0.2 for a 1 + 1 round trip).
+const input = new net.Socket({ fd: CMD_FD, readable: true, writable: false });
+input.setEncoding("utf8");
 input.on("data", (chunk) => {
   buf += chunk;
   let i;
@@ -131,13 +143,15 @@ input.on("data", (chunk) => {
       // The run's own environment (the session's and the request's env), for this cell only.
       const saved = {};
       for (const [k, v] of Object.entries(cmd.env || {})) { saved[k] = process.env[k]; process.env[k] = v; }
-      let error;
+      let answer;
       try {
-        error = await run(cmd.code || "", cmd.n || 0);
+        answer = await run(cmd.code || "", cmd.n || 0);
       } finally {
         for (const [k, v] of Object.entries(saved)) { if (v === undefined) delete process.env[k]; else process.env[k] = v; }
       }
-      send({ t: "done", ok: error === null, error });
+      if (answer === null) send({ t: "done", ok: true });
+      else if ("result" in answer) send({ t: "done", ok: true, result: answer.result });
+      else send({ t: "done", ok: false, error: answer });
     });
   }
 });

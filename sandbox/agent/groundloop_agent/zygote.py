@@ -64,7 +64,23 @@ def _dumpable(on: bool) -> None:
         pass
 
 
-def become_worker(worker, sock: socket.socket, package_path: str) -> None:
+def before_claim(worker, package_path: str) -> None:
+    """In a new spare, before it says it is ready: everything of a worker's start that does not depend on
+    the claim, so that a claim (which a context's first run waits for) is only its pipes, cwd and env.
+    Measured: a claim took 0.85 ms with all of it after, 0.2 ms with this before."""
+    # What the zygote itself needed and a spawned worker does not have.
+    if package_path in sys.path:
+        sys.path.remove(package_path)
+    for name in [n for n in sys.modules if n == "groundloop_agent" or n.startswith("groundloop_agent.")]:
+        del sys.modules[name]
+    import random
+
+    random.seed()  # the zygote's generator state would otherwise be every context's
+    worker.prepare()
+    worker.warm()
+
+
+def become_worker(worker, sock: socket.socket) -> None:
     """In a spare: wait to be claimed, then run as the context's worker until it ends (never returns)."""
     code = 0
     try:
@@ -84,16 +100,10 @@ def become_worker(worker, sock: socket.socket, package_path: str) -> None:
         os.close(err_w)
         os.chdir(claim["cwd"])
         os.umask(claim.get("umask", 0o022))
-        os.environ.clear()
-        os.environ.update(claim["env"])
-        # What the zygote itself needed and a spawned worker does not have.
-        if package_path in sys.path:
-            sys.path.remove(package_path)
-        for name in [n for n in sys.modules if n == "groundloop_agent" or n.startswith("groundloop_agent.")]:
-            del sys.modules[name]
-        import random
-
-        random.seed()  # the zygote's generator state would otherwise be every context's
+        env = claim["env"]
+        if dict(os.environ) != env:  # usually the same: the agent's, which the zygote started with
+            os.environ.clear()
+            os.environ.update(env)
         worker.start(cmd_r, res_w)
         worker.main()
     except SystemExit as exc:
@@ -137,8 +147,9 @@ class Zygote:
                 keep = theirs.fileno()
                 os.closerange(3, keep)
                 os.closerange(keep + 1, 1 << 16)
+                before_claim(self.worker, self.package_path)
                 theirs.send(b"r")
-                become_worker(self.worker, theirs, self.package_path)
+                become_worker(self.worker, theirs)
             finally:
                 os._exit(1)
         theirs.close()
