@@ -63,7 +63,7 @@ async def test_container_is_hardened(monkeypatch):
         assert labels["groundloop.session"] == sb.session_id and labels["groundloop.instance"]
         assert not any("s3cr3t" in e for e in info["Config"]["Env"])
         # the server's own variables never reach the container; the data channel's two do (sandbox/channel.py),
-        # when the sandbox has the socket (GROUNDLOOP_SANDBOX_CHANNEL=auto)
+        # when the sandbox has the socket (the default, GROUNDLOOP_SANDBOX_CHANNEL=auto)
         own = {e.split("=")[0] for e in info["Config"]["Env"] if "GROUNDLOOP" in e}
         mounts = [(m["Type"], m["Source"], m["Target"], m["ReadOnly"]) for m in hc.get("Mounts") or ()]
         if sb.channel == "socket":

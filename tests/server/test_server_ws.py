@@ -27,7 +27,7 @@ async def test_ready_frame(server):
         r = c.ready
         assert r["seq"] == 1 and r["resumed"] is False and r["protocol"] == "groundloop.v1"
         assert r["sandbox"]["backend"] == "docker" and r["sandbox"]["image"]
-        # the attach stream by default; sandbox/channel.py's socket with GROUNDLOOP_SANDBOX_CHANNEL=auto
+        # sandbox/channel.py's socket by default (auto); the attach stream with GROUNDLOOP_SANDBOX_CHANNEL=attach
         assert r["sandbox"]["channel"] == server.settings.sandbox.channel.replace("auto", "socket")
         assert r["limits"]["max_message_bytes"] == server.settings.max_message_bytes
         assert r["session_id"] in server.state.manager.sessions
