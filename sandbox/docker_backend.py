@@ -319,13 +319,15 @@ class DockerBackend:
         try:
             raw = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             inner = getattr(raw, "_sock", raw)
-            # Own a duplicate of the descriptor: the SDK's objects may close theirs.
-            sock = socket.socket(fileno=os.dup(inner.fileno()))
-            for obj in (raw, inner):
-                try:
-                    obj.close()
-                except Exception:
-                    pass
+            try:
+                # Own a duplicate of the descriptor: the SDK's objects may close theirs.
+                sock = socket.socket(fileno=os.dup(inner.fileno()))
+            finally:
+                for obj in (raw, inner):
+                    try:
+                        obj.close()
+                    except Exception:
+                        pass
             sock.setblocking(False)
             api.start(cid)
         except BaseException:

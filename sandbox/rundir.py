@@ -16,7 +16,8 @@ Several servers may share a namespace on one host (replicas behind a router, the
 servers): "left behind" must mean "its server is gone", not "another server's". Each instance holds an
 exclusive ``flock`` on ``.instances/<namespace>.<instance>`` under the root for as long as it runs
 (``InstanceLock``); the kernel drops it when the process dies, even on SIGKILL. A reaper skips every
-instance whose lock it cannot take.
+instance whose lock it cannot take. Replicas sharing a namespace must share the root
+(``GROUNDLOOP_RUN_DIR``): a lock under another root is not seen.
 """
 
 from __future__ import annotations
@@ -128,21 +129,29 @@ class InstanceLock:
         if self.fd >= 0:
             return
         os.makedirs(os.path.dirname(os.path.dirname(self.path)), mode=0o700, exist_ok=True)  # the root: 0700
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)  # kept: never removed, so no race
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A reaper that found this path unlocked a moment ago unlinks it: the lock must be on the
+                # file that the path names now, or another server would find no lock and take us for gone.
+                if os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
+                    self.fd = fd
+                    return
+            except FileNotFoundError:
+                pass
+            except OSError:
+                os.close(fd)
+                raise
             os.close(fd)
-            raise
-        self.fd = fd
+        raise OSError(errno.EAGAIN, f"could not hold {self.path}: it kept being replaced")
 
     def release(self) -> None:
         if self.fd < 0:
             return
         try:
             os.unlink(self.path)
-            os.rmdir(os.path.dirname(self.path))  # when it was the last
         except OSError:
             pass
         os.close(self.fd)
@@ -151,16 +160,29 @@ class InstanceLock:
 
 def instance_alive(root: str, namespace: str, instance: str) -> bool:
     """Whether the server instance ``instance`` of ``namespace`` still runs on this host: its lock is held.
-    An instance without a lock file is gone (or never had one: a server of an older version, a fake)."""
+    An instance without a lock file is gone (or never had one: a server of an older version, a fake). Any
+    other failure to tell (no permission, out of descriptors) counts as alive: "gone" removes its sandboxes."""
     path = _lock_path(root, namespace, instance)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
         return False
+    except OSError as exc:
+        log.warning(
+            "cannot tell whether instance %s of %s runs (%s): its sandboxes are left alone", instance, namespace, exc
+        )
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            log.warning(
+                "cannot tell whether instance %s of %s runs (%s): its sandboxes are left alone",
+                instance,
+                namespace,
+                exc,
+            )
+        return True
     else:  # nobody holds it: a dead instance's file, gone with it
         try:
             os.unlink(path)

@@ -91,7 +91,13 @@ async function run(code, n) {
   }
   if (value !== undefined) {
     sandbox._ = value;
-    return { result: bundle(value) };  // rides on the done, as in pyworker.py: one write, one read
+    let data;
+    try {
+      data = bundle(value);
+    } catch (e) {  // a [util.inspect.custom] of the cell's that throws
+      data = { "text/plain": `<a value whose inspection failed: ${String(e && e.message ? e.message : e)}>` };
+    }
+    return { result: data };  // rides on the done, as in pyworker.py: one write, one read
   }
   return null;
 }
@@ -152,6 +158,12 @@ input.on("data", (chunk) => {
       if (answer === null) send({ t: "done", ok: true });
       else if ("result" in answer) send({ t: "done", ok: true, result: answer.result });
       else send({ t: "done", ok: false, error: answer });
+    }).catch((e) => {
+      // Whatever went wrong, the command gets its done and the queue goes on (a rejected queue would
+      // drop every later command without a word).
+      let error;
+      try { error = errorOf(e); } catch (e2) { error = { name: "Error", message: "the run failed", traceback: "" }; }
+      try { send({ t: "done", ok: false, error }); } catch (e2) { /* the pipe is gone */ }
     });
   }
 });

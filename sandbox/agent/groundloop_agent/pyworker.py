@@ -54,7 +54,8 @@ def preload(names=PRELOAD):
             importlib.import_module(name)
         except Exception:  # an optional module the image lacks
             pass
-    NB.has_ipython()  # a search of sys.path, answered once here for every fork instead of in each
+    if not NB.has_ipython():  # found, it is answered once here for every fork; not found, each worker looks
+        NB._has_ipython = None  # again (a `pip install ipython` after the sandbox started)
 
 
 WARM_CELL = "values = [i * i for i in range(4)]\nsum(values) + len(str(values))"
@@ -82,15 +83,9 @@ _PREPARED = False
 
 
 def prepare():
-    """What makes this process the worker but its pipes: a fresh ``__main__`` namespace, the first to
-    be killed when memory runs out. A zygote's spare does this before it is claimed (off the path of
-    the context that claims it); ``start`` does it otherwise."""
+    """What makes this process the worker but its pipes: a fresh ``__main__`` namespace. A zygote's spare
+    does this before it is claimed (off the path of the context that claims it); ``start`` does it otherwise."""
     global NS, _main, _PREPARED
-    try:  # the first to go when the sandbox runs out of memory
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
     main_module = types.ModuleType("__main__")
     main_module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = _main = main_module
@@ -108,6 +103,13 @@ def start(cmd_fd, res_fd):
     global CMD_FD, RES_FD, FORKED, _STDIO, _STREAMS
     if not _PREPARED:
         prepare()
+    # Here, not in prepare(): a spare is not dumpable until it is claimed, and the kernel then gives its
+    # /proc files to root, so the write would fail (silently) and forked workers keep the zygote's 0.
+    try:  # the first to go when the sandbox runs out of memory
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     CMD_FD, RES_FD = cmd_fd, res_fd
     # Copies of the cell's stdio, to give every cell back what an earlier one closed or redirected
     # (os.close(1), os.dup2(x, 1), sys.stdout.close()), as Jupyter's kernels do. Not inherited.

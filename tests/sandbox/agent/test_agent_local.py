@@ -64,6 +64,21 @@ async def test_run_code_javascript(sb):
     assert ev.text() == "hi\n" and ev.results()[-1]["data"]["text/plain"] == "42"
 
 
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+async def test_a_javascript_value_whose_inspection_throws_still_ends_its_run(sb):
+    """util.inspect calls the value's own inspect.custom: its throw once left the worker's command queue
+    rejected, so every later run of the context waited for its timeout without a done."""
+    cell = "({ [Symbol.for('nodejs.util.inspect.custom')]() { throw new Error('no') } })"
+    done, ev = await run(sb, "run_code", language="javascript", code=cell)
+    assert done["ok"], done
+    assert "inspection failed: no" in ev.results()[-1]["data"]["text/plain"]
+    thrown = "throw { [Symbol.for('nodejs.util.inspect.custom')]() { throw 1 } }"
+    done, ev = await run(sb, "run_code", language="javascript", code=thrown)
+    assert not done["ok"] and done["error"]["name"] == "Error", done
+    done, ev = await run(sb, "run_code", language="javascript", code="'still here'")
+    assert done["ok"] and ev.results()[-1]["data"]["text/plain"] == "still here"
+
+
 async def test_exec_exit_code_and_output_cap(sb):
     done, ev = await run(sb, "exec", command="echo out; echo err >&2; exit 3")
     assert done["ok"] and done["exit_code"] == 3

@@ -90,6 +90,9 @@ async def test_forked_contexts_are_isolated_from_each_other(engine):
         ra = await value(sb, a["context"], "import random\nrandom.random()")
         rb = await value(sb, b["context"], "import random\nrandom.random()")
         assert ra != rb
+        # the first to go when memory runs out, as a spawned worker is (set once the spare is claimed and
+        # dumpable again: before, the kernel gave its /proc files to root and the write failed)
+        assert await value(sb, a["context"], "open('/proc/self/oom_score_adj').read().strip()") == "'1000'"
         # a clean __main__, and none of the agent's modules
         assert await value(sb, b["context"], "__name__") == "'__main__'"
         assert await value(sb, b["context"], "import sys\n[m for m in sys.modules if 'groundloop' in m]") == "[]"
