@@ -38,4 +38,4 @@ RUN python3 -m compileall -q /opt/groundloop/groundloop_agent
 ENV HOME=/workspace LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/opt/groundloop
 USER 1000:1000
 WORKDIR /workspace
-CMD ["python3", "-u", "-B", "-P", "-m", "groundloop_agent"]
+CMD ["python3", "-u", "-B", "-P", "-S", "-m", "groundloop_agent"]

@@ -31,8 +31,9 @@ log = logging.getLogger("groundloop.sandbox")
 
 LABEL = "groundloop.managed"
 # -P: /workspace (the working directory, writable by the code) never goes on the agent's import path;
-# the image sets PYTHONPATH=/opt/groundloop, where the agent package is.
-AGENT_CMD = ["python3", "-u", "-B", "-P", "-m", "groundloop_agent"]
+# the image sets PYTHONPATH=/opt/groundloop, where the agent package is. -S: the agent is stdlib-only, so
+# `site` (dist-packages, user site) is 8 ms of its start it does not need; its children start without -S.
+AGENT_CMD = ["python3", "-u", "-B", "-P", "-S", "-m", "groundloop_agent"]
 SANDBOX_USER = "1000:1000"
 
 # Under gVisor the host sees the Sentry, the gofer and one ptrace stub process per guest process,
