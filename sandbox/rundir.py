@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 
 log = logging.getLogger("groundloop.sandbox")
@@ -59,6 +60,19 @@ def _prefix(namespace: str, instance: str = "") -> str:
     return f"{ns}.{instance}." if instance else f"{ns}."
 
 
+def make_root(root: str) -> None:
+    """Make the root (0700) or check the one that is there: a directory, not a link, of this server's user, whom
+    alone it admits (0700, made so when it is ours and wider). A root made by anyone else (say
+    ``/tmp/groundloop-<uid>`` made in advance by another user of the host, who could then swap a sandbox's
+    directory or socket) is refused with OSError: the caller falls back to the attach stream."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{root} is not a directory of this server's user (uid {os.geteuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)
+
+
 class RunDir:
     """One sandbox's directory. ``create`` raises OSError when it cannot be made as it must be
     (for example a server that is neither root nor uid 1000 cannot give it to the sandbox's uid)."""
@@ -68,7 +82,7 @@ class RunDir:
         self.path = os.path.join(root, _prefix(namespace, instance) + secrets.token_hex(8))
 
     def create(self) -> None:
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        make_root(self.root)
         os.mkdir(self.path, 0o700)
         try:
             if os.geteuid() != SANDBOX_UID:
@@ -128,7 +142,7 @@ class InstanceLock:
         """Take the lock (OSError when the root cannot hold it: then other servers may take this one for gone)."""
         if self.fd >= 0:
             return
-        os.makedirs(os.path.dirname(os.path.dirname(self.path)), mode=0o700, exist_ok=True)  # the root: 0700
+        make_root(os.path.dirname(os.path.dirname(self.path)))
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)  # kept: never removed, so no race
         for _ in range(3):
             fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)

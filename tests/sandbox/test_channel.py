@@ -197,6 +197,35 @@ def test_run_dirs_of_a_gone_server_are_reaped(tmp_path):
     assert os.listdir(root) == [os.path.basename(other_ns.path)]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root of another user is made with chown")
+def test_a_run_root_of_another_user_or_a_link_is_refused_and_ours_is_made_private(tmp_path):
+    """The default root of a server that is not root is /tmp/groundloop-<uid>: another user of the host could make
+    it first and then swap a sandbox's directory or socket. Such a root is refused (the attach stream is used)."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 1234, 1234)
+    with pytest.raises(OSError):
+        rundir.RunDir(str(theirs), NAMESPACE, "aaaa").create()
+    with pytest.raises(OSError):
+        rundir.InstanceLock(str(theirs), NAMESPACE, "aaaa").acquire()
+    assert os.listdir(theirs) == []
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(OSError):
+        rundir.RunDir(str(link), NAMESPACE, "aaaa").create()
+    local_engine = type("Client", (), {"api": type("API", (), {"base_url": "http+docker://localhost"})()})()
+    backend = DockerBackend(sandbox_settings(pool_size=0, run_dir=str(theirs), channel="auto"), client=local_engine)
+    assert backend.prepare_channel() == (None, None)  # the attach stream, and it is logged why
+    assert backend._socket_refused and "not a directory of this server's user" in backend._socket_refused
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o755)
+    os.chmod(ours, 0o755)
+    d = rundir.RunDir(str(ours), NAMESPACE, "aaaa")
+    d.create()
+    assert stat.S_IMODE(os.stat(ours).st_mode) == 0o700 and os.path.isdir(d.path)
+
+
 def test_a_server_running_beside_us_keeps_its_directories(tmp_path):
     """Servers sharing a namespace on one host (replicas, the tests' own): the sweep at start takes only a
     gone server's directories; a running one holds its instance lock, which dies with its process."""
