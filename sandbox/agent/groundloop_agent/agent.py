@@ -10,7 +10,16 @@ import sys
 import time
 
 from . import egress, languages, memguard
-from .common import AGENT_VERSION, BASE_ENV, ERROR_TEXT_MAX, INTERRUPT_GRACE, MAX_OUTPUT, WORKDIR, RequestError
+from .common import (
+    AGENT_VERSION,
+    BASE_ENV,
+    ERROR_TEXT_MAX,
+    INTERRUPT_GRACE,
+    MAX_OUTPUT,
+    WORKDIR,
+    RequestError,
+    shell_argv,
+)
 from .contexts import Context, Run
 from .files import FileOps
 from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
@@ -350,7 +359,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
 
     async def op_exec(self, req, target, cancel):
         command, cwd = self.command_of(req)
-        proc, pipes = await spawn(self, ["/bin/sh", "-c", command], cwd, self.env_for(req.get("env")), target)
+        proc, pipes = await spawn(self, shell_argv(command), cwd, self.env_for(req.get("env")), target)
         timeout = req.get("timeout_s")
         waiter = asyncio.ensure_future(proc.wait())
         stopper = asyncio.ensure_future(cancel.wait())
@@ -386,7 +395,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         command, cwd = self.command_of(req)
         pid_id = req.get("process_id") or self.next_id("proc-")
         ptarget = Target(self, proc=pid_id, cap=1 << 62)
-        proc, pipes = await spawn(self, ["/bin/sh", "-c", command], cwd, self.env_for(req.get("env")), ptarget)
+        proc, pipes = await spawn(self, shell_argv(command), cwd, self.env_for(req.get("env")), ptarget)
         p = Process(pid_id, command, proc, pipes)
         self.processes[pid_id] = p
         asyncio.ensure_future(self.watch_process(p))

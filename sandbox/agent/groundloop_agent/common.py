@@ -51,3 +51,20 @@ def os_error(exc: OSError) -> RequestError:
     if name == "OSError" and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, "OSError")
     return RequestError(name, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+# The user's processes go first when the sandbox runs out of memory (as its workers do): without this, an exec'd
+# fork bomb's processes and the agent had the same oom_score_adj (0), and the OOM killer took the agent, the
+# largest of them, losing the sandbox. Set by the shell that runs the command, after its exec (a fork of the agent
+# is not dumpable, and its /proc files are then root's), so every descendant inherits it.
+OOM_FIRST = "echo 1000 2>/dev/null >/proc/self/oom_score_adj; "
+
+
+def shell_argv(command: str) -> list[str]:
+    """How the agent runs a user's shell command (exec, start_process, a terminal's command)."""
+    return ["/bin/sh", "-c", OOM_FIRST + command]
+
+
+def oom_first(argv: list[str]) -> list[str]:
+    """``argv`` run through a shell that marks it first for the OOM killer, then becomes it (same pid)."""
+    return ["/bin/sh", "-c", OOM_FIRST + 'exec "$0" "$@"', *argv]

@@ -37,7 +37,7 @@ import termios
 import threading
 from typing import TYPE_CHECKING
 
-from .common import INTERRUPT_GRACE, WORKDIR, RequestError
+from .common import INTERRUPT_GRACE, WORKDIR, RequestError, oom_first, shell_argv
 from .procs import descendants
 
 if TYPE_CHECKING:
@@ -402,7 +402,7 @@ class TerminalOps:
         command = req.get("command")
         if command is not None and not isinstance(command, str):
             raise RequestError("ValueError", "command must be a string")
-        argv = ["/bin/sh", "-c", command] if command else login_shell()
+        argv = shell_argv(command) if command else oom_first(login_shell())
         cwd = self.path(req.get("cwd") or WORKDIR)
         if not os.path.isdir(cwd):
             raise RequestError("FileNotFoundError", f"no directory {cwd}")

@@ -93,6 +93,10 @@ async def test_forked_contexts_are_isolated_from_each_other(engine):
         # the first to go when memory runs out, as a spawned worker is (set once the spare is claimed and
         # dumpable again: before, the kernel gave its /proc files to root and the write failed)
         assert await value(sb, a["context"], "open('/proc/self/oom_score_adj').read().strip()") == "'1000'"
+        # and so are a command's processes and their children (before, an exec'd fork bomb's processes and the
+        # agent were equal for the OOM killer, which took the agent, the largest, and the sandbox with it)
+        done, ev = await call(sb, "exec", command="cat /proc/self/oom_score_adj; sh -c 'cat /proc/self/oom_score_adj'")
+        assert done["ok"] and ev.text() == "1000\n1000\n", (done, ev.text())
         # a clean __main__, and none of the agent's modules
         assert await value(sb, b["context"], "__name__") == "'__main__'"
         assert await value(sb, b["context"], "import sys\n[m for m in sys.modules if 'groundloop' in m]") == "[]"
