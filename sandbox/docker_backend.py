@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from . import rundir
@@ -188,10 +189,9 @@ class DockerBackend:
             log.warning(
                 "could not lock %s: another server of this namespace may take ours for gone: %s", self._lock.path, exc
             )
-        n = await asyncio.to_thread(
-            self._reap, {"groundloop.namespace": self.settings.namespace}, exclude_instance=self.instance
-        )
-        await asyncio.to_thread(rundir.reap, self.run_root, self.settings.namespace, self.instance)
+        alive = rundir.liveness(self.run_root, self.settings.namespace)
+        n = await asyncio.to_thread(self._reap, {"groundloop.namespace": self.settings.namespace}, self.instance, alive)
+        await asyncio.to_thread(rundir.reap, self.run_root, self.settings.namespace, self.instance, alive)
         return n
 
     async def reap_all(self) -> int:
@@ -200,21 +200,19 @@ class DockerBackend:
         await asyncio.to_thread(rundir.reap_instance, self.run_root, self.settings.namespace, self.instance)
         return n
 
-    def _reap(self, match: dict[str, str], exclude_instance: str | None = None) -> int:
+    def _reap(
+        self, match: dict[str, str], exclude_instance: str | None = None, alive: Callable[[str], bool] | None = None
+    ) -> int:
         """Remove the matching containers; with ``exclude_instance`` (the orphan sweep) only those of
-        instances that are gone (rundir.instance_alive: a server running beside us keeps its own)."""
+        instances that are gone (``alive``, a rundir.liveness: a server running beside us keeps its own)."""
         filters = {"label": [f"{LABEL}=true"] + [f"{k}={v}" for k, v in match.items()]}
+        if exclude_instance and alive is None:
+            alive = rundir.liveness(self.run_root, self.settings.namespace)
         n = 0
-        alive: dict[str, bool] = {}
         for c in self.client.api.containers(all=True, filters=filters):
             instance = c["Labels"].get("groundloop.instance", "")
-            if exclude_instance:
-                if instance == exclude_instance:
-                    continue
-                if instance not in alive:
-                    alive[instance] = rundir.instance_alive(self.run_root, self.settings.namespace, instance)
-                if alive[instance]:
-                    continue
+            if exclude_instance and (instance == exclude_instance or (alive is not None and alive(instance))):
+                continue
             self.remove(c["Id"])
             n += 1
         return n

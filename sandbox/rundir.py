@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
 
 log = logging.getLogger("groundloop.sandbox")
 
@@ -182,20 +184,13 @@ def instance_alive(root: str, namespace: str, instance: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        log.warning(
-            "cannot tell whether instance %s of %s runs (%s): its sandboxes are left alone", instance, namespace, exc
-        )
+        _unknown(namespace, instance, exc)
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            log.warning(
-                "cannot tell whether instance %s of %s runs (%s): its sandboxes are left alone",
-                instance,
-                namespace,
-                exc,
-            )
+            _unknown(namespace, instance, exc)
         return True
     else:  # nobody holds it: a dead instance's file, gone with it
         try:
@@ -207,8 +202,21 @@ def instance_alive(root: str, namespace: str, instance: str) -> bool:
         os.close(fd)
 
 
-def reap(root: str, namespace: str, keep_instance: str) -> int:
-    """Remove the directories of ``namespace`` that belong to another instance whose server is gone."""
+def _unknown(namespace: str, instance: str, exc: OSError) -> None:
+    log.warning(
+        "cannot tell whether instance %s of %s runs (%s): its sandboxes are left alone", instance, namespace, exc
+    )
+
+
+def liveness(root: str, namespace: str) -> Callable[[str], bool]:
+    """``instance_alive`` of ``namespace``, each instance asked once: one sweep of containers and directories
+    shares it (the first look at a dead instance's lock removes the file, so a second would ask in vain)."""
+    return functools.cache(functools.partial(instance_alive, root, namespace))
+
+
+def reap(root: str, namespace: str, keep_instance: str, alive: Callable[[str], bool] | None = None) -> int:
+    """Remove the directories of ``namespace`` that belong to another instance whose server is gone
+    (``alive``: a ``liveness`` to share with the sweep of containers)."""
     prefix = _prefix(namespace)
     mine = _prefix(namespace, keep_instance)
     try:
@@ -216,13 +224,10 @@ def reap(root: str, namespace: str, keep_instance: str) -> int:
     except FileNotFoundError:
         return 0
     n = 0
-    alive: dict[str, bool] = {}
+    alive = alive or liveness(root, namespace)
     for name in names:
         if name.startswith(prefix) and not name.startswith(mine) and name.count(".") == prefix.count(".") + 1:
-            instance = name[len(prefix) :].split(".", 1)[0]
-            if instance not in alive:
-                alive[instance] = instance_alive(root, namespace, instance)
-            if alive[instance]:
+            if alive(name[len(prefix) :].split(".", 1)[0]):
                 continue
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             n += 1
