@@ -94,7 +94,32 @@ class ForkedProcess:
         return await fut
 
 
-class PythonZygote:
+class LaterRefill:
+    """A pool of spares whose refill may wait a moment (at most one pending; cancelled at close). A spare
+    made at once after a claim takes a core from the context just claimed, whose first run is usually next."""
+
+    agent: Agent
+    closed: bool
+    _timer: asyncio.TimerHandle | None = None
+
+    def refill(self) -> None:
+        raise NotImplementedError
+
+    def refill_later(self, delay: float) -> None:
+        if self._timer is None and not self.closed:
+            self._timer = self.agent.loop.call_later(delay, self._refill_now)
+
+    def _refill_now(self) -> None:
+        self._timer = None
+        self.refill()
+
+    def cancel_refill(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class PythonZygote(LaterRefill):
     """The agent's side of the zygote: its socket, the spares it sent, the exits it reports."""
 
     def __init__(self, agent: Agent):
@@ -113,7 +138,6 @@ class PythonZygote:
         self.umask = os.umask(0)
         os.umask(self.umask)
         self.want = 1 if small_sandbox() else PY_SPARES
-        self._refill_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         if self.task is None and not self.closed:
@@ -220,17 +244,10 @@ class PythonZygote:
                     sock.close()
             return None
         finally:
-            if self.spares:
-                # The fork of the next spare waits a moment, while one is still there: made at once, it takes
-                # a core from the context that was just claimed, whose first run is usually next.
-                if self._refill_timer is None:
-                    self._refill_timer = self.agent.loop.call_later(REFILL_DELAY, self._refill_later)
+            if self.spares:  # the fork of the next spare can wait while one is still there
+                self.refill_later(REFILL_DELAY)
             else:
                 self.refill()
-
-    def _refill_later(self) -> None:
-        self._refill_timer = None
-        self.refill()
 
     def _lost(self) -> None:
         """The zygote is gone: let its spares go, and watch its other children through /proc."""
@@ -268,13 +285,11 @@ class PythonZygote:
         self.closed = True
         if self.task is not None:
             self.task.cancel()
-        if self._refill_timer is not None:
-            self._refill_timer.cancel()
-            self._refill_timer = None
+        self.cancel_refill()
         self._lost()
 
 
-class NodeSpares:
+class NodeSpares(LaterRefill):
     """Node workers started ahead, with the cwd and env of the agent; a claim sends the context's
     on the command pipe (``{"setup":..}``), which the worker applies before any run."""
 
@@ -286,7 +301,6 @@ class NodeSpares:
         self.closed = False
         self.env = dict(BASE_ENV)
         self.want = 0 if small_sandbox() else NODE_SPARES
-        self._timer: asyncio.TimerHandle | None = None
 
     def refill(self) -> None:
         while not self.closed and len(self.spares) + self.starting < self.want:
@@ -317,7 +331,9 @@ class NodeSpares:
                 setup = json.dumps({"setup": {"cwd": cwd, "env": env}}).encode() + b"\n"
                 try:
                     if proc.returncode is None and len(setup) < 32768 and os.write(cmd_w, setup) == len(setup):
-                        self._refill_soon()
+                        # A node start takes 100 ms or more of a core, which the claimed context's first runs
+                        # would share (measured: a warm 1 + 1 took 1.0 ms in the agent beside it, 0.5 without).
+                        self.refill_later(NODE_REFILL_DELAY)
                         return got
                 except OSError:
                     pass
@@ -328,22 +344,9 @@ class NodeSpares:
             self.refill()
             raise
 
-    def _refill_soon(self) -> None:
-        """The replacement of a claimed spare starts a moment later: a node start takes 100 ms or more of
-        a core, which the claimed context's first runs would otherwise share (measured: a warm 1 + 1 in
-        a JavaScript context took 1.0 ms in the agent beside a starting spare, 0.5 ms without)."""
-        if self._timer is None and not self.closed:
-            self._timer = self.agent.loop.call_later(NODE_REFILL_DELAY, self._refill_later)
-
-    def _refill_later(self) -> None:
-        self._timer = None
-        self.refill()
-
     def close(self) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.cancel_refill()
         for task in self.tasks:
             task.cancel()
         while self.spares:
