@@ -103,6 +103,13 @@ class Server:
             await asyncio.sleep(0.05)
         raise RuntimeError("the server did not become ready")
 
+    async def settle(self) -> None:
+        """Before a clock starts behind sessions just opened: the warm pool refilled (a container start, its
+        agent, zygote and spares each, about 0.3 s of CPU: the session-start rows' cost, not a request's)
+        and the new zygotes up."""
+        await self.wait_ready(120)
+        await asyncio.sleep(1.0)
+
     def usage(self) -> tuple[float, int]:
         """(CPU seconds, peak RSS bytes) of the server process."""
         assert self.proc is not None
@@ -401,10 +408,7 @@ async def concurrent(table: Table, sessions: int, per_session: int, label: str =
         errors = [o for o in opened if isinstance(o, BaseException)]
         connect_all = time.perf_counter() - t0
         await asyncio.gather(*(c.request({"type": "run_code", "code": "1 + 1"}) for c in clients))
-        # The clock starts on a full warm pool again: its refill (a container start each) is the
-        # session-start rows' cost, not a request's.
-        await srv.wait_ready(120)
-        await asyncio.sleep(1.0)
+        await srv.settle()
         assert srv.proc is not None
         procs = Processes(srv.proc.pid, srv.env["GROUNDLOOP_NAMESPACE"])
         before = await asyncio.to_thread(procs.take)
