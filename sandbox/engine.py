@@ -108,6 +108,7 @@ class Engine:
         self._ready: deque[Sandbox] = deque()
         self._starting = 0  # all starts in progress (for status)
         self._warming = 0  # starts in progress for the pool (cold starts for a caller do not count)
+        self._removing = 0  # sandboxes being removed (their containers still use the machine)
         self._live: set[Sandbox] = set()
         self._need = asyncio.Event()
         self._refill_task: asyncio.Task | None = None
@@ -166,7 +167,7 @@ class Engine:
         }
 
     def counts(self) -> dict[str, int]:
-        counts = {"warm": len(self._ready), "starting": self._starting, "in_use": 0}
+        counts = {"warm": len(self._ready), "starting": self._starting, "in_use": 0, "removing": self._removing}
         for sb in self._live:
             if sb.state == State.READY and sb not in self._ready:
                 counts["in_use"] += 1
@@ -210,9 +211,12 @@ class Engine:
 
     async def _discard(self, sb: Sandbox) -> None:
         self._live.discard(sb)
+        self._removing += 1
+        self._changed()
         try:
             await sb.close()
         finally:
+            self._removing -= 1
             self._changed()
 
     async def _start_one(self, warm: bool, workspace: str | None = None) -> Sandbox:

@@ -103,7 +103,7 @@ LANGUAGE_LABELS = ("python", "javascript", "typescript", "bash", "shell")
 # "unavailable": no sandbox could be had; "internal": a server bug ended the request.
 OUTCOME_LABELS = ("ok", "error", "timeout", "cancelled", "lost", "unavailable", "internal")
 SOURCE_LABELS = ("pool", "cold")
-STATE_LABELS = ("warm", "starting", "in_use")
+STATE_LABELS = ("warm", "starting", "in_use", "removing")
 DIRECTION_LABELS = ("input", "output")
 EGRESS_VERDICT_LABELS = ("allowed", "refused", "failed")  # sandbox/egress.py EgressRecord.verdict
 EGRESS_DIRECTION_LABELS = ("out", "in")  # out: sandbox to remote
@@ -206,7 +206,10 @@ class Metrics(EngineHooks):
         self.connections = Gauge(p + "connections", "Open WebSocket connections", registry=r)
         self.sessions = Gauge(p + "sessions", "Live sessions, attached or waiting for resume", registry=r)
         self.sandboxes = Gauge(
-            p + "sandboxes", "Sandboxes of this server by state (warm, starting, in_use)", ["state"], registry=r
+            p + "sandboxes",
+            "Sandboxes of this server by state (warm, starting, in_use, removing)",
+            ["state"],
+            registry=r,
         )
         self.pool_size = Gauge(p + "sandbox_pool_size", "Configured warm pool size", registry=r)
         self.pool_free = Gauge(p + "sandbox_pool_free", "Warm sandboxes ready to hand out", registry=r)

@@ -368,3 +368,16 @@ async def test_agent_killed(engine):
         # PID 1 is the agent's own init; the agent is its child. Killing it ends the container.
         await asyncio.wait_for(sb.request("exec", {"command": "kill -9 $PPID; sleep 5"}), WAIT)
     await engine.release(sb)
+
+
+async def test_a_sandbox_being_removed_is_counted_until_its_container_is_gone(engine):
+    sb = await engine.acquire()
+    seen = []
+    release = asyncio.create_task(engine.release(sb))
+    while not release.done():
+        seen.append(engine.counts()["removing"])
+        await asyncio.sleep(0)
+    await release
+    assert 1 in seen  # counted while the container was being removed
+    assert engine.counts()["removing"] == 0
+    assert engine.status()["states"]["removing"] == 0

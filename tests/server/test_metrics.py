@@ -40,7 +40,7 @@ def busy_metrics() -> Metrics:
     m.sandbox_acquired("pool", 0.00004)
     m.sandbox_acquired("cold", 0.8)
     m.sandbox_started(0.7)
-    m.sandboxes_changed({"warm": 1, "starting": 1, "in_use": 2})
+    m.sandboxes_changed({"warm": 1, "starting": 1, "in_use": 2, "removing": 1})
     m.containers_reaped(3)
     m.execution_done("run_code", "python", "ok", 0.0009)
     m.execution_done("exec", None, "error", 0.02, truncated=True)
