@@ -231,6 +231,14 @@ def reap(root: str, namespace: str, keep_instance: str, alive: Callable[[str], b
                 continue
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             n += 1
+    # The lock files of killed instances that left no directory: asking removes a dead one's file.
+    try:
+        locks = os.listdir(os.path.join(root, LOCKS))
+    except OSError:
+        locks = []
+    for name in locks:
+        if name.startswith(prefix) and name.count(".") == prefix.count(".") and name != mine.rstrip("."):
+            alive(name[len(prefix) :])
     return n
 
 

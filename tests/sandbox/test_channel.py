@@ -248,6 +248,28 @@ def test_a_server_running_beside_us_keeps_its_directories(tmp_path):
     assert os.listdir(os.path.join(root, ".instances")) == []
 
 
+def test_the_sweep_removes_the_lock_file_of_a_killed_server_that_left_no_directory(tmp_path):
+    root = str(tmp_path)
+    mine = rundir.InstanceLock(root, NAMESPACE, "aaaa")
+    mine.acquire()
+    running = rundir.InstanceLock(root, NAMESPACE, "bbbb")
+    running.acquire()
+    other_ns = rundir.InstanceLock(root, NAMESPACE + "-x", "cccc")
+    other_ns.acquire()
+    for killed in (rundir.InstanceLock(root, NAMESPACE, "dddd"), rundir.InstanceLock(root, NAMESPACE + "-x", "eeee")):
+        killed.acquire()
+        os.close(killed.fd)  # killed: the lock goes with the process, the file stays
+    assert rundir.reap(root, NAMESPACE, keep_instance="aaaa") == 0
+    assert sorted(os.listdir(os.path.join(root, ".instances"))) == [
+        f"{NAMESPACE}-x.cccc",
+        f"{NAMESPACE}-x.eeee",  # another namespace's: its own servers' sweep
+        f"{NAMESPACE}.aaaa",
+        f"{NAMESPACE}.bbbb",
+    ]
+    for lock in (mine, running, other_ns):
+        lock.release()
+
+
 @pytest.mark.docker
 async def test_a_second_server_in_the_namespace_leaves_the_first_ones_sandboxes(tmp_path):
     """Its start-up sweep used to remove every container and directory of the namespace but its own, so a
