@@ -22,7 +22,7 @@ from .common import (
 )
 from .contexts import Context, Run
 from .files import FileOps
-from .pipes import READ_CHUNK, Pipe, Target, finish_pipes, spawn
+from .pipes import READ_CHUNK, Reader, Target, finish_pipes, spawn
 from .procs import Cancel, Process, exit_code_of, kill_tree
 from .terminals import Terminal, TerminalOps
 from .transfer import TransferOps
@@ -39,7 +39,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         self.loop = asyncio.get_running_loop()
         self.scratch = memoryview(bytearray(READ_CHUNK))
         self.out: Out = None  # type: ignore[assignment]
-        self.pipes: set[Pipe] = set()
+        self.pipes: set[Reader] = set()
         self.contexts: dict[str, Context] = {}
         self.processes: dict[str, Process] = {}
         self.terminals: dict[str, Terminal] = {}

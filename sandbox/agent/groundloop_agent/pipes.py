@@ -94,7 +94,38 @@ class Target:
             self.agent.out.send(self.frame(stream, keep))
 
 
-class Pipe:
+class Reader:
+    """An fd that the agent's loop reads while the output to the server is not paused: every reader is in
+    ``agent.pipes``, which ``Agent.pause_pipes``/``resume_pipes`` stop and start together."""
+
+    agent: Agent
+    fd: int
+    reading: bool
+
+    def more(self) -> bool:
+        """Whether there may be more to read (not at its end)."""
+        raise NotImplementedError
+
+    def read_some(self) -> bool:
+        """Read what is there; False when nothing more is there now."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if not self.reading and self.more():
+            self.agent.loop.add_reader(self.fd, self.on_readable)
+            self.reading = True
+
+    def stop(self) -> None:
+        if self.reading:
+            self.agent.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def on_readable(self) -> None:
+        with self.agent.out:
+            self.read_some()
+
+
+class Pipe(Reader):
     """One output pipe of a child: bytes in, decoded lines out to a target."""
 
     def __init__(self, agent: Agent, fd: int, stream: str, target: Target | None, line_max: int = LINE_MAX):
@@ -112,19 +143,8 @@ class Pipe:
         if not agent.out.paused:
             self.start()
 
-    def start(self) -> None:
-        if not self.reading and not self.eof.done():
-            self.agent.loop.add_reader(self.fd, self.on_readable)
-            self.reading = True
-
-    def stop(self) -> None:
-        if self.reading:
-            self.agent.loop.remove_reader(self.fd)
-            self.reading = False
-
-    def on_readable(self) -> None:
-        with self.agent.out:
-            self.read_some()
+    def more(self) -> bool:
+        return not self.eof.done()
 
     def read_some(self) -> bool:
         """Read what is there (up to READ_CHUNK bytes). Return False at EOF/empty."""

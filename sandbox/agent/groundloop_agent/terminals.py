@@ -38,6 +38,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from .common import INTERRUPT_GRACE, WORKDIR, RequestError, oom_first, shell_argv
+from .pipes import Reader
 from .procs import descendants
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def signal_session(sid: int, sig: int) -> None:
             pass
 
 
-class Terminal:
+class Terminal(Reader):
     """One program on a pty; registered in ``agent.pipes`` for flow control (``start``/``stop``)."""
 
     def __init__(self, agent: Agent, key: str, rid: str, argv: list[str], cwd: str, env: dict, cols: int, rows: int):
@@ -153,7 +154,7 @@ class Terminal:
         # A thread per terminal reaps it (as asyncio's ThreadedChildWatcher does): the agent's loop has no
         # child watcher of its own for a pid it forked, and waitpid(-1) would steal asyncio's children.
         threading.Thread(target=self._wait, name=f"terminal-{self.pid}", daemon=True).start()
-        agent.pipes.add(self)  # type: ignore[arg-type]
+        agent.pipes.add(self)
         if not agent.out.paused:
             self.start()
 
@@ -171,19 +172,8 @@ class Terminal:
 
     # ---- output
 
-    def start(self) -> None:
-        if not self.reading and not self.eof and self.fd >= 0:
-            self.agent.loop.add_reader(self.fd, self.on_readable)
-            self.reading = True
-
-    def stop(self) -> None:
-        if self.reading:
-            self.agent.loop.remove_reader(self.fd)
-            self.reading = False
-
-    def on_readable(self) -> None:
-        with self.agent.out:
-            self.read_some()
+    def more(self) -> bool:
+        return not self.eof and self.fd >= 0
 
     def read_some(self) -> bool:
         """One read of the master into a frame; False when nothing more is there now."""
@@ -306,7 +296,7 @@ class Terminal:
         if self.writing:
             self.agent.loop.remove_writer(self.fd)
             self.writing = False
-        self.agent.pipes.discard(self)  # type: ignore[arg-type]
+        self.agent.pipes.discard(self)
         os.close(self.fd)
         self.fd = -1
 
