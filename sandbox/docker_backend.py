@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import rundir
@@ -131,6 +131,26 @@ def hardening(settings: SandboxSettings, workspace: str | None = None) -> dict[s
         "runtime": settings.runtime or None,
         **extra,
     }
+
+
+async def _shielded(
+    fut: asyncio.Future[Any],
+    undo: Callable[[Any], Awaitable[None]],
+    failed: Callable[[], Awaitable[None]] | None = None,
+) -> Any:
+    """Await a thread's future. Cancelled, wait for the thread (it cannot be stopped) and undo what it
+    made: ``undo(result)``, or ``failed()`` when it raised; then the cancellation goes on."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        try:
+            got = await fut
+        except Exception:
+            if failed is not None:
+                await failed()
+        else:
+            await undo(got)
+        raise
 
 
 class DockerBackend:
@@ -383,62 +403,33 @@ class DockerBackend:
         return gate
 
     async def start(self, session_id: str, workspace: str | None = None) -> Sandbox:
+        # Each step that makes something (a directory, a socket, a gate, a container) is undone, in the
+        # reverse order, when a later one fails or the start is cancelled: nothing is left without an owner.
+        # A thread cannot be cancelled: when we are, we wait for it and undo what it made.
         prepared = asyncio.ensure_future(asyncio.to_thread(self.prepare_channel, self.egress_policy.enabled))
-        try:
-            rd, offer = await asyncio.shield(prepared)
-        except asyncio.CancelledError:  # the thread goes on: undo what it made
-            rd, offer = await prepared
-            if offer is not None:
-                offer.close()
-            if rd is not None:
-                await asyncio.to_thread(rd.remove)
-            raise
+        rd, offer = await _shielded(prepared, lambda got: self._undo(*got))
         try:
             gate = await self._egress_gate(rd)
         except BaseException:
-            if offer is not None:
-                offer.close()
-            if rd is not None:
-                await asyncio.to_thread(rd.remove)
+            await self._undo(rd, offer)
             raise
-
-        async def release() -> None:
-            if gate is not None:
-                await gate.close()
-
-        # The thread cannot be cancelled: if we are, wait for it and undo its work,
-        # so no container, socket or directory is left without an owner.
         work = asyncio.ensure_future(asyncio.to_thread(self._create, session_id, rd, offer, workspace))
-        try:
-            cid, sock, rd, offer = await asyncio.shield(work)
-        except asyncio.CancelledError:
-            try:
-                cid, sock, rd, offer = await work
-            except Exception:
-                await release()
-                raise asyncio.CancelledError from None
-            sock.close()
-            if offer is not None:
-                offer.close()
-            await asyncio.to_thread(self.remove, cid)
-            await release()
-            if rd is not None:
-                rd.remove()
-            raise
+        try:  # _create cleans up after itself when it fails: then only the gate is ours to close
+            cid, sock, rd, offer = await _shielded(
+                work,
+                lambda got: self._undo(got[2], got[3], gate, got[1], got[0]),
+                lambda: self._undo(gate=gate),
+            )
         except Exception as exc:
-            await release()
+            await self._undo(gate=gate)
             raise SandboxUnavailable(f"could not start a sandbox container: {exc}") from exc
-        if rd is not None:
-            self._rundirs[cid] = rd
         try:
             reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
         except BaseException:  # cancelled (or failed) between the container and its Sandbox: undo it all
-            sock.close()
-            if offer is not None:
-                offer.close()
-            await release()
-            await asyncio.shield(self._close_container(cid))
+            await asyncio.shield(self._undo(rd, offer, gate, sock, cid))
             raise
+        if rd is not None:
+            self._rundirs[cid] = rd
         sb = Sandbox(
             sandbox_id=cid,
             session_id=session_id,
@@ -460,6 +451,29 @@ class DockerBackend:
             sb.offer_socket(offer)
         await sb.handshake_or_close(self.settings.start_timeout_s)
         return sb
+
+    async def _undo(
+        self,
+        rd: rundir.RunDir | None = None,
+        offer: SocketOffer | None = None,
+        gate: EgressGate | None = None,
+        sock: socket.socket | None = None,
+        cid: str | None = None,
+    ) -> None:
+        """Undo a start that did not make a Sandbox: what it made so far, in the reverse order."""
+        if sock is not None:
+            sock.close()
+        if offer is not None:
+            offer.close()
+        if cid is not None:
+            try:
+                await asyncio.to_thread(self.remove, cid)
+            except Exception as exc:
+                log.warning("could not remove container %s: %s", cid[:12], exc)
+        if gate is not None:
+            await gate.close()
+        if rd is not None:
+            await asyncio.to_thread(rd.remove)
 
     async def _close_sandbox(self, sb: Sandbox) -> None:
         if sb.egress is not None:

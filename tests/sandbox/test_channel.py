@@ -308,3 +308,27 @@ async def test_an_engine_that_cannot_mount_the_directory_gets_the_attach_stream(
         monkeypatch.setattr(backend, "prepare_channel", real)
         assert backend.prepare_channel() == (None, None)
         assert not (tmp_path / "not-on-the-engine").exists()
+
+
+@pytest.mark.docker
+async def test_a_start_cancelled_at_any_point_leaves_nothing_behind(tmp_path):
+    """Every step of DockerBackend.start makes something (a run directory and its socket, a container, the
+    connection): a start cancelled before, during or after each leaves no container and no directory."""
+    async with backend_of(tmp_path) as backend:
+        await backend.reap_orphans()
+        run = tmp_path / "run"
+        for i, after in enumerate((0.0, 0.005, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)):
+            session = f"cancelled-{i}"
+            task = asyncio.create_task(backend.start(session))
+            await asyncio.sleep(after)
+            task.cancel()
+            try:
+                sb = await task
+            except asyncio.CancelledError:
+                pass
+            else:  # it was done before the cancel: then its close is the undo
+                await sb.close()
+            with contextlib.closing(docker.from_env()) as client:
+                left = client.api.containers(all=True, filters={"label": f"groundloop.session={session}"})
+            assert left == [], (after, left)
+            assert [n for n in os.listdir(run) if not n.startswith(".")] == [], after
