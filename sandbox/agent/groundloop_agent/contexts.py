@@ -178,7 +178,9 @@ class Context:
             except OSError:
                 written = len(data)  # the worker is gone: its end of the answer pipe says so
         if written < len(data):
-            fut = self.agent.loop.run_in_executor(None, _write_all, self.ctrl_w, data[written:])
+            # The thread writes to its own copy of the descriptor: a restart that closes ctrl_w mid-write
+            # cannot hand the number to the next worker's pipe and the cell's tail to that worker.
+            fut = self.agent.loop.run_in_executor(None, _write_all, os.dup(self.ctrl_w), data[written:])
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         if run.timeout:
             run.timer = self.agent.loop.call_later(run.timeout, self._stop, run, "Timeout")
@@ -435,11 +437,15 @@ class Context:
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """Write all of data to fd (non-blocking: a full pipe is waited out), then close fd (a dup: ours)."""
     view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            time.sleep(0.001)
-            continue
-        view = view[n:]
+    try:
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            view = view[n:]
+    finally:
+        os.close(fd)

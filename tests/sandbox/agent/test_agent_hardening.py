@@ -170,3 +170,24 @@ async def test_an_exception_of_any_size_ends_with_a_bounded_done(engine):
         assert len(done["error"]["message"]) < 100_000 and "more characters" in done["error"]["message"]
         assert len(done["error"]["traceback"]) < 100_000
         assert peak < 16 << 20, f"the server's peak grew by {peak >> 20} MiB"
+
+
+async def test_a_large_cell_cut_short_by_a_restart_never_reaches_the_next_worker(engine):
+    """A cell too big for the pipe is written by a thread. A restart mid-write closes the old worker's pipe,
+    and the new worker's pipe may get the same descriptor number: the old cell's tail must not land in it."""
+    big = "x = 0\n" + ("# " + "y" * 1000 + "\n") * 8000 + "'big'"  # 8 MB of comments
+    async with sandbox_of(engine) as sb:
+        for attempt, delay in enumerate((0.001, 0.003, 0.005, 0.01, 0.02, 0.03) * 2):
+            ctx = f"big-{attempt}"
+            assert (await call(sb, "create_context", language="python", context=ctx))[0]["ok"]
+            assert (await call(sb, "run_code", context=ctx, code="1 + 1"))[0]["ok"]
+            running = asyncio.ensure_future(sb.request("run_code", {"context": ctx, "code": big}, None))
+            await asyncio.sleep(delay)
+            restarted = (await call(sb, "restart_context", context=ctx))[0]
+            assert restarted["ok"], restarted
+            await running  # its done, whichever it is
+            for i in range(3):
+                done, ev = await call(sb, "run_code", context=ctx, code=f"{i} + 40")
+                assert done["ok"], json.dumps(done)
+                assert [r["data"]["text/plain"] for r in ev.results()] == [str(i + 40)]
+            await call(sb, "delete_context", context=ctx)
