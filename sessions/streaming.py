@@ -173,7 +173,11 @@ class AgentOps:
         """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
         session = self.session
         session.requests.unqueue(r)
-        if session.env and op in ENV_OPS:  # the request's own env wins over the session's
+        if session.env and op == "create_context":
+            # Apart, so the context knows which names are the session's: a later set_env that drops one
+            # drops it from this context's runs too (the agent's Context.run_env).
+            params = {**params, "session_env": dict(session.env)}
+        elif session.env and op in ENV_OPS:  # the request's own env wins over the session's
             params = {**params, "env": {**session.env, **(params.get("env") or {})}}
         rid = f"{r.req.type}-{next(self._rids)}"
         on_event = self.streamer(r, tags, tail)

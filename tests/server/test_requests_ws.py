@@ -208,6 +208,33 @@ async def test_session_env_reaches_everything_and_is_never_logged(srv, caplog):
     assert not [r for r in caplog.records if SECRET in r.getMessage()]
 
 
+async def test_a_name_the_session_drops_is_gone_from_contexts_created_before(srv):
+    """set_env replace: a context created while the session had a name loses it too (its runs, and what they
+    start, in every language); the context's own env from create_context stays, and so do restarts."""
+    async with session(srv) as c:
+        await call_ok(c, "set_env", env={"DROPPED": "old", "KEPT": "old", "OWN": "session"})
+        for language in ("python", "javascript", "bash"):
+            await call_ok(c, "create_context", language=language, context=f"early-{language}", env={"OWN": "mine"})
+        await call_ok(c, "set_env", env={"KEPT": "new"}, replace=True)
+        shell = 'echo "${DROPPED-gone} $KEPT $OWN"'
+        probes = {
+            "python": f"import subprocess\nprint(subprocess.run(['sh', '-c', {shell!r}], capture_output=True, text=True).stdout, end='')",
+            "javascript": f"console.log(require('child_process').execSync({shell!r}).toString().trim())",
+            "bash": shell,
+        }
+        for language, probe in probes.items():
+            for attempt in ("first", "again"):  # the run puts the context's environment back after it
+                out = WSClient.text(await c.request("run_code", context=f"early-{language}", code=probe))
+                assert out == "gone new mine\n", (language, attempt, out)
+        await call_ok(c, "restart_context", context="early-python")
+        out = WSClient.text(await c.request("run_code", context="early-python", code=probes["python"]))
+        assert out == "gone new mine\n", out
+        # set again, it is there again
+        await call_ok(c, "set_env", env={"DROPPED": "back"})
+        out = WSClient.text(await c.request("run_code", context="early-bash", code=shell))
+        assert out == "back new mine\n", out
+
+
 async def test_restart_context_clears_state(srv):
     async with session(srv) as c:
         await call_ok(c, "run_code", code="x = 1")

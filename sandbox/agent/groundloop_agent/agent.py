@@ -282,17 +282,27 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
             raise RequestError("LanguageMismatch", f"context {cid!r} runs {ctx.language}, not {req['language']}")
         return ctx
 
-    def make_context(self, cid, language, cwd, env) -> Context:
-        """Register a context and start its worker; runs submitted meanwhile wait in its queue."""
+    def make_context(self, cid, language, cwd, env, session_env=None) -> Context:
+        """Register a context and start its worker; runs submitted meanwhile wait in its queue.
+        ``session_env``: the session's environment at its creation, under ``env`` (the server's set_env)."""
         languages.check(language)
-        ctx = Context(self, cid, language, self.path(cwd) if cwd else WORKDIR, self.env_for(env))
+        ctx = Context(
+            self,
+            cid,
+            language,
+            self.path(cwd) if cwd else WORKDIR,
+            self.env_for({**(session_env or {}), **(env or {})}),
+        )
+        # The names the context has from the session's environment: a run without one of them (the session
+        # dropped it, set_env replace) does not see it either (Context.run_env).
+        ctx.session_names = frozenset(map(str, session_env or ())) - frozenset(map(str, env or ()))
         self.check_cwd(ctx.cwd)
         self.contexts[cid] = ctx
         ctx.first_start()
         return ctx
 
-    async def new_context(self, cid, language, cwd, env) -> Context:
-        ctx = self.make_context(cid, language, cwd, env)
+    async def new_context(self, cid, language, cwd, env, session_env=None) -> Context:
+        ctx = self.make_context(cid, language, cwd, env, session_env)
         if ctx.busy is not None:
             await asyncio.wait([ctx.busy])
         if ctx.closed is not None:
@@ -305,7 +315,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         cid = req.get("context") or self.next_id("ctx-")
         if cid in self.contexts:
             raise RequestError("ContextExists", f"context {cid!r} exists")
-        await self.new_context(cid, language, req.get("cwd"), req.get("env"))
+        await self.new_context(cid, language, req.get("cwd"), req.get("env"), req.get("session_env"))
         return {"context_id": cid}
 
     async def op_delete_context(self, req, target, cancel):

@@ -66,6 +66,7 @@ class Context:
         self.language = language
         self.cwd = cwd
         self.env = env
+        self.session_names: frozenset[str] = frozenset()  # names env has from the session's (make_context)
         self.proc: asyncio.subprocess.Process | None = None
         self.pipes: tuple[Pipe, Pipe] | None = None
         self.ctrl_w: int | None = None
@@ -168,7 +169,7 @@ class Context:
         run.n = self.runs
         for p in self.pipes:
             p.target = run.target
-        data = languages.cell(self.language, run.code, run.n, run.env)
+        data = languages.cell(self.language, run.code, run.n, self.run_env(run))
         written = 0
         if len(data) < 32768:
             try:
@@ -184,6 +185,16 @@ class Context:
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         if run.timeout:
             run.timer = self.agent.loop.call_later(run.timeout, self._stop, run, "Timeout")
+
+    def run_env(self, run: Run) -> dict | None:
+        """A run's environment: its own (the request's over the session's now), and None (unset for the
+        run) for each name this context had from the session's environment that the session dropped since."""
+        if not self.session_names:
+            return run.env
+        dropped = self.session_names.difference(run.env or ())
+        if not dropped:
+            return run.env
+        return {**dict.fromkeys(dropped), **(run.env or {})}
 
     def _end(self, run: Run) -> None:
         """The worker is done with ``run``: its output so far goes before its done."""

@@ -148,7 +148,11 @@ input.on("data", (chunk) => {
     queue = queue.then(async () => {
       // The run's own environment (the session's and the request's env), for this cell only.
       const saved = {};
-      for (const [k, v] of Object.entries(cmd.env || {})) { saved[k] = process.env[k]; process.env[k] = v; }
+      for (const [k, v] of Object.entries(cmd.env || {})) {
+        saved[k] = process.env[k];
+        if (v === null) delete process.env[k]; // a name the session dropped (contexts.py run_env)
+        else process.env[k] = v;
+      }
       let answer;
       try {
         answer = await run(cmd.code || "", cmd.n || 0);

@@ -325,11 +325,11 @@ def read_commands():
 
 
 def run_env(env):
-    """Set a run's own environment (``env`` of the command); returns what puts it back."""
+    """Set a run's own environment (``env`` of the command: a None value unsets); returns what puts it back."""
     if not env:
         return None
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    restore_env(env)
     return saved
 
 
