@@ -184,13 +184,17 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
     """The event as the server may use it, or FramingError: known events only, each field of the
     type the agent sends, a done's fields from a fixed list, an error's from name/message/traceback."""
     kind = ev.get("ev")
-    if kind in ("out", "result", "done", "watching", "fev", "progress", "chunk", "tout"):
+    if kind in ("out", "result", "clear", "done", "watching", "fev", "progress", "chunk", "tout"):
         _need(isinstance(ev.get("rid"), str), ev, "a string rid")
     if kind == "out":
         _lines(ev)
     elif kind == "result":
         _need(isinstance(ev.get("data"), dict), ev, "data as an object")
         _need(isinstance(ev.get("main", False), bool), ev, "main as a boolean")
+        _need(isinstance(ev.get("display_id", ""), str), ev, "display_id as a string")
+        _need(isinstance(ev.get("update", False), bool), ev, "update as a boolean")
+    elif kind == "clear":  # the code's clear_output()
+        _need(isinstance(ev.get("wait"), bool), ev, "wait as a boolean")
     elif kind == "done":
         _need(isinstance(ev.get("ok"), bool), ev, "ok as a boolean")
         done: dict[str, Any] = {"ev": "done", "rid": ev["rid"]}
@@ -226,8 +230,8 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
         _need(isinstance(data, str) and _BASE64.fullmatch(data) is not None, ev, "data in base64")
     elif kind != "hello":
         raise FramingError(
-            "expected an agent event (hello, out, result, done, pout, pexit, log, watching, fev, progress, chunk,"
-            f" tout), got {kind!r}"
+            "expected an agent event (hello, out, result, clear, done, pout, pexit, log, watching, fev, progress,"
+            f" chunk, tout), got {kind!r}"
         )
     return ev
 

@@ -87,7 +87,7 @@ REQUEST_TYPES = frozenset(SPECS)
 # Requests that run code or commands: audited, and counted in execution metrics.
 EXECUTIONS = frozenset({"run_code", "exec", "start_process", "assist"})
 # What ``ready.features`` lists besides the request types: capabilities a client checks before it sends.
-CAPABILITIES = ("run_code.env", "session_env", "done.execution_count", "error.kind", "strict_fields")
+CAPABILITIES = ("run_code.env", "session_env", "done.execution_count", "error.kind", "strict_fields", "display_updates")
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,9 +243,15 @@ class AgentOps:
             elif what == "tout":
                 await put(terminal_output_frame(rid, ev.get("data", "")))
             elif what == "result":
-                await put(
-                    {"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main")), **tags}
-                )
+                frame = {"type": "result", "id": rid, "data": ev.get("data", {}), "main": bool(ev.get("main"))}
+                display_id = ev.get("display_id")
+                if isinstance(display_id, str) and display_id:
+                    frame["display_id"] = display_id
+                    if ev.get("update"):
+                        frame["update"] = True
+                await put({**frame, **tags})
+            elif what == "clear":
+                await put({"type": "clear_output", "id": rid, "wait": bool(ev.get("wait")), **tags})
             else:
                 for frame in frames_of(ev, rid):
                     await put(frame)

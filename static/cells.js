@@ -14,9 +14,14 @@ import { el, endOfLastFence, formatMs, highlight, renderBundle, renderMarkdown }
 
 export function makeCells({ append, scrollSoon, cancel }) {
   /** A stream area: consecutive lines of one stream share a span; results break it. */
+  // The shown results of each display id (docs/protocol.md section 12), across the session's requests: an update
+  // replaces them. Nodes a clear removed are dropped at the next update of their id.
+  const displays = new Map();
+
   class Stream {
-    constructor(parent) { this.parent = parent; this.pre = null; this.last = null; this.lines = 0; }
+    constructor(parent) { this.parent = parent; this.pre = null; this.last = null; this.lines = 0; this.pendingClear = false; }
     write(stream, text) {
+      if (this.pendingClear) this.clearNow();
       if (!this.pre || this.pre !== this.parent.lastElementChild) {
         this.pre = this.parent.appendChild(el("pre", { class: "stream" }));
         this.last = null;
@@ -29,9 +34,35 @@ export function makeCells({ append, scrollSoon, cancel }) {
       this.lines += 1;
       scrollSoon();
     }
-    result(data, main) {
-      this.parent.append(renderBundle(data, main));
+    result(data, main, displayId, update) {
+      if (update && displayId) {  // replaces the display's results wherever shown; none shown: nothing new
+        const shown = [...(displays.get(displayId) || [])].filter((node) => node.isConnected);
+        const fresh = shown.map((node) => {
+          const box = renderBundle(data, main);
+          box.dataset.displayId = displayId;
+          node.replaceWith(box);
+          return box;
+        });
+        if (fresh.length) displays.set(displayId, fresh); else displays.delete(displayId);
+        return;
+      }
+      if (this.pendingClear) this.clearNow();
+      const box = renderBundle(data, main);
+      if (displayId) {
+        box.dataset.displayId = displayId;
+        displays.set(displayId, [...(displays.get(displayId) || []), box]);
+      }
+      this.parent.append(box);
       scrollSoon();
+    }
+    /** clear_output: now, or (wait) when this request's next output comes. */
+    clear(wait) {
+      if (wait) this.pendingClear = true; else this.clearNow();
+    }
+    clearNow() {
+      this.parent.replaceChildren();
+      this.pre = this.last = null;
+      this.pendingClear = false;
     }
   }
 
@@ -73,7 +104,8 @@ export function makeCells({ append, scrollSoon, cancel }) {
     attach(id) { this.id = id; this.node.dataset.requestId = id; }
     onFrame(f) {
       if (f.type === "stdout" || f.type === "stderr") this.stream.write(f.type, f.text);
-      else if (f.type === "result") this.stream.result(f.data || {}, f.main);
+      else if (f.type === "result") this.stream.result(f.data || {}, f.main, f.display_id, f.update);
+      else if (f.type === "clear_output") this.stream.clear(f.wait);
       else if (f.type === "error") {
         // An error frame for this request: its done usually repeats the message, shown once.
         this.shownErrors = (this.shownErrors || new Set()).add(f.message);
@@ -174,7 +206,10 @@ export function makeCells({ append, scrollSoon, cancel }) {
           this.panel(f).stream.write(f.type, f.text);
           break;
         case "result":
-          this.panel(f).stream.result(f.data || {}, f.main);
+          this.panel(f).stream.result(f.data || {}, f.main, f.display_id, f.update);
+          break;
+        case "clear_output":
+          this.panel(f).stream.clear(f.wait);
           break;
         case "attempt": {
           const p = this.panel({ iteration: f.iteration });

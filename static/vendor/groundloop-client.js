@@ -711,18 +711,47 @@ export class Session extends EventTarget {
         return h.elapsedMs ?? 0;
     }
     collect(type, params, cb) {
+        // Folded as a notebook shows them: an update replaces the results of its display id, clear_output drops
+        // what came before it (with `wait`: when the next output comes). Every frame reaches the callbacks.
         const output = { stdout: "", stderr: "" };
-        const results = [];
+        let results = [];
+        let pendingClear = false;
+        const clear = () => {
+            output.stdout = output.stderr = "";
+            results = [];
+            pendingClear = false;
+        };
         const handle = this.request(type, params, {
             signal: cb.signal,
             onFrame: (f) => {
-                if (f.type === "stdout" || f.type === "stderr") {
+                if (f.type === "clear_output") {
+                    if (f.wait)
+                        pendingClear = true;
+                    else
+                        clear();
+                }
+                else if (f.type === "stdout" || f.type === "stderr") {
+                    if (pendingClear)
+                        clear();
                     output[f.type] += f.text;
                     (f.type === "stdout" ? cb.onStdout : cb.onStderr)?.(f.text, f);
                 }
                 else if (f.type === "result") {
                     const r = { data: f.data ?? {}, main: !!f.main };
-                    results.push(r);
+                    if (f.display_id)
+                        r.displayId = f.display_id;
+                    if (f.display_id && f.update) {
+                        r.update = true;
+                        if (results.some((x) => x.displayId === f.display_id))
+                            results = results.map((x) => (x.displayId === f.display_id ? r : x));
+                        else
+                            results.push(r); // a display of an earlier request
+                    }
+                    else {
+                        if (pendingClear)
+                            clear();
+                        results.push(r);
+                    }
                     cb.onResult?.(r, f);
                 }
                 cb.onFrame?.(f);

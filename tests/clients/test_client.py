@@ -88,6 +88,29 @@ async def test_run_code_streams_and_returns_a_typed_execution(server):
         assert slow.error is not None and slow.error.name == "Timeout"
 
 
+async def test_displays_fold_as_a_notebook_shows_them(server):
+    """An update replaces its display's result in place; clear_output drops the output and results before it
+    (with wait: once the next output comes). The callbacks get every result."""
+    seen: list[Result] = []
+    async with connect(server.url, "tok1") as s:
+        run = await s.run_code(
+            "from IPython.display import display, update_display, clear_output\n"
+            "print('gone')\ndisplay('old')\nclear_output()\n"
+            "print('kept')\ndisplay('one', display_id='d1')\ndisplay('other')\nupdate_display('two', display_id='d1')\n"
+            "clear_output(wait=True)",  # nothing comes after it: nothing is cleared
+            on_result=seen.append,
+        )
+        assert run.ok, run.error
+        assert run.stdout == "kept\n" and run.output == "kept\n"
+        assert [(r.text, r.display_id, r.update) for r in run.results] == [
+            ("'two'", "d1", True),
+            ("'other'", None, False),
+        ]
+        assert [r.text for r in seen] == ["'old'", "'one'", "'other'", "'two'"]
+        later = await s.run_code("update_display('three', display_id='d1')")
+        assert [(r.text, r.display_id, r.update) for r in later.results] == [("'three'", "d1", True)]
+
+
 async def test_frames_by_async_iteration(server):
     async with connect(server.url, "tok1") as s:
         req = await s.request("run_code", code="print('a')\nprint('b')\n7")

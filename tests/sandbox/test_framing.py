@@ -60,6 +60,22 @@ def test_decode_rejects_non_objects(line):
         framing.decode(line)
 
 
+def test_display_results_and_clear_events():
+    for ev in (
+        {"ev": "result", "rid": "r", "data": {"text/plain": "1"}, "main": False, "display_id": "p", "update": True},
+        {"ev": "clear", "rid": "r", "wait": True},
+    ):
+        assert framing.check_event(dict(ev)) == ev
+    for bad in (
+        {"ev": "result", "rid": "r", "data": {}, "display_id": 5},
+        {"ev": "result", "rid": "r", "data": {}, "display_id": "p", "update": "yes"},
+        {"ev": "clear", "rid": "r"},
+        {"ev": "clear", "wait": False},
+    ):
+        with pytest.raises(framing.FramingError):
+            framing.check_event(bad)
+
+
 def test_terminal_output_events_carry_base64_only():
     ev = {"ev": "tout", "rid": "open_terminal-1", "data": "aGkNCv8="}
     assert framing.check_event(dict(ev)) == ev

@@ -123,6 +123,56 @@ async def test_two_displays_and_a_value_are_three_results_in_order(client):
     assert value["data"] == {"text/plain": "42"} and value["main"] is True
 
 
+async def test_displays_with_an_id_are_updated_and_clear_output_is_a_frame(client):
+    frames = await client.request(
+        "run_code",
+        code=(
+            "from IPython.display import display, update_display, clear_output\n"
+            "print('before')\n"
+            "display('step 1', display_id='progress')\n"
+            "update_display('step 2', display_id='progress')\n"
+            "handle = display('made', display_id=True)\n"
+            "handle.update('changed')\n"
+            "clear_output()\n"
+            "print('cleared')\n"
+            "clear_output(wait=True)\n"
+            "print('last')\n"
+        ),
+    )
+    assert frames[-1]["ok"], frames[-1]
+    shown = [
+        (
+            f["type"],
+            f.get("text") or (f.get("data") or {}).get("text/plain"),
+            f.get("display_id"),
+            f.get("update"),
+            f.get("wait"),
+        )
+        for f in frames
+        if f["type"] in ("stdout", "result", "clear_output")
+    ]
+    made = shown[3][2]
+    assert isinstance(made, str) and len(made) >= 8  # the id IPython made (display_id=True)
+    assert shown == [
+        ("stdout", "before\n", None, None, None),
+        ("result", "'step 1'", "progress", None, None),
+        ("result", "'step 2'", "progress", True, None),
+        ("result", "'made'", made, None, None),
+        ("result", "'changed'", made, True, None),
+        ("clear_output", None, None, None, False),
+        ("stdout", "cleared\n", None, None, None),
+        ("clear_output", None, None, None, True),
+        ("stdout", "last\n", None, None, None),
+    ]
+    # A later request updates a display of an earlier one: the frame says which.
+    frames = await client.request("run_code", code="update_display('step 3', display_id='progress')")
+    assert frames[-1]["ok"], frames[-1]
+    (update,) = results(frames)
+    assert (
+        update["display_id"] == "progress" and update["update"] is True and update["data"]["text/plain"] == "'step 3'"
+    )
+
+
 async def test_an_indented_cell_runs(client):
     frames = await client.request(
         "run_code", code="    total = 0\n    for i in range(4):\n        total += i\n    total\n"

@@ -68,7 +68,14 @@ async def test_ready_lists_the_features(srv):
         features = c.ready["features"]
         for kind in ("run_code", "restart_context", "close_session", "set_env", "cancel"):
             assert kind in features
-        for capability in ("run_code.env", "session_env", "done.execution_count", "error.kind", "strict_fields"):
+        for capability in (
+            "run_code.env",
+            "session_env",
+            "done.execution_count",
+            "error.kind",
+            "strict_fields",
+            "display_updates",
+        ):
             assert capability in features
         assert {"python", "javascript", "bash"} <= languages(c)
 

@@ -67,7 +67,14 @@ def test_languages():
 def test_features_list_requests_capabilities_and_the_sandbox_languages():
     listed = features(["python", "bash"])
     assert set(REQUEST_TYPES) <= set(listed)
-    assert {"run_code.env", "session_env", "done.execution_count", "error.kind", "strict_fields"} <= set(listed)
+    assert {
+        "run_code.env",
+        "session_env",
+        "done.execution_count",
+        "error.kind",
+        "strict_fields",
+        "display_updates",
+    } <= set(listed)
     assert [f for f in listed if f.startswith("language:")] == ["language:python", "language:bash"]
     assert "language:typescript" in features(None)  # a sandbox that did not say: every language
 

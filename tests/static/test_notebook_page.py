@@ -59,3 +59,35 @@ async def test_a_figure_a_dataframe_markdown_and_latex(server):
         await expect(table.locator("th").filter(has_text="city")).to_have_count(1)
         await expect(table.locator("td").filter(has_text="Oslo")).to_have_count(1)
         assert page.js_errors == []
+
+
+async def test_a_display_updated_from_a_later_cell_and_clear_output(server):
+    """An update replaces the display where it is shown, also in an earlier cell; clear_output empties the cell's
+    output (with wait=True: when the next output comes, so the cell never shows empty in between)."""
+    async with chromium() as browser, open_page(browser, server) as page:
+        await set_code(page, "print('before')\ndisplay('step 1', display_id='progress')\n'value'")
+        await page.get_by_test_id("run").click()
+        first = await cell(page)
+        assert await wait_cell_state(first, "ok", "error") == "ok"
+        shown = first.locator('.result[data-display-id="progress"]')
+        await expect(shown).to_contain_text("'step 1'")
+
+        await set_code(
+            page,
+            "from IPython.display import update_display, clear_output\n"
+            "update_display('step 2', display_id='progress')\n"
+            "print('gone')\n"
+            "clear_output()\n"
+            "print('shown')\n"
+            "clear_output(wait=True)\n"
+            "print('last')\n",
+        )
+        await page.get_by_test_id("run").click()
+        second = await cell(page)
+        assert await wait_cell_state(second, "ok", "error") == "ok"
+        await expect(shown).to_contain_text("'step 2'")  # replaced in the first cell, in place
+        assert await first.locator(".result").count() == 2  # the display and the value: no new result
+        await expect(first.locator(".stream")).to_have_text("before\n")
+        await expect(second.locator(".stream")).to_have_text("last\n")  # 'gone' and 'shown' cleared
+        assert await second.locator(".result").count() == 0  # an update of another cell's display adds nothing
+        assert page.js_errors == []

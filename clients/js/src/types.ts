@@ -68,6 +68,19 @@ export interface ResultFrame extends Base {
   id: RequestId;
   data: MimeBundle;
   main: boolean;
+  /** A display that later results may replace (docs/protocol.md section 12). */
+  display_id?: string;
+  /** This result replaces the ones shown for `display_id`. */
+  update?: boolean;
+  iteration?: number;
+  block?: number;
+}
+
+/** The code called `clear_output()`: what the request showed so far is to go (with `wait`: at its next output). */
+export interface ClearOutputFrame extends Base {
+  type: "clear_output";
+  id: RequestId;
+  wait: boolean;
   iteration?: number;
   block?: number;
 }
@@ -169,6 +182,7 @@ export type ServerFrame =
   | ReadyFrame
   | OutputFrame
   | ResultFrame
+  | ClearOutputFrame
   | DoneFrame
   | ErrorFrame
   | PongFrame
@@ -181,7 +195,7 @@ export type ServerFrame =
   | DrainingFrame;
 
 /** The frames a request receives, its terminal `done` last. */
-export type RequestFrame = OutputFrame | ResultFrame | DoneFrame | ErrorFrame | PongFrame | ExitFrame | TokenFrame | CodeFrame | AttemptFrame;
+export type RequestFrame = OutputFrame | ResultFrame | ClearOutputFrame | DoneFrame | ErrorFrame | PongFrame | ExitFrame | TokenFrame | CodeFrame | AttemptFrame;
 
 export type Language = "python" | "javascript" | "typescript" | "bash";
 
@@ -282,6 +296,10 @@ export interface Result {
   data: MimeBundle;
   /** The value of the last expression (Jupyter's Out) rather than a display call. */
   main: boolean;
+  /** The display's id, when the code gave it one. */
+  displayId?: string;
+  /** An update of an earlier request's display (`displayId`); a display of this request is replaced in place. */
+  update?: boolean;
 }
 
 /** What a `run_code` gave. Failure of the code is data here (`ok`, `error`), not an exception. */

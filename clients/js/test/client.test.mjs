@@ -44,6 +44,26 @@ describe("against a real server", { skip }, () => {
     assert.equal(s.stats.seqJumps, 0);
   });
 
+  test("displays: an update replaces its display in results, clear_output drops what came before", async () => {
+    const frames = [];
+    const ex = await s.runCode(
+      "from IPython.display import display, update_display, clear_output\n" +
+        "print('gone')\ndisplay('old', display_id='d1')\nclear_output()\nprint('kept')\n" +
+        "display('one', display_id='d2')\nupdate_display('two', display_id='d2')\n" +
+        "clear_output(wait=True)\ndisplay('last')",
+      { onFrame: (f) => frames.push(f.type) },
+    );
+    assert.equal(ex.ok, true);
+    assert.deepEqual(ex.output, { stdout: "", stderr: "" }); // cleared when 'last' came
+    assert.deepEqual(ex.results, [{ data: { "text/plain": "'last'" }, main: false }]);
+    assert.deepEqual(frames.filter((t) => t === "clear_output").length, 2);
+    const again = await s.runCode("display('a', display_id='d3')\nupdate_display('b', display_id='d3')\nupdate_display('x', display_id='d2')");
+    assert.deepEqual(again.results, [
+      { data: { "text/plain": "'b'" }, main: false, displayId: "d3", update: true },
+      { data: { "text/plain": "'x'" }, main: false, displayId: "d2", update: true },
+    ]);
+  });
+
   test("runCode failure is data: error name, message, traceback", async () => {
     const ex = await s.runCode("def f(x):\n    return 1 / x\nprint('before')\nf(0)\n");
     assert.equal(ex.ok, false);

@@ -50,6 +50,16 @@ class ResultFrame(TypedDict):
     id: str
     data: dict[str, str]
     main: bool
+    display_id: NotRequired[str]
+    update: NotRequired[bool]
+    iteration: NotRequired[int]
+
+
+class ClearOutputFrame(TypedDict):
+    seq: int
+    type: Literal["clear_output"]
+    id: str
+    wait: bool
     iteration: NotRequired[int]
 
 
@@ -138,6 +148,7 @@ Frame = (
     | StdoutFrame
     | StderrFrame
     | ResultFrame
+    | ClearOutputFrame
     | DoneFrame
     | ErrorFrame
     | PongFrame
@@ -152,6 +163,7 @@ Frame = (
 
 __all__ = [
     "AttemptFrame",
+    "ClearOutputFrame",
     "CodeFrame",
     "DoneFrame",
     "ErrorFrame",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +35,21 @@ class Error:
 
 @dataclass(frozen=True)
 class Result:
-    """One rich result: a MIME bundle (``image/png`` is base64). ``main`` marks the last expression's value."""
+    """One rich result: a MIME bundle (``image/png`` is base64). ``main`` marks the last expression's value;
+    ``display_id`` a display that later results may replace (``update``: this one replaces an earlier one)."""
 
     data: dict[str, str]
     main: bool = False
+    display_id: str | None = None
+    update: bool = False
+
+    @classmethod
+    def of(cls, frame: Mapping[str, Any]) -> Result:
+        """The result of a ``result`` frame."""
+        display_id = frame.get("display_id") or None
+        return cls(
+            dict(frame.get("data") or {}), bool(frame.get("main")), display_id, bool(display_id and frame.get("update"))
+        )
 
     @property
     def text(self) -> str | None:
@@ -50,24 +62,46 @@ class Result:
 
 
 class _Fold:
-    """Accumulates a request's output frames as they arrive (the caller may not be iterating)."""
+    """Accumulates a request's output frames as they arrive (the caller may not be iterating), as a notebook
+    shows them: an update replaces the results of its display id, ``clear_output`` drops what came before."""
 
-    __slots__ = ("stdout", "stderr", "output", "results")
+    __slots__ = ("stdout", "stderr", "output", "results", "pending_clear")
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
         self.stdout = io.StringIO()
         self.stderr = io.StringIO()
         self.output = io.StringIO()
         self.results: list[Result] = []
+        self.pending_clear = False
 
     def add(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
-        if kind == "stdout" or kind == "stderr":
+        if kind == "clear_output":
+            if frame.get("wait"):
+                self.pending_clear = True
+            else:
+                self.clear()
+            return
+        if kind not in ("stdout", "stderr", "result"):
+            return
+        result = Result.of(frame) if kind == "result" else None
+        if result is not None and result.update:
+            if any(r.display_id == result.display_id for r in self.results):
+                self.results = [result if r.display_id == result.display_id else r for r in self.results]
+            else:  # a display of an earlier request: kept here, marked as the update it is
+                self.results.append(result)
+            return
+        if self.pending_clear:
+            self.clear()
+        if result is not None:
+            self.results.append(result)
+        else:
             text = frame.get("text") or ""
             (self.stdout if kind == "stdout" else self.stderr).write(text)
             self.output.write(text)
-        elif kind == "result":
-            self.results.append(Result(dict(frame.get("data") or {}), bool(frame.get("main"))))
 
 
 @dataclass(frozen=True)

@@ -436,7 +436,7 @@ class Session:
             elif frame["type"] == "stderr" and on_stderr is not None:
                 cb, arg = on_stderr, frame["text"]
             elif frame["type"] == "result" and on_result is not None:
-                cb, arg = on_result, R.Result(dict(frame["data"]), bool(frame.get("main")))
+                cb, arg = on_result, R.Result.of(frame)
             if cb is not None:
                 out = cb(arg)
                 if asyncio.iscoroutine(out) or isinstance(out, asyncio.Future):

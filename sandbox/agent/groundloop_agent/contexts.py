@@ -261,9 +261,14 @@ class Context:
                 continue
             run = self.current
             self._flush_output()  # output written before a result/done goes first
-            if ev.get("t") == "result":
-                if run is not None:
-                    run.target.emit_result(ev.get("data"), ev.get("main", False))
+            kind = ev.get("t")
+            if kind == "result" or kind == "clear":
+                if run is not None and kind == "result":
+                    run.target.emit_result(
+                        ev.get("data"), ev.get("main", False), ev.get("display_id"), ev.get("update")
+                    )
+                elif run is not None:
+                    run.target.emit_clear(bool(ev.get("wait")))
                 if ev.get("ack") and self.ctrl_w is not None:
                     # The worker waits for this before it goes on: what it prints next is read after the result.
                     try:

@@ -111,10 +111,10 @@ def _make_shell():
         """display() and friends: each call is a result frame, at once (so it comes while the cell runs)."""
 
         def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
-            send_bundle(data, False)
+            send_bundle(data, False, (transient or {}).get("display_id"), update)
 
         def clear_output(self, wait=False):
-            pass  # no wire message for it: earlier results stay
+            _send_display({"t": "clear", "wait": bool(wait)})
 
     class Hook(DisplayHook):
         """The value of a cell IPython runs itself (``%run -i``, ``%%time``'s cell...): a result, no prompt."""
@@ -247,10 +247,16 @@ def _format(value) -> dict | None:
     return plain(data) if data else None
 
 
-def send_bundle(data, main: bool) -> None:
+def send_bundle(data, main: bool, display_id=None, update: bool = False) -> None:
+    """A result; with ``display_id``, a display that a later one with ``update`` replaces."""
     data = plain(data)
     if data:
-        _send_display({"t": "result", "data": data, "main": main})
+        msg = {"t": "result", "data": data, "main": main}
+        if isinstance(display_id, str) and display_id:
+            msg["display_id"] = display_id
+            if update:
+                msg["update"] = True
+        _send_display(msg)
 
 
 def plain(data) -> dict:
@@ -285,7 +291,8 @@ def display(*objs, include=None, exclude=None, metadata=None, transient=None, di
             **kwargs,
         )
     for obj in objs:
-        send_bundle(obj if raw and isinstance(obj, dict) else fallback_bundle(obj), False)
+        bundle = obj if raw and isinstance(obj, dict) else fallback_bundle(obj)
+        send_bundle(bundle, False, display_id, bool(kwargs.get("update")))
     return None
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 READ_CHUNK = 256 * 1024
+DISPLAY_ID_MAX = 256  # characters of a display's id that the server gets (IPython's are 32)
 LINES = re.compile(r"[^\n]*\n")
 JSON_SPECIAL = bytes(c for c in range(0x20) if c != 0x0A) + b'"\\'  # bytes JSON must escape, but newline
 
@@ -55,17 +56,31 @@ class Target:
             return {"ev": "out", "rid": self.rid, "s": stream, "lines": lines}
         return {"ev": "pout", "proc": self.proc, "s": stream, "lines": lines}
 
-    def emit_result(self, data, main: bool) -> None:
-        """Send a MIME bundle of a run; its frame counts against the output cap like lines do."""
+    def emit_result(self, data, main: bool, display_id=None, update=False) -> None:
+        """Send a MIME bundle of a run (with ``display_id``: a display, which one with ``update`` replaces);
+        its frame counts against the output cap like lines do."""
         if self.truncated:
             return
+        ev = {"ev": "result", "rid": self.rid, "data": data, "main": bool(main)}
+        if isinstance(display_id, str) and display_id:
+            ev["display_id"] = display_id[:DISPLAY_ID_MAX]
+            if update:
+                ev["update"] = True
         try:
-            frame = Out.encode({"ev": "result", "rid": self.rid, "data": data, "main": bool(main)})
+            frame = Out.encode(ev)
         except (TypeError, ValueError, RecursionError):
             # Not strict JSON (a NaN from a worker, a value nested past any parser's depth): the text forms
             # alone, rather than a frame the server refuses (which would lose the whole sandbox).
-            text = {k: v for k, v in (data or {}).items() if isinstance(v, str)} if isinstance(data, dict) else {}
-            frame = Out.encode({"ev": "result", "rid": self.rid, "data": text, "main": bool(main)})
+            ev["data"] = {k: v for k, v in (data or {}).items() if isinstance(v, str)} if isinstance(data, dict) else {}
+            frame = Out.encode(ev)
+        self.send_counted(frame)
+
+    def emit_clear(self, wait: bool) -> None:
+        """The run's ``clear_output(wait)``: what it showed so far is to be cleared (at its next output)."""
+        if not self.truncated:
+            self.send_counted(Out.encode({"ev": "clear", "rid": self.rid, "wait": wait}))
+
+    def send_counted(self, frame: bytes) -> None:
         if self.sent + len(frame) > self.cap:
             self.truncated = True
             return
