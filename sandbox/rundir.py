@@ -33,6 +33,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("groundloop.sandbox")
@@ -146,7 +147,7 @@ class InstanceLock:
             return
         make_root(os.path.dirname(os.path.dirname(self.path)))
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)  # kept: never removed, so no race
-        for _ in range(3):
+        for _ in range(10):
             fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -157,6 +158,10 @@ class InstanceLock:
                     return
             except FileNotFoundError:
                 pass
+            except BlockingIOError:
+                # Held: another server's sweep is looking at the file we just made (it takes the lock to tell
+                # a dead instance, then unlinks the file). The id is ours alone: look again.
+                time.sleep(0.01)
             except OSError:
                 os.close(fd)
                 raise

@@ -332,3 +332,34 @@ async def test_a_start_cancelled_at_any_point_leaves_nothing_behind(tmp_path):
                 left = client.api.containers(all=True, filters={"label": f"groundloop.session={session}"})
             assert left == [], (after, left)
             assert [n for n in os.listdir(run) if not n.startswith(".")] == [], after
+
+
+def test_a_lock_file_a_sweep_holds_for_a_moment_is_taken_once_it_lets_go(tmp_path):
+    """Another server's start-up sweep takes the lock of a file it finds unlocked (to tell a dead instance) and
+    unlinks it: a server that made that file a moment before must get its lock, not give up."""
+    import fcntl
+    import threading
+    import time
+
+    root = str(tmp_path)
+    rundir.make_root(root)
+    os.makedirs(os.path.join(root, ".instances"), mode=0o700)
+    path = os.path.join(root, ".instances", f"{NAMESPACE}.aaaa")
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def sweep_lets_go():
+        time.sleep(0.05)
+        os.unlink(path)
+        os.close(fd)
+
+    sweep = threading.Thread(target=sweep_lets_go)
+    sweep.start()
+    lock = rundir.InstanceLock(root, NAMESPACE, "aaaa")
+    try:
+        lock.acquire()
+        sweep.join()
+        assert rundir.instance_alive(root, NAMESPACE, "aaaa")  # held, on the file the path names now
+    finally:
+        sweep.join()
+        lock.release()
