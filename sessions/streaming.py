@@ -173,12 +173,13 @@ class AgentOps:
         """Submit one agent op for ``r`` to ``sb``; the future gets the agent's done."""
         session = self.session
         session.requests.unqueue(r)
-        if session.env and op == "create_context":
-            # Apart, so the context knows which names are the session's: a later set_env that drops one
-            # drops it from this context's runs too (the agent's Context.run_env).
-            params = {**params, "session_env": dict(session.env)}
-        elif session.env and op in ENV_OPS:  # the request's own env wins over the session's
-            params = {**params, "env": {**session.env, **(params.get("env") or {})}}
+        if session.env and op in ENV_OPS:  # the request's own env wins over the session's
+            own = params.get("env") or {}
+            params = {**params, "env": {**session.env, **own}}
+            if op == "create_context":
+                # Which of the context's names are the session's: a later set_env that drops one drops it from
+                # this context too (the agent's Context.run_env). An agent that does not know the field merges.
+                params["session_names"] = sorted(set(session.env) - set(own))
         rid = f"{r.req.type}-{next(self._rids)}"
         on_event = self.streamer(r, tags, tail)
         r.t_sent = time.perf_counter()

@@ -282,27 +282,22 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
             raise RequestError("LanguageMismatch", f"context {cid!r} runs {ctx.language}, not {req['language']}")
         return ctx
 
-    def make_context(self, cid, language, cwd, env, session_env=None) -> Context:
+    def make_context(self, cid, language, cwd, env, session_names=None) -> Context:
         """Register a context and start its worker; runs submitted meanwhile wait in its queue.
-        ``session_env``: the session's environment at its creation, under ``env`` (the server's set_env)."""
+        ``session_names``: the names of ``env`` that are the session's (set_env), not the request's own."""
         languages.check(language)
-        ctx = Context(
-            self,
-            cid,
-            language,
-            self.path(cwd) if cwd else WORKDIR,
-            self.env_for({**(session_env or {}), **(env or {})}),
-        )
-        # The names the context has from the session's environment: a run without one of them (the session
-        # dropped it, set_env replace) does not see it either (Context.run_env).
-        ctx.session_names = frozenset(map(str, session_env or ())) - frozenset(map(str, env or ()))
+        ctx = Context(self, cid, language, self.path(cwd) if cwd else WORKDIR, self.env_for(env))
+        # A run without one of these names (the session dropped it: set_env replace) removes it from the
+        # context for good (Context.run_env).
+        if isinstance(session_names, list):
+            ctx.session_names = frozenset(str(k) for k in session_names if str(k) in ctx.env)
         self.check_cwd(ctx.cwd)
         self.contexts[cid] = ctx
         ctx.first_start()
         return ctx
 
-    async def new_context(self, cid, language, cwd, env, session_env=None) -> Context:
-        ctx = self.make_context(cid, language, cwd, env, session_env)
+    async def new_context(self, cid, language, cwd, env, session_names=None) -> Context:
+        ctx = self.make_context(cid, language, cwd, env, session_names)
         if ctx.busy is not None:
             await asyncio.wait([ctx.busy])
         if ctx.closed is not None:
@@ -315,7 +310,7 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         cid = req.get("context") or self.next_id("ctx-")
         if cid in self.contexts:
             raise RequestError("ContextExists", f"context {cid!r} exists")
-        await self.new_context(cid, language, req.get("cwd"), req.get("env"), req.get("session_env"))
+        await self.new_context(cid, language, req.get("cwd"), req.get("env"), req.get("session_names"))
         return {"context_id": cid}
 
     async def op_delete_context(self, req, target, cancel):

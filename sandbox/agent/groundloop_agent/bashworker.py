@@ -10,7 +10,7 @@ state lives on.
 Framing, agent -> worker, on GROUNDLOOP_CMD_FD: NUL-terminated fields (bash reads
 them with ``read -d ''``, and no bash string can hold a NUL, so none is ever
 ambiguous): the cell number, the count of environment pairs, each name and value
-(a name after ``=``, with an empty value: unset for the cell), then the code. Worker -> agent, on GROUNDLOOP_RES_FD: one JSON line per cell,
+(a name after ``=``, with an empty value: unset, and not put back after the cell), then the code. Worker -> agent, on GROUNDLOOP_RES_FD: one JSON line per cell,
 ``{"t":"done","ok":true,"exit_code":N}``: a failing command is the cell's exit
 status, not an error of the request (like ``exec``).
 
@@ -36,11 +36,13 @@ while :; do
   for ((__gl_i = 0; __gl_i < __gl_count; __gl_i++)); do
     IFS= read -r -d '' -u "$__gl_cmd" __gl_k || break 2
     IFS= read -r -d '' -u "$__gl_cmd" __gl_v || break 2
-    __gl_unset=
-    [[ $__gl_k == =* ]] && __gl_k=${__gl_k:1} __gl_unset=1  # "=NAME": unset for the cell (see cell())
+    if [[ $__gl_k == =* ]]; then  # "=NAME": unset for good, not put back (see cell())
+      unset "${__gl_k:1}"
+      continue
+    fi
     __gl_keys+=("$__gl_k")
     __gl_prev+=("$(declare -p "$__gl_k" 2>/dev/null)")
-    if [[ -n $__gl_unset ]]; then unset "$__gl_k"; else export "$__gl_k=$__gl_v"; fi
+    export "$__gl_k=$__gl_v"
   done
   IFS= read -r -d '' -u "$__gl_cmd" __gl_code || break
   printf '%s\n' "$__gl_code" >"$__gl_file"
@@ -66,7 +68,7 @@ def cell(code: str, n: int, env: dict | None) -> bytes:
     """The frame of one cell (see the module's docstring). NULs were refused before (``check``)."""
     fields = [str(n), str(len(env or {}))]
     for k, v in (env or {}).items():
-        fields += [k, v] if v is not None else ["=" + k, ""]  # None: unset for the cell
+        fields += [k, v] if v is not None else ["=" + k, ""]  # None: unset for good
     fields.append(code)
     return "\0".join(fields).encode("utf-8", "surrogateescape") + b"\0"
 

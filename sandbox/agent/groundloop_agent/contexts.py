@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,7 @@ class Context:
         self.cwd = cwd
         self.env = env
         self.session_names: frozenset[str] = frozenset()  # names env has from the session's (make_context)
+        self.writes_stop = threading.Event()
         self.proc: asyncio.subprocess.Process | None = None
         self.pipes: tuple[Pipe, Pipe] | None = None
         self.ctrl_w: int | None = None
@@ -94,6 +96,7 @@ class Context:
 
     def _attach(self, got) -> None:
         self.proc, self.pipes, self.ctrl_w, self.ctrl_r = got
+        self.writes_stop = threading.Event()  # this worker's: set when it is stopped
         # Non-blocking: the acknowledgements of results (notebook.py) must never block the agent, whatever a
         # cell writes on the answer pipe.
         os.set_blocking(self.ctrl_w, False)
@@ -180,20 +183,31 @@ class Context:
                 written = len(data)  # the worker is gone: its end of the answer pipe says so
         if written < len(data):
             # The thread writes to its own copy of the descriptor: a restart that closes ctrl_w mid-write
-            # cannot hand the number to the next worker's pipe and the cell's tail to that worker.
-            fut = self.agent.loop.run_in_executor(None, _write_all, os.dup(self.ctrl_w), data[written:])
+            # cannot hand the number to the next worker's pipe and the cell's tail to that worker. It stops
+            # when the worker is stopped (a process the cell started may hold the pipe's other end: no EPIPE).
+            try:
+                fd = os.dup(self.ctrl_w)
+            except OSError:  # out of descriptors: the worker, with part of the cell, is ended (WorkerDied)
+                if self.proc is not None:
+                    kill_tree(self.proc.pid, signal.SIGKILL)
+                return
+            fut = self.agent.loop.run_in_executor(None, _write_all, fd, data[written:], self.writes_stop)
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         if run.timeout:
             run.timer = self.agent.loop.call_later(run.timeout, self._stop, run, "Timeout")
 
     def run_env(self, run: Run) -> dict | None:
-        """A run's environment: its own (the request's over the session's now), and None (unset for the
-        run) for each name this context had from the session's environment that the session dropped since."""
+        """A run's environment: its own (the request's over the session's now), and None for each name this
+        context had from the session's environment that the session has dropped since: the worker unsets it
+        for good, and a restart no longer starts with it."""
         if not self.session_names:
             return run.env
         dropped = self.session_names.difference(run.env or ())
         if not dropped:
             return run.env
+        self.session_names -= dropped
+        for name in dropped:
+            self.env.pop(name, None)
         return {**dict.fromkeys(dropped), **(run.env or {})}
 
     def _end(self, run: Run) -> None:
@@ -382,6 +396,7 @@ class Context:
     # ---- life cycle
 
     def stop(self) -> None:
+        self.writes_stop.set()  # a cell's write to this worker, if one is still going (_write_all)
         if self.proc is not None and self.proc.returncode is None:
             kill_tree(self.proc.pid, signal.SIGKILL)
         for attr in ("ctrl_w", "ctrl_r"):
@@ -452,15 +467,16 @@ class Context:
         }
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of data to fd (non-blocking: a full pipe is waited out), then close fd (a dup: ours)."""
+def _write_all(fd: int, data: bytes, stop: threading.Event) -> None:
+    """Write all of data to fd (non-blocking: a full pipe is waited out) until ``stop``, then close fd (a dup:
+    ours)."""
     view = memoryview(data)
     try:
-        while view:
+        while view and not stop.is_set():
             try:
                 n = os.write(fd, view)
             except BlockingIOError:
-                time.sleep(0.001)
+                stop.wait(0.001)
                 continue
             view = view[n:]
     finally:

@@ -149,9 +149,9 @@ input.on("data", (chunk) => {
       // The run's own environment (the session's and the request's env), for this cell only.
       const saved = {};
       for (const [k, v] of Object.entries(cmd.env || {})) {
+        if (v === null) { delete process.env[k]; continue; } // the session dropped it: gone for good (contexts.py run_env)
         saved[k] = process.env[k];
-        if (v === null) delete process.env[k]; // a name the session dropped (contexts.py run_env)
-        else process.env[k] = v;
+        process.env[k] = v;
       }
       let answer;
       try {

@@ -325,10 +325,11 @@ def read_commands():
 
 
 def run_env(env):
-    """Set a run's own environment (``env`` of the command: a None value unsets); returns what puts it back."""
+    """Set a run's own environment (``env`` of the command); returns what puts it back. A None value unsets
+    the name for good (the session dropped it): it is not put back."""
     if not env:
         return None
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k, v in env.items() if v is not None}
     restore_env(env)
     return saved
 
