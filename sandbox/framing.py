@@ -167,6 +167,7 @@ _ERROR_FIELDS = ("name", "message", "traceback")
 _ERROR_KINDS = ("user", "request")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _STREAMS = ("stdout", "stderr")
+DISPLAY_ID_MAX = 256  # the agent's cut (groundloop_agent/pipes.py): a longer one is not from our agent
 
 
 def _need(ok: bool, ev: dict[str, Any], what: str) -> None:
@@ -191,7 +192,8 @@ def check_event(ev: dict[str, Any]) -> dict[str, Any]:
     elif kind == "result":
         _need(isinstance(ev.get("data"), dict), ev, "data as an object")
         _need(isinstance(ev.get("main", False), bool), ev, "main as a boolean")
-        _need(isinstance(ev.get("display_id", ""), str), ev, "display_id as a string")
+        display_id = ev.get("display_id", "")
+        _need(isinstance(display_id, str) and len(display_id) <= DISPLAY_ID_MAX, ev, "display_id as a short string")
         _need(isinstance(ev.get("update", False), bool), ev, "update as a boolean")
     elif kind == "clear":  # the code's clear_output()
         _need(isinstance(ev.get("wait"), bool), ev, "wait as a boolean")

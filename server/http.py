@@ -176,24 +176,48 @@ async def run_once(gl: Any, sb: Sandbox, code: str, language: str) -> dict[str, 
     out: list[str] = []
     size = 0
     results: list[dict[str, Any]] = []
+    ids: list[str | None] = []  # the display id of each result
     dropped: list[int] = []  # sizes of the results over the cap
+    pending_clear = False
+
+    # What a notebook would show at the end (docs/protocol.md section 12): an update replaces its display, a
+    # clear_output drops what came before it. The cap counts everything received.
+    def clear() -> None:
+        nonlocal pending_clear
+        out.clear()
+        results.clear()
+        ids.clear()
+        pending_clear = False
 
     async def on_event(ev: dict[str, Any]) -> None:
-        nonlocal size
-        if ev.get("ev") == "out":
+        nonlocal size, pending_clear
+        what = ev.get("ev")
+        if what == "clear":
+            if ev.get("wait"):
+                pending_clear = True
+            else:
+                clear()
+            return
+        update = what == "result" and bool(ev.get("display_id")) and bool(ev.get("update"))
+        if pending_clear and what in ("out", "result") and not update:
+            clear()
+        if what == "out":
             for line in ev.get("lines", ()):
                 if size < OUTPUT_MAX:
                     out.append(line)
                     size += len(line)
-        elif ev.get("ev") == "result":
+        elif what == "result":
             # Results count against the same cap as output: the agent caps them too, but what it sends is
             # not trusted (under runsc the code can write to the agent's stream), and results are cached.
             data = ev.get("data") or {}
             cost = len(orjson.dumps(data))
-            if size + cost <= OUTPUT_MAX:
-                results.append(data)
-            else:
+            if size + cost > OUTPUT_MAX:
                 dropped.append(cost)
+            elif update:  # a display of this run, replaced (this context is new: there is no other)
+                results[:] = [data if i == ev["display_id"] else r for r, i in zip(results, ids, strict=True)]
+            else:
+                results.append(data)
+                ids.append(ev.get("display_id"))
             size += cost
 
     deadline = s.exec_timeout_s + 10

@@ -63,6 +63,10 @@ export function makeCells({ append, scrollSoon, cancel }) {
       this.parent.replaceChildren();
       this.pre = this.last = null;
       this.pendingClear = false;
+      for (const [id, nodes] of displays) {  // forget the displays the clear took
+        const kept = nodes.filter((node) => node.isConnected);
+        if (kept.length) displays.set(id, kept); else displays.delete(id);
+      }
     }
   }
 

@@ -103,7 +103,7 @@ async def test_displays_fold_as_a_notebook_shows_them(server):
         assert run.ok, run.error
         assert run.stdout == "kept\n" and run.output == "kept\n"
         assert [(r.text, r.display_id, r.update) for r in run.results] == [
-            ("'two'", "d1", True),
+            ("'two'", "d1", False),
             ("'other'", None, False),
         ]
         assert [r.text for r in seen] == ["'old'", "'one'", "'other'", "'two'"]

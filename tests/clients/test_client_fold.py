@@ -29,10 +29,24 @@ def test_an_update_replaces_every_result_of_its_display_id_in_place():
         result("d", display_id="x", update=True),
     )
     assert [(r.text, r.display_id, r.update) for r in f.results] == [
-        ("d", "x", True),
+        ("d", "x", False),
         ("b", None, False),
-        ("d", "x", True),
+        ("d", "x", False),
     ]
+
+
+def test_an_update_of_a_display_this_request_cleared_shows_nothing():
+    f = fold(
+        result("a", display_id="x"),
+        {"type": "clear_output", "id": "r1", "wait": False},
+        result("b", display_id="x", update=True),
+    )
+    assert f.results == []
+
+
+def test_in_assist_a_clear_is_its_blocks_and_the_fold_keeps_everything():
+    f = fold(out("first try\n"), {"type": "clear_output", "id": "r1", "wait": False, "iteration": 2}, out("second\n"))
+    assert f.output.getvalue() == "first try\nsecond\n"
 
 
 def test_an_update_of_an_earlier_requests_display_is_kept_and_marked():

@@ -68,6 +68,7 @@ def test_display_results_and_clear_events():
         assert framing.check_event(dict(ev)) == ev
     for bad in (
         {"ev": "result", "rid": "r", "data": {}, "display_id": 5},
+        {"ev": "result", "rid": "r", "data": {}, "display_id": "x" * 257},
         {"ev": "result", "rid": "r", "data": {}, "display_id": "p", "update": "yes"},
         {"ev": "clear", "rid": "r"},
         {"ev": "clear", "wait": False},

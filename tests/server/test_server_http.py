@@ -45,6 +45,20 @@ async def test_validate_code(server):
             await h.post("/v1/validate-code", json={"code": "console.log(2)", "language": "javascript"}, headers=AUTH)
         ).json()
         assert js["ok"] and js["output"] == "2\n"
+        # what a notebook would show at the end: the display updated, what came before a clear gone
+        shown = (
+            await h.post(
+                "/v1/validate-code",
+                json={
+                    "code": "from IPython.display import display, update_display, clear_output\n"
+                    "print('gone')\nclear_output()\nprint('kept')\n"
+                    "display('a', display_id='p')\nupdate_display('b', display_id='p')"
+                },
+                headers=AUTH,
+            )
+        ).json()
+        assert shown["ok"] and shown["output"] == "kept\n", shown
+        assert [r["text/plain"] for r in shown["results"]] == ["'b'"], shown
 
 
 async def test_validate_code_never_sees_a_users_state(server):

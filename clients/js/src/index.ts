@@ -735,9 +735,11 @@ export class Session extends EventTarget {
   private collect(type: string, params: Record<string, unknown>, cb: OutputCallbacks & { onFrame?: (f: RequestFrame) => void }) {
     // Folded as a notebook shows them: an update replaces the results of its display id, clear_output drops
     // what came before it (with `wait`: when the next output comes). Every frame reaches the callbacks.
+    // (In assist a clear is its block's: the fold keeps every block's output.)
     const output = { stdout: "", stderr: "" };
     let results: Result[] = [];
     let pendingClear = false;
+    const shown = new Set<string>(); // the display ids this request showed, cleared ones too
     const clear = () => {
       output.stdout = output.stderr = "";
       results = [];
@@ -747,7 +749,9 @@ export class Session extends EventTarget {
       signal: cb.signal,
       onFrame: (f) => {
         if (f.type === "clear_output") {
-          if (f.wait) pendingClear = true;
+          if (f.iteration !== undefined) {
+            // assist: see above
+          } else if (f.wait) pendingClear = true;
           else clear();
         } else if (f.type === "stdout" || f.type === "stderr") {
           if (pendingClear) clear();
@@ -757,11 +761,16 @@ export class Session extends EventTarget {
           const r: Result = { data: f.data ?? {}, main: !!f.main };
           if (f.display_id) r.displayId = f.display_id;
           if (f.display_id && f.update) {
-            r.update = true;
-            if (results.some((x) => x.displayId === f.display_id)) results = results.map((x) => (x.displayId === f.display_id ? r : x));
-            else results.push(r); // a display of an earlier request
+            if (shown.has(f.display_id)) {
+              // this request's display: replaced in place (or nothing, when a clear took it)
+              results = results.map((x) => (x.displayId === f.display_id ? r : x));
+            } else {
+              r.update = true; // a display of an earlier request
+              results.push(r);
+            }
           } else {
             if (pendingClear) clear();
+            if (f.display_id) shown.add(f.display_id);
             results.push(r);
           }
           cb.onResult?.(r, f);

@@ -298,7 +298,8 @@ export interface Result {
   main: boolean;
   /** The display's id, when the code gave it one. */
   displayId?: string;
-  /** An update of an earlier request's display (`displayId`); a display of this request is replaced in place. */
+  /** An update of an earlier request's display (`displayId`); an update of this request's own display replaces
+   * it in place, unmarked. */
   update?: boolean;
 }
 

@@ -59,7 +59,7 @@ describe("against a real server", { skip }, () => {
     assert.deepEqual(frames.filter((t) => t === "clear_output").length, 2);
     const again = await s.runCode("display('a', display_id='d3')\nupdate_display('b', display_id='d3')\nupdate_display('x', display_id='d2')");
     assert.deepEqual(again.results, [
-      { data: { "text/plain": "'b'" }, main: false, displayId: "d3", update: true },
+      { data: { "text/plain": "'b'" }, main: false, displayId: "d3" },
       { data: { "text/plain": "'x'" }, main: false, displayId: "d2", update: true },
     ]);
   });

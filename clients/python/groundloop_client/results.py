@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,9 +66,10 @@ class _Fold:
     """Accumulates a request's output frames as they arrive (the caller may not be iterating), as a notebook
     shows them: an update replaces the results of its display id, ``clear_output`` drops what came before."""
 
-    __slots__ = ("stdout", "stderr", "output", "results", "pending_clear")
+    __slots__ = ("stdout", "stderr", "output", "results", "pending_clear", "shown")
 
     def __init__(self) -> None:
+        self.shown: set[str] = set()  # the display ids this request showed (cleared ones too)
         self.clear()
 
     def clear(self) -> None:
@@ -80,6 +82,8 @@ class _Fold:
     def add(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "clear_output":
+            if "iteration" in frame:
+                return  # assist: a clear is its block's; the fold keeps every block's output
             if frame.get("wait"):
                 self.pending_clear = True
             else:
@@ -89,14 +93,18 @@ class _Fold:
             return
         result = Result.of(frame) if kind == "result" else None
         if result is not None and result.update:
-            if any(r.display_id == result.display_id for r in self.results):
-                self.results = [result if r.display_id == result.display_id else r for r in self.results]
-            else:  # a display of an earlier request: kept here, marked as the update it is
+            display_id = result.display_id
+            if display_id not in self.shown:  # a display of an earlier request: kept, marked as an update
                 self.results.append(result)
+            else:  # this request's: replaced in place (or nothing, when a clear took it)
+                same = dataclasses.replace(result, update=False)
+                self.results = [same if r.display_id == display_id else r for r in self.results]
             return
         if self.pending_clear:
             self.clear()
         if result is not None:
+            if result.display_id is not None:
+                self.shown.add(result.display_id)
             self.results.append(result)
         else:
             text = frame.get("text") or ""
