@@ -125,11 +125,19 @@ class Served:
         is full, then for the new sandboxes' zygotes and spares. A hostile program's row measures that
         program: a pool refill or a closed session's removal beside it (under runsc about 1.5 s and 0.25 s
         of CPU, on 2 cores) is measured in a row of its own."""
-        while True:
-            counts = self.engine.counts()
-            if (counts["in_use"], counts["starting"], counts["removing"]) == (sessions, 0, 0) and self.engine.pool_full:
-                break
-            await asyncio.sleep(0.02)
+
+        async def quiet() -> None:
+            while True:
+                counts = self.engine.counts()
+                if (counts["in_use"], counts["starting"], counts["removing"]) == (
+                    sessions,
+                    0,
+                    0,
+                ) and self.engine.pool_full:
+                    return
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(quiet(), WAIT)  # a refill that keeps failing ends the bench, not hangs it
         await asyncio.sleep(1.0)
 
 

@@ -143,13 +143,18 @@ async def _shielded(
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        try:
-            got = await fut
-        except Exception:
-            if failed is not None:
-                await failed()
-        else:
-            await undo(got)
+
+        async def then_undo() -> None:
+            try:
+                got = await fut
+            except Exception:
+                if failed is not None:
+                    await failed()
+            else:
+                await undo(got)
+
+        # Shielded too: a second cancel (a shutdown after a client went away) stops our wait, not the undo.
+        await asyncio.shield(then_undo())
         raise
 
 
