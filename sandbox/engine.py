@@ -36,6 +36,7 @@ class EngineHooks:
 
 
 SERVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
+CLOSE_REMOVALS_S = 30.0  # how long close waits for removals in flight (a runsc removal takes ~0.2 s)
 
 
 def new_session_id(server_id: str = "") -> str:
@@ -142,7 +143,16 @@ class Engine:
         live = list(self._live)
         self._ready.clear()
         await asyncio.gather(*(sb.close() for sb in live), return_exceptions=True)
+        # Removals that sessions started (a release, a replace) finish before the backend closes under them.
+        try:
+            await asyncio.wait_for(self._removed(), CLOSE_REMOVALS_S)
+        except TimeoutError:
+            log.warning("%d sandbox removals still running at close", self._removing)
         await self.backend.close()
+
+    async def _removed(self) -> None:
+        while self._removing:
+            await self._change.wait()
 
     async def ready(self) -> bool:
         """Open, and the backend answers: a sandbox can be started. A short pool is not

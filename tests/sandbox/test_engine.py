@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 
 import pytest
 import pytest_asyncio
@@ -381,3 +382,22 @@ async def test_a_sandbox_being_removed_is_counted_until_its_container_is_gone(en
     assert 1 in seen  # counted while the container was being removed
     assert engine.counts()["removing"] == 0
     assert engine.status()["states"]["removing"] == 0
+
+
+async def test_close_waits_for_a_removal_in_flight():
+    """A session's release still removing its container when the server shuts down: close waits for it, so the
+    backend is not closed under it and no container is left."""
+    settings = sandbox_settings(pool_size=0)
+    eng = Engine(DockerBackend(settings), settings)
+    await eng.start()
+    sb = await eng.acquire()
+    release = asyncio.create_task(eng.release(sb))
+    while eng.counts()["removing"] == 0:
+        await asyncio.sleep(0)
+    await eng.close()
+    assert eng.counts()["removing"] == 0
+    assert release.done() and release.exception() is None
+    import docker
+
+    with contextlib.closing(docker.from_env()) as client:
+        assert client.api.containers(all=True, filters={"id": [sb.id]}) == []
