@@ -1,8 +1,9 @@
 """A real workload: HumanEval's 164 canonical solutions checked against their tests.
 
 A grounded loop checks each attempt in a clean interpreter, so every problem
-runs in a fresh context: ``create_context``, ``run_code``, ``delete_context``
-over a real WebSocket session of a real ``groundloop serve``. The same
+runs in a fresh context over a real WebSocket session of a real ``groundloop
+serve``: one row per way of asking for one (``create_context``, ``run_code``,
+``delete_context``; or one ``run_code`` with ``fresh: true``). The same
 programs also run through ``docker exec python3`` in one warm container, and
 as one local ``python3`` process per problem (no isolation at all), so the
 rows say what the sandbox costs on this workload and what it saves.
@@ -72,22 +73,27 @@ class Session:
         await self.client.close()
 
 
-async def _session_worker(session: Session, todo: list[tuple[str, str]], failed: list[str]) -> None:
+async def _session_worker(session: Session, todo: list[tuple[str, str]], failed: list[str], fresh: bool) -> None:
     deletions = []
     while todo:
         task_id, code = todo.pop()
-        made = await session.request({"type": "create_context", "language": "python"})
-        ctx = made["context_id"]
-        done = await session.request({"type": "run_code", "code": code, "context": ctx, "timeout_s": 60})
+        if fresh:  # one request: a context of its own, deleted by the agent when the run ends
+            done = await session.request({"type": "run_code", "code": code, "fresh": True, "timeout_s": 60})
+        else:
+            made = await session.request({"type": "create_context", "language": "python"})
+            ctx = made["context_id"]
+            done = await session.request({"type": "run_code", "code": code, "context": ctx, "timeout_s": 60})
+            deletions.append(await session.send({"type": "delete_context", "context": ctx}))
         if not done.get("ok"):
             failed.append(f"{task_id}: {done.get('error')}")
-        deletions.append(await session.send({"type": "delete_context", "context": ctx}))
     for done in await asyncio.wait_for(asyncio.gather(*deletions), 120):
         if not done.get("ok"):
             failed.append(f"delete_context: {done.get('error')}")
 
 
-async def groundloop_rate(srv: Server, progs: list[tuple[str, str]], sessions: int) -> tuple[float, list[str]]:
+async def groundloop_rate(
+    srv: Server, progs: list[tuple[str, str]], sessions: int, fresh: bool
+) -> tuple[float, list[str]]:
     todo = list(reversed(progs))
     failed: list[str] = []
     # The sessions are open before the clock starts, and the pool refilled behind them: a session
@@ -96,7 +102,7 @@ async def groundloop_rate(srv: Server, progs: list[tuple[str, str]], sessions: i
     await srv.settle()
     try:
         t0 = time.perf_counter()
-        await asyncio.gather(*(_session_worker(s, todo, failed) for s in opened))
+        await asyncio.gather(*(_session_worker(s, todo, failed, fresh) for s in opened))
         return len(progs) / (time.perf_counter() - t0), failed
     finally:
         for s in opened:
@@ -149,11 +155,12 @@ async def run(table: Table, smoke: bool = False) -> None:
     n = len(progs)
     for suffix, image in images():
         async with Server(pool_size=4, GROUNDLOOP_SANDBOX_IMAGE=image) as srv:
-            for sessions in (1, 4):
-                rate, failed = await groundloop_rate(srv, progs, sessions)
-                goal = ">= 150/s (15x docker exec, 5x local)" if sessions == 4 and not suffix else ""
-                what = f"humaneval: groundloop, fresh context each, {sessions} session(s)" + suffix
-                _row(table, what, rate, n, failed, goal)
+            for fresh, how in ((False, "create/run/delete context"), (True, "run_code fresh")):
+                for sessions in (1, 4):
+                    rate, failed = await groundloop_rate(srv, progs, sessions, fresh)
+                    goal = ">= 150/s (15x docker exec, 5x local)" if sessions == 4 and fresh and not suffix else ""
+                    what = f"humaneval: groundloop, {how} each, {sessions} session(s)" + suffix
+                    _row(table, what, rate, n, failed, goal)
     rate, failed = await asyncio.to_thread(docker_exec_rate, progs)
     _row(table, "humaneval: docker exec python3, one warm container", rate, n, failed)
     rate, failed = await asyncio.to_thread(local_rate, progs)

@@ -41,6 +41,7 @@ SPECS: dict[str, dict[str, tuple[str, bool]]] = {
         "context": (_STR, False),
         "timeout_s": (_NUM, False),
         "env": (_ENV, False),
+        "fresh": (_BOOL, False),
     },
     "exec": {"command": (_STR, True), "cwd": (_STR, False), "env": (_ENV, False), "timeout_s": (_NUM, False)},
     "create_context": {"language": (_STR, False), "cwd": (_STR, False), "env": (_ENV, False), "context": (_STR, False)},
@@ -87,7 +88,15 @@ REQUEST_TYPES = frozenset(SPECS)
 # Requests that run code or commands: audited, and counted in execution metrics.
 EXECUTIONS = frozenset({"run_code", "exec", "start_process", "assist"})
 # What ``ready.features`` lists besides the request types: capabilities a client checks before it sends.
-CAPABILITIES = ("run_code.env", "session_env", "done.execution_count", "error.kind", "strict_fields", "display_updates")
+CAPABILITIES = (
+    "run_code.env",
+    "session_env",
+    "done.execution_count",
+    "error.kind",
+    "strict_fields",
+    "display_updates",
+    "run_code.fresh",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +210,8 @@ def parse_request(data: bytes | str, max_bytes: int | None = None) -> Request:
         raise ProtocolError(f"unknown encoding {shown(enc)} (utf-8 or base64)", id=rid)
     if kind == "assist" and params.get("max_iterations", 1) < 1:
         raise ProtocolError("max_iterations must be at least 1", id=rid)
+    if params.get("fresh") and "context" in params:
+        raise ProtocolError("`fresh` runs in a new context of its own: it takes no `context`", id=rid)
     return Request(kind, rid, params)
 
 

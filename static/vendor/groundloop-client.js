@@ -781,8 +781,8 @@ export class Session extends EventTarget {
     }
     /** Run code in a persistent context (default: the session's context of the language). */
     async runCode(code, opts = {}) {
-        const { language, context, timeoutS, env, ...cb } = opts;
-        const ex = await this.collect("run_code", { code, language, context, timeout_s: timeoutS, env }, cb);
+        const { language, context, timeoutS, env, fresh, ...cb } = opts;
+        const ex = await this.collect("run_code", { code, language, context, timeout_s: timeoutS, env, fresh: fresh || undefined }, cb);
         return { ...ex, context: ex.done.context };
     }
     /** Run a shell command (`/bin/sh -c`). */

@@ -111,6 +111,14 @@ async def test_displays_fold_as_a_notebook_shows_them(server):
         assert [(r.text, r.display_id, r.update) for r in later.results] == [("'three'", "d1", True)]
 
 
+async def test_a_fresh_run_sees_nothing_of_the_default_context(server):
+    async with connect(server.url, "tok1") as s:
+        assert (await s.run_code("z = 1")).ok
+        fresh = await s.run_code("'z' in globals()", fresh=True)
+        assert fresh.ok and fresh.text == "False" and fresh.context is not None and fresh.context.startswith("fresh-")
+        assert (await s.run_code("z")).text == "1"
+
+
 async def test_frames_by_async_iteration(server):
     async with connect(server.url, "tok1") as s:
         req = await s.request("run_code", code="print('a')\nprint('b')\n7")

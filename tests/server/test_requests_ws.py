@@ -208,6 +208,37 @@ async def test_session_env_reaches_everything_and_is_never_logged(srv, caplog):
     assert not [r for r in caplog.records if SECRET in r.getMessage()]
 
 
+async def test_a_fresh_run_is_clean_and_leaves_no_context(srv):
+    async with session(srv) as c:
+        await call_ok(c, "set_env", env={"FROM_SESSION": "yes"})
+        await call_ok(c, "run_code", code="x = 41")  # state in the default context
+        probe = "import os\n(globals().get('x'), os.environ.get('FROM_SESSION'), os.environ.get('MINE'))"
+        frames = await c.request("run_code", code=probe, fresh=True, env={"MINE": "1"})
+        done = done_of(frames)
+        assert done["ok"] and done["context"].startswith("fresh-"), done
+        assert main_result(frames) == "(None, 'yes', '1')"
+        assert main_result(await c.request("run_code", code="x + 1")) == "42"  # the default context is untouched
+        # other languages, a failing run, and a timeout: each run's context is gone after it
+        js = await c.request("run_code", code="typeof x", language="javascript", fresh=True)
+        assert main_result(js) == "undefined"  # typeof x: no x there
+        bad = done_of(await c.request("run_code", code="1 / 0", fresh=True))
+        assert bad["error"]["name"] == "ZeroDivisionError"
+        slow = done_of(await c.request("run_code", code="import time\ntime.sleep(30)", fresh=True, timeout_s=1))
+        assert slow["error"]["name"] == "Timeout"
+        for _ in range(50):
+            alive = [x["context_id"] for x in (await call_ok(c, "list_contexts"))["contexts"] if x["alive"]]
+            if not [cid for cid in alive if cid.startswith("fresh-")]:
+                break
+            await asyncio.sleep(0.05)
+        assert alive == ["default-python"], alive
+        refused = done_of(await c.request("run_code", code="1", fresh=True, context="default-python"))
+        assert refused["ok"] is False and refused["error"]["name"] == "BadRequest", refused
+        # many at once: each its own
+        rids = [await c.send("run_code", code=f"y = {i}\ny", fresh=True) for i in range(6)]
+        runs = [await c.until_done(rid) for rid in rids]
+        assert [main_result(c.of(rid)) for rid in rids] == [str(i) for i in range(6)], runs
+
+
 async def test_a_name_the_session_drops_is_gone_from_contexts_created_before(srv):
     """set_env replace: a context created while the session had a name loses it too (its runs, and what they
     start, in every language); the context's own env from create_context stays, and so do restarts."""

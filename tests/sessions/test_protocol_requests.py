@@ -74,6 +74,7 @@ def test_features_list_requests_capabilities_and_the_sandbox_languages():
         "error.kind",
         "strict_fields",
         "display_updates",
+        "run_code.fresh",
     } <= set(listed)
     assert [f for f in listed if f.startswith("language:")] == ["language:python", "language:bash"]
     assert "language:typescript" in features(None)  # a sandbox that did not say: every language
@@ -100,3 +101,11 @@ def test_the_server_passes_the_agent_s_execution_count_and_error_kind():
     assert "kind" not in done["error"]
     with pytest.raises(framing.FramingError):
         framing.check_event({"ev": "done", "rid": "r1", "ok": True, "execution_count": "3"})
+
+
+def test_fresh_takes_no_context():
+    assert parse_request(b'{"type":"run_code","id":"a","code":"1","fresh":true}').params["fresh"] is True
+    with pytest.raises(ProtocolError, match="fresh"):
+        parse_request(b'{"type":"run_code","id":"a","code":"1","fresh":true,"context":"c"}')
+    with pytest.raises(ProtocolError, match="fresh"):
+        parse_request(b'{"type":"run_code","id":"a","code":"1","fresh":"yes"}')

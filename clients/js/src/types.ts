@@ -341,6 +341,8 @@ export interface RunCodeOptions extends OutputCallbacks {
   timeoutS?: number;
   /** Environment variables for this run only (over the session's, see `set_env`). */
   env?: Record<string, string>;
+  /** Run in a new, clean context of its own, deleted when the run ends (takes no `context`). */
+  fresh?: boolean;
 }
 
 export interface ExecOptions extends OutputCallbacks {

@@ -64,6 +64,15 @@ describe("against a real server", { skip }, () => {
     ]);
   });
 
+  test("a fresh run: a clean context of its own, gone after it", async () => {
+    await s.runCode("fresh_probe = 1");
+    const ex = await s.runCode("'fresh_probe' in globals()", { fresh: true });
+    assert.equal(ex.ok, true);
+    assert.equal(ex.results[0].data["text/plain"], "False");
+    assert.match(ex.context, /^fresh-/);
+    assert.equal((await s.runCode("fresh_probe")).results[0].data["text/plain"], "1");
+  });
+
   test("runCode failure is data: error name, message, traceback", async () => {
     const ex = await s.runCode("def f(x):\n    return 1 / x\nprint('before')\nf(0)\n");
     assert.equal(ex.ok, false);

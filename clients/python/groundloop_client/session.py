@@ -457,17 +457,26 @@ class Session:
         context: str | None = None,
         timeout_s: float | None = None,
         env: dict[str, str] | None = None,
+        fresh: bool = False,
         on_stdout: Callback[str] | None = None,
         on_stderr: Callback[str] | None = None,
         on_result: Callback[R.Result] | None = None,
     ) -> R.Execution:
         """Run ``code`` in a context (the session's default one of ``language`` unless ``context`` is given).
 
-        ``env``: environment variables for this run only. The callbacks get each line (and each rich
-        result) as it arrives; they may be coroutine functions. The code's own failure is in ``Execution.error``.
+        ``env``: environment variables for this run only. ``fresh``: in a new, clean context of its own,
+        deleted when the run ends (what a grounded loop checks each attempt in; one request instead of
+        create_context, run_code and delete_context). The callbacks get each line (and each rich result) as it
+        arrives; they may be coroutine functions. The code's own failure is in ``Execution.error``.
         """
         req = await self.request(
-            "run_code", code=code, language=language, context=context, timeout_s=timeout_s, env=env
+            "run_code",
+            code=code,
+            language=language,
+            context=context,
+            timeout_s=timeout_s,
+            env=env,
+            fresh=True if fresh else None,
         )
         done = await self._stream(req, on_stdout, on_stderr, on_result)
         return R.execution(req.id, req.fold, dict(done))

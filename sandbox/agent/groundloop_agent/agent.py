@@ -34,6 +34,13 @@ from .workers import Workers
 # The agent.
 
 
+# A fresh run's context is deleted this long after its done: killing the worker and looking for its
+# descendants takes the agent ~1 ms, which a client's next request (sent as soon as the done arrives, as a
+# grounded loop does) would otherwise wait behind. Measured (fresh runs of 1 + 1 back to back): p50 5.5 ms with
+# the deletion at once, 4.1-4.6 ms with it 20 ms later.
+DROP_DELAY = 0.02
+
+
 class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
     def __init__(self):
         self.loop = asyncio.get_running_loop()
@@ -224,6 +231,13 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         if not run.finished:
             run.finished = True
             self.send_done(run.rid, run.target, run.t0, extra, error)
+            if run.fresh is not None:  # its context goes with it, a moment later (see DROP_DELAY)
+                self.loop.call_later(DROP_DELAY, self.drop_context, run.fresh)
+
+    def drop_context(self, ctx: Context) -> None:
+        if self.contexts.get(ctx.id) is ctx:
+            del self.contexts[ctx.id]
+        ctx.close(RequestError("ContextNotFound", f"context {ctx.id!r} was deleted"))
 
     # ---- run_code: no task on the way in or out when the context is warm and idle
 
@@ -238,7 +252,13 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         timeout = req.get("timeout_s")
         run = Run(rid, code, target, cancel, float(timeout) if timeout else None, t0, req.get("env") or None)
         try:
-            ctx = self.find_context(req)
+            if req.get("fresh"):  # a context of its own, made now and deleted when the run ends
+                if req.get("context") is not None:
+                    raise RequestError("BadRequest", "fresh takes no context")
+                language = req.get("language") or "python"
+                ctx = run.fresh = self.make_context(self.next_id("fresh-"), language, None, run.env)
+            else:
+                ctx = self.find_context(req)
             if ctx is None:  # a default context on its first use: created now, so runs keep their order
                 language = req.get("language") or "python"
                 ctx = self.make_context(f"default-{language}", language, None, None)

@@ -28,7 +28,7 @@ class Run:
     """One run_code request: queued on a context, begun by a write to its worker,
     finished by the worker's answer (in the reader callback, with no task in between)."""
 
-    __slots__ = ("rid", "code", "target", "cancel", "timeout", "timer", "t0", "finished", "env", "n")
+    __slots__ = ("rid", "code", "target", "cancel", "timeout", "timer", "t0", "finished", "env", "n", "fresh")
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class Run:
         self.timer: asyncio.TimerHandle | None = None
         self.t0 = t0
         self.finished = False
+        self.fresh: Context | None = None  # run_code fresh: the context made for this run, deleted after it
 
 
 class Context:

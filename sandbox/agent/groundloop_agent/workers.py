@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ~6 MiB of guest memory under gVisor, where a small sandbox keeps one (below).
 PY_SPARES = 2
 REFILL_DELAY = 0.002  # seconds from a claim to the fork of its replacement, while another spare waits
+SPARE_WAIT = 0.5  # how long a context waits for a spare on its way before it spawns (a fork: ms; a spawn: 50+ ms)
 # Started ahead once the sandbox has run JavaScript (not at boot: a spare node costs 46 MiB of PSS
 # under runc and 127 MiB of guest memory under gVisor, a quarter of a 512 MiB sandbox). Under gVisor
 # a smaller sandbox keeps none: at 256 MiB the memory guard's threshold (166 MiB) is about what the
@@ -138,10 +139,40 @@ class PythonZygote(LaterRefill):
         self.umask = os.umask(0)
         os.umask(self.umask)
         self.want = 1 if small_sandbox() else PY_SPARES
+        self.waiters: list[asyncio.Future] = []  # contexts waiting for a spare on its way (wait_spare)
 
     def start(self) -> None:
         if self.task is None and not self.closed:
             self.task = asyncio.ensure_future(self._run())
+
+    def fits(self, cwd: str, env: dict) -> bool:
+        """Whether a spare could become a context with this cwd and env (else only a spawn can)."""
+        if _start_vars_differ(env, self.env, ("PYTHON",)):
+            return False
+        return len(json.dumps({"cwd": cwd, "env": env, "umask": self.umask})) <= CLAIM_MAX
+
+    async def wait_spare(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a spare asked for (a fork takes milliseconds, a spawn ~50 ms): True when
+        one came (or the zygote gave up: look again); False at once when none is on its way."""
+        coming = self.asked > 0 or self._timer is not None
+        if timeout <= 0 or not (self.ready and self.sock is not None and coming):
+            return False
+        fut = self.agent.loop.create_future()
+        self.waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if fut in self.waiters:
+                self.waiters.remove(fut)
+
+    def _wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _run(self) -> None:
         """Start the zygote, and start it again each time it dies (with a growing pause)."""
@@ -202,6 +233,7 @@ class PythonZygote(LaterRefill):
                 spare = socket.socket(fileno=fds[0])
                 spare.setblocking(False)
                 self.spares.append((proc, spare))
+                self._wake()
             elif "exit" in msg:
                 proc = self.forked.pop(msg["exit"], None)
                 if proc is not None:
@@ -212,6 +244,7 @@ class PythonZygote(LaterRefill):
             elif "log" in msg:  # a fork failed: what was asked for will not come
                 self.asked = 0
                 self._log(str(msg["log"]))
+                self._wake()
             for fd in fds[1:] if "spare" in msg else fds:
                 os.close(fd)
 
@@ -252,6 +285,7 @@ class PythonZygote(LaterRefill):
     def _lost(self) -> None:
         """The zygote is gone: let its spares go, and watch its other children through /proc."""
         self.ready = False
+        self._wake()  # no spare will come: the waiting contexts spawn
         if self.sock is not None:
             self.agent.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -395,8 +429,14 @@ class Workers:
         return proc, pipes, cmd_w, res_r
 
     async def obtain(self, language: str, cwd: str, env: dict):
-        """A spare if one fits, else a worker spawned for the context."""
-        return self.take(language, cwd, env) or await spawn_worker(self.agent, language, cwd, env)
+        """A spare if one fits (waiting a moment for one on its way: contexts asked for back to back, as a
+        grounded loop does, can outrun the zygote's forks), else a worker spawned for the context."""
+        got = self.take(language, cwd, env)
+        if got is None and language == "python" and self.python.fits(cwd, env):
+            until = self.agent.loop.time() + SPARE_WAIT
+            while got is None and await self.python.wait_spare(until - self.agent.loop.time()):
+                got = self.take(language, cwd, env)
+        return got or await spawn_worker(self.agent, language, cwd, env)
 
     def close(self) -> None:
         self.python.close()

@@ -230,3 +230,26 @@ async def test_an_env_too_big_for_a_claim_gets_a_spawned_worker_with_all_of_it(e
         # the spares were not spent on it
         again = await forked_context(sb, "after-big")
         assert "zygote" in again["parent"]
+
+
+async def test_fresh_runs_back_to_back_each_get_a_forked_worker_and_are_cleaned_up(engine):
+    """A grounded loop asks for clean contexts faster than the zygote forks spares (2 at a time): a context
+    waits a moment for the fork on its way rather than spawning a whole interpreter; each fresh run's
+    context is gone after it."""
+    async with sandbox_of(engine) as sb:
+        await forked_context(sb, "warm")  # the zygote is up
+        parents, contexts = [], set()
+        for _ in range(12):
+            done, ev = await call(sb, "run_code", code=WHO, fresh=True)
+            assert done["ok"], done
+            parents.append(json.loads(ev.text())["parent"])
+            contexts.add(done["context"])
+        assert all("groundloop_agent.zygote" in p for p in parents), parents
+        assert len(contexts) == 12 and all(c.startswith("fresh-") for c in contexts)
+        for _ in range(100):
+            done, _ = await call(sb, "list_contexts")
+            listed = {c["context_id"] for c in done["contexts"]}
+            if not listed & contexts:
+                break
+            await asyncio.sleep(0.05)
+        assert not listed & contexts, listed
