@@ -231,6 +231,18 @@ async def test_a_fresh_run_is_clean_and_leaves_no_context(srv):
                 break
             await asyncio.sleep(0.05)
         assert alive == ["default-python"], alive
+        # a client's own context named like the next fresh ones is never taken for one
+        last = int(done_of(await c.request("run_code", code="1", fresh=True))["context"].split("-")[1])
+        taken = [f"fresh-{last + i}" for i in range(1, 4)]
+        for cid in taken:
+            await call_ok(c, "create_context", language="bash", context=cid)
+        mine = done_of(await c.request("run_code", code="1 + 1", fresh=True))
+        assert mine["ok"] and mine["context"] not in taken, mine
+        await asyncio.sleep(0.1)  # its deletion (20 ms after its done)
+        listed = {x["context_id"] for x in (await call_ok(c, "list_contexts"))["contexts"]}
+        assert set(taken) <= listed and mine["context"] not in listed, listed
+        for cid in taken:
+            await call_ok(c, "delete_context", context=cid)
         refused = done_of(await c.request("run_code", code="1", fresh=True, context="default-python"))
         assert refused["ok"] is False and refused["error"]["name"] == "BadRequest", refused
         # many at once: each its own

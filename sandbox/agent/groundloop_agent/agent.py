@@ -256,7 +256,13 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
                 if req.get("context") is not None:
                     raise RequestError("BadRequest", "fresh takes no context")
                 language = req.get("language") or "python"
-                ctx = run.fresh = self.make_context(self.next_id("fresh-"), language, None, run.env)
+                refused = languages.refuse(language, code)
+                if refused is not None:
+                    raise refused
+                cid = self.next_id("fresh-")
+                while cid in self.contexts:  # a client may have named one so
+                    cid = self.next_id("fresh-")
+                ctx = run.fresh = self.make_context(cid, language, None, run.env, ephemeral=True)
             else:
                 ctx = self.find_context(req)
             if ctx is None:  # a default context on its first use: created now, so runs keep their order
@@ -265,8 +271,8 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
             refused = languages.refuse(ctx.language, code)
             if refused is not None:
                 raise refused
-        except RequestError as exc:
-            self.finish(run, None, exc)
+        except Exception as exc:
+            self.finish(run, None, exc if isinstance(exc, RequestError) else RequestError(type(exc).__name__, str(exc)))
             return
         ctx.submit(run)
 
@@ -302,18 +308,24 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
             raise RequestError("LanguageMismatch", f"context {cid!r} runs {ctx.language}, not {req['language']}")
         return ctx
 
-    def make_context(self, cid, language, cwd, env, session_names=None) -> Context:
+    def make_context(self, cid, language, cwd, env, session_names=None, ephemeral=False) -> Context:
         """Register a context and start its worker; runs submitted meanwhile wait in its queue.
-        ``session_names``: the names of ``env`` that are the session's (set_env), not the request's own."""
+        ``session_names``: the names of ``env`` that are the session's (set_env), not the request's own;
+        ``ephemeral``: a fresh run's context, deleted after its run."""
         languages.check(language)
         ctx = Context(self, cid, language, self.path(cwd) if cwd else WORKDIR, self.env_for(env))
+        ctx.ephemeral = ephemeral
         # A run without one of these names (the session dropped it: set_env replace) removes it from the
         # context for good (Context.run_env).
         if isinstance(session_names, list):
             ctx.session_names = frozenset(str(k) for k in session_names if str(k) in ctx.env)
         self.check_cwd(ctx.cwd)
         self.contexts[cid] = ctx
-        ctx.first_start()
+        try:
+            ctx.first_start()
+        except BaseException:  # out of descriptors for its pipes, say: no half-made context stays behind
+            self.drop_context(ctx)
+            raise
         return ctx
 
     async def new_context(self, cid, language, cwd, env, session_names=None) -> Context:

@@ -16,6 +16,7 @@ from . import languages
 from .common import INTERRUPT_GRACE, RequestError
 from .pipes import Pipe, Target
 from .procs import Cancel, exit_code_of, kill_group, kill_group_except, kill_tree
+from .workers import discard_worker
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -69,6 +70,7 @@ class Context:
         self.cwd = cwd
         self.env = env
         self.session_names: frozenset[str] = frozenset()  # names env has from the session's (make_context)
+        self.ephemeral = False  # a fresh run's context (run_code fresh)
         self.writes_stop = threading.Event()
         self.proc: asyncio.subprocess.Process | None = None
         self.pipes: tuple[Pipe, Pipe] | None = None
@@ -86,7 +88,11 @@ class Context:
         self.created = time.time()
 
     async def start(self) -> None:
-        self._attach(await self.agent.workers.obtain(self.language, self.cwd, self.env))
+        got = await self.agent.workers.obtain(self.language, self.cwd, self.env)
+        if self.closed is not None:  # deleted while its worker was on the way
+            discard_worker(got)
+            raise asyncio.CancelledError
+        self._attach(got)
 
     def start_now(self) -> bool:
         """Take a spare worker at once (no task): True if there was one."""
@@ -418,6 +424,8 @@ class Context:
     async def restart(self) -> None:
         self.stop()
         self.restarts += 1
+        if self.ephemeral and not self.queue:
+            return  # a fresh run's context, deleted after the run: no worker to start again (_next would)
         await self.start()
 
     def close(self, error: RequestError) -> None:

@@ -153,26 +153,28 @@ class PythonZygote(LaterRefill):
 
     async def wait_spare(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a spare asked for (a fork takes milliseconds, a spawn ~50 ms): True when
-        one came (or the zygote gave up: look again); False at once when none is on its way."""
+        one came; False when none is on its way, the fork failed or the zygote died (spawn at once)."""
         coming = self.asked > 0 or self._timer is not None
         if timeout <= 0 or not (self.ready and self.sock is not None and coming):
             return False
         fut = self.agent.loop.create_future()
         self.waiters.append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except TimeoutError:
-            return False
+            # asyncio.wait, not wait_for: on 3.11 wait_for swallows a cancel that comes with the result.
+            await asyncio.wait((fut,), timeout=timeout)
         finally:
             if fut in self.waiters:
                 self.waiters.remove(fut)
+        if not fut.done():
+            self.asked = 0  # nothing came in time: a fork lost on the way must not make every start wait
+            return False
+        return bool(fut.result())
 
-    def _wake(self) -> None:
+    def _wake(self, came: bool) -> None:
         waiters, self.waiters = self.waiters, []
         for fut in waiters:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(came)
 
     async def _run(self) -> None:
         """Start the zygote, and start it again each time it dies (with a growing pause)."""
@@ -233,7 +235,7 @@ class PythonZygote(LaterRefill):
                 spare = socket.socket(fileno=fds[0])
                 spare.setblocking(False)
                 self.spares.append((proc, spare))
-                self._wake()
+                self._wake(True)
             elif "exit" in msg:
                 proc = self.forked.pop(msg["exit"], None)
                 if proc is not None:
@@ -244,7 +246,7 @@ class PythonZygote(LaterRefill):
             elif "log" in msg:  # a fork failed: what was asked for will not come
                 self.asked = 0
                 self._log(str(msg["log"]))
-                self._wake()
+                self._wake(False)
             for fd in fds[1:] if "spare" in msg else fds:
                 os.close(fd)
 
@@ -285,7 +287,7 @@ class PythonZygote(LaterRefill):
     def _lost(self) -> None:
         """The zygote is gone: let its spares go, and watch its other children through /proc."""
         self.ready = False
-        self._wake()  # no spare will come: the waiting contexts spawn
+        self._wake(False)  # no spare will come: the waiting contexts spawn
         if self.sock is not None:
             self.agent.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -351,7 +353,7 @@ class NodeSpares(LaterRefill):
         finally:
             self.starting -= 1
         if self.closed:
-            _discard(self.agent, got)
+            discard_worker(got)
         else:
             self.spares.append(got)
 
@@ -371,7 +373,7 @@ class NodeSpares(LaterRefill):
                         return got
                 except OSError:
                     pass
-                _discard(self.agent, got)
+                discard_worker(got)
             self.refill()
             return None
         except BaseException:
@@ -384,7 +386,7 @@ class NodeSpares(LaterRefill):
         for task in self.tasks:
             task.cancel()
         while self.spares:
-            _discard(self.agent, self.spares.popleft())
+            discard_worker(self.spares.popleft())
 
 
 class Workers:
@@ -464,7 +466,8 @@ async def spawn_worker(agent: Agent, language: str, cwd: str, env: dict):
     return proc, pipes, cmd_w, res_r
 
 
-def _discard(agent: Agent, got) -> None:
+def discard_worker(got) -> None:
+    """Kill a worker no context will have, and close its pipes."""
     proc, pipes, cmd_w, res_r = got
     if proc.returncode is None:
         kill_tree(proc.pid, signal.SIGKILL)
