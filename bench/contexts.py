@@ -96,6 +96,11 @@ def spare_memory() -> dict[str, list[tuple[int, int]]]:
     return found
 
 
+def _row(table: Table, name: str, samples: list[float], goal: str = "") -> None:
+    s = summary_ms(samples)
+    table.add(name, f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms", goal)
+
+
 async def run(table: Table, smoke: bool = False) -> None:
     for suffix, image in images():
         await run_image(table, smoke, suffix, image)
@@ -108,37 +113,37 @@ async def run_image(table: Table, smoke: bool, suffix: str, image: str) -> None:
         try:
             await asyncio.sleep(0.5)  # the zygote starts with the agent
             await fresh(client, "python", 5)
-            s = summary_ms(await fresh(client, "python", n))
-            table.add(
+            _row(
+                table,
                 "ws: fresh python context + first run (1 + 1)" + suffix,
-                f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms",
+                await fresh(client, "python", n),
                 "p50 <= 3 ms",
             )
             await fresh_runs(client, "python", 5)
-            s = summary_ms(await fresh_runs(client, "python", n))
-            table.add(
+            _row(
+                table,
                 "ws: run_code fresh, python (1 + 1)" + suffix,
-                f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms",
+                await fresh_runs(client, "python", n),
                 "p50 <= 3 ms",
             )
             await fresh(client, "javascript", 2, JS_PACE)
             m = 5 if smoke else 100
-            s = summary_ms(await fresh(client, "javascript", m, JS_PACE))
-            table.add(
+            _row(
+                table,
                 f"ws: fresh javascript context + first run (paced {JS_PACE:g} s)" + suffix,
-                f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms",
+                await fresh(client, "javascript", m, JS_PACE),
                 "p50 <= 5 ms",
             )
-            s = summary_ms(await fresh_runs(client, "javascript", m, JS_PACE))
-            table.add(
+            _row(
+                table,
                 f"ws: run_code fresh, javascript (paced {JS_PACE:g} s)" + suffix,
-                f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms",
+                await fresh_runs(client, "javascript", m, JS_PACE),
                 "p50 <= 5 ms",
             )
-            s = summary_ms(await fresh(client, "javascript", 5 if smoke else 30))
-            table.add(
+            _row(
+                table,
                 "ws: fresh javascript context + first run (back to back)" + suffix,
-                f"p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms",
+                await fresh(client, "javascript", 5 if smoke else 30),
             )
             if suffix:
                 return
