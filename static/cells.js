@@ -13,11 +13,11 @@
 import { el, endOfLastFence, formatMs, highlight, renderBundle, renderMarkdown } from "./render.js";
 
 export function makeCells({ append, scrollSoon, cancel }) {
-  /** A stream area: consecutive lines of one stream share a span; results break it. */
   // The shown results of each display id (docs/protocol.md section 12), across the session's requests: an update
-  // replaces them. Nodes a clear removed are dropped at the next update of their id.
+  // replaces them. A clear forgets the nodes it removed.
   const displays = new Map();
 
+  /** A stream area: consecutive lines of one stream share a span; results break it. */
   class Stream {
     constructor(parent) { this.parent = parent; this.pre = null; this.last = null; this.lines = 0; this.pendingClear = false; }
     write(stream, text) {
