@@ -145,11 +145,16 @@ class PythonZygote(LaterRefill):
         if self.task is None and not self.closed:
             self.task = asyncio.ensure_future(self._run())
 
+    def _claim_message(self, cwd: str, env: dict) -> bytes | None:
+        """What a spare is told to become this context; None when no spare can (only a spawn)."""
+        if _start_vars_differ(env, self.env, ("PYTHON",)):
+            return None
+        claim = json.dumps({"cwd": cwd, "env": env, "umask": self.umask}).encode()
+        return claim if len(claim) <= CLAIM_MAX else None  # one datagram must hold it: a spawn takes any env
+
     def fits(self, cwd: str, env: dict) -> bool:
         """Whether a spare could become a context with this cwd and env (else only a spawn can)."""
-        if _start_vars_differ(env, self.env, ("PYTHON",)):
-            return False
-        return len(json.dumps({"cwd": cwd, "env": env, "umask": self.umask})) <= CLAIM_MAX
+        return self._claim_message(cwd, env) is not None
 
     async def wait_spare(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a spare asked for (a fork takes milliseconds, a spawn ~50 ms): True when
@@ -261,11 +266,9 @@ class PythonZygote(LaterRefill):
 
     def claim(self, cwd: str, env: dict, fds: tuple[int, int, int, int]) -> ForkedProcess | None:
         """Hand a spare the context's stdout, stderr, command and answer pipes; None if none fits."""
-        if _start_vars_differ(env, self.env, ("PYTHON",)):
+        claim = self._claim_message(cwd, env)
+        if claim is None:
             return None
-        claim = json.dumps({"cwd": cwd, "env": env, "umask": self.umask}).encode()
-        if len(claim) > CLAIM_MAX:
-            return None  # one datagram must hold it: a spawn takes an env of any size
         try:
             while self.spares:
                 proc, sock = self.spares.popleft()
