@@ -15,6 +15,7 @@ import re
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .base import Backend, Sandbox, SandboxUnavailable, State
@@ -145,14 +146,10 @@ class Engine:
         await asyncio.gather(*(sb.close() for sb in live), return_exceptions=True)
         # Removals that sessions started (a release, a replace) finish before the backend closes under them.
         try:
-            await asyncio.wait_for(self._removed(), CLOSE_REMOVALS_S)
+            await asyncio.wait_for(self._until(lambda: not self._removing), CLOSE_REMOVALS_S)
         except TimeoutError:
             log.warning("%d sandbox removals still running at close", self._removing)
         await self.backend.close()
-
-    async def _removed(self) -> None:
-        while self._removing:
-            await self._change.wait()
 
     async def ready(self) -> bool:
         """Open, and the backend answers: a sandbox can be started. A short pool is not
@@ -267,7 +264,10 @@ class Engine:
 
     async def wait_filled(self) -> None:
         """Wait until the warm pool is full (for start-up and tests)."""
-        while len(self._ready) < self.pool_size:
+        await self._until(lambda: len(self._ready) >= self.pool_size)
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        while not done():
             await self._change.wait()
 
     async def _refill_loop(self) -> None:
