@@ -238,11 +238,17 @@ class Pipe(Reader):
                 self.target.emit(self.stream, [text], [size])
 
     def close(self) -> None:
+        """Stop reading and close the fd, once. A pipe closes itself at its end (read_some), and its owner
+        closes it again when it is done with it (Context.stop, finish_pipes): a second os.close of the number
+        would close whatever took that number in between (a spare's socket, a new context's pipe)."""
+        if self.fd < 0:
+            return
         self.stop()
         self.flush_partial()
         self.agent.pipes.discard(self)
+        fd, self.fd = self.fd, -1
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError:
             pass
         if not self.eof.done():
@@ -274,15 +280,14 @@ async def spawn(
             close_fds=True,
         )
     except BaseException:
-        for fd in (out_r, out_w, err_r, err_w):
-            os.close(fd)
+        os.close(out_r)
+        os.close(err_r)
         raise
     finally:
-        for fd in (out_w, err_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        # Once each: the agent has threads (the memory guard, file transfers) that may open a descriptor at any
+        # moment, and a second close of a number would close theirs.
+        os.close(out_w)
+        os.close(err_w)
     pipes = (Pipe(agent, out_r, "stdout", target, line_max), Pipe(agent, err_r, "stderr", target, line_max))
     return proc, pipes
 

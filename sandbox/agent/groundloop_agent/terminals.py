@@ -290,7 +290,9 @@ class Terminal(Reader):
                     return
 
     def close(self) -> None:
-        """Kill what is left of the terminal's session, stop reading and writing, close the master."""
+        """Kill what is left of the terminal's session, stop reading and writing, close the master (once)."""
+        if self.fd < 0:
+            return
         signal_session(self.pid, signal.SIGKILL)
         self.stop()
         if self.writing:

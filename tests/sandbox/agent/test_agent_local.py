@@ -179,6 +179,43 @@ async def test_a_cell_that_closes_its_stdio_leaves_the_context_usable(sb):
     assert done["ok"] and ev.text() == "again\n"
 
 
+CLOSE_EVERY_COPY_OF_STDIO = """
+import os
+pipes = {os.readlink(f"/proc/self/fd/{n}") for n in (1, 2)}
+for name in os.listdir("/proc/self/fd"):
+    try:
+        if os.readlink(f"/proc/self/fd/{name}") in pipes:
+            os.close(int(name))
+    except OSError:
+        pass
+"""
+
+
+async def test_a_worker_pipe_closed_at_its_end_is_not_closed_again_under_a_new_owner(sb):
+    # The agent closes a worker's output pipe when it reads its end, and again when the context stops the
+    # worker. In between, its number can go to another pipe (here a background process's stdout): the
+    # second close must not take that one (it took a spare's socket in the flake of issue 15's last CI run).
+    done, _ = await run(sb, "run_code", code="1")
+    assert done["ok"], done
+    await asyncio.sleep(0.3)  # the zygote's refill lands (a socket of its own) before the numbers below
+    done, _ = await run(sb, "run_code", code=CLOSE_EVERY_COPY_OF_STDIO)
+    assert done["ok"], done
+    done, _ = await run(sb, "start_process", command="until [ -e go ]; do sleep 0.02; done; echo late", process_id="p")
+    assert done["ok"], done
+    done, _ = await run(sb, "restart_context", context="default-python")
+    assert done["ok"], done
+    done, _ = await run(sb, "write_file", path="go", content="")
+    assert done["ok"], done
+    events = sb.background
+    for _ in range(200):
+        if any(e.get("ev") == "pexit" for e in events.events):
+            break
+        await asyncio.sleep(0.05)
+    assert [line for e in events.events if e.get("ev") == "pout" for line in e["lines"]] == ["late\n"], events.events
+    done, ev = await run(sb, "run_code", code="print('fresh')")
+    assert done["ok"] and ev.text() == "fresh\n", done
+
+
 async def test_files_that_are_not_regular_fail_fast_with_a_clear_error(sb):
     fifo = os.path.join(sb.hello["workdir"], "fifo")
     os.mkfifo(fifo)
