@@ -21,6 +21,8 @@ from .workers import discard_worker
 if TYPE_CHECKING:
     from .agent import Agent
 
+EXIT_READS = 64  # reads of a worker's answer pipe after its exit (64 KiB each), before its end is taken
+
 # --------------------------------------------------------------------------
 # Code contexts: one persistent worker process each.
 
@@ -81,6 +83,8 @@ class Context:
         self.current: Run | None = None  # the run the worker has
         self.queue: collections.deque[Run] = collections.deque()
         self.busy: asyncio.Future | None = None  # a start, restart, interrupt or burial in progress
+        self.resets = 0  # restart_context requests waiting for their turn: the queue waits for them
+        self.exit_watch: asyncio.Future | None = None  # the worker's exit (_watch_exit)
         self.waiter: asyncio.Future | None = None  # set while an interrupt waits for the worker
         self.closed: RequestError | None = None  # what ended the context, once it has ended
         self.runs = 0
@@ -111,6 +115,21 @@ class Context:
         self.ctrl_eof = False
         os.set_blocking(self.ctrl_r, False)
         self.agent.loop.add_reader(self.ctrl_r, self._on_ctrl)
+        self.exit_watch = asyncio.ensure_future(self._watch_exit(self.proc))
+
+    async def _watch_exit(self, proc) -> None:
+        """The worker's end is its exit, not only its answer pipe's EOF: a process the cell left behind (a
+        bash ``server &``, or a node child) may hold the pipe open for as long as it lives."""
+        await proc.wait()
+        if proc is not self.proc or self.ctrl_eof or self.ctrl_r is None:
+            return  # its pipe's end was seen first, or the worker was stopped
+        # What it answered before it ended goes first (a bounded number of reads: such a child may write on).
+        with self.agent.out:
+            for _ in range(EXIT_READS):
+                if self.ctrl_eof or not self._read_ctrl():
+                    break
+            if not self.ctrl_eof:
+                self._ctrl_ended()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None and not self.ctrl_eof
@@ -127,7 +146,13 @@ class Context:
 
     def _next(self) -> None:
         """Give the worker its next run, when it is idle; (re)start a dead worker first."""
-        if self.current is not None or self.busy is not None or not self.queue or self.closed is not None:
+        if (
+            self.current is not None
+            or self.busy is not None
+            or self.resets
+            or not self.queue
+            or self.closed is not None
+        ):
             return
         if not self.alive():
             self._busy(self._restart_for_queue())
@@ -248,21 +273,17 @@ class Context:
         with self.agent.out:
             self._read_ctrl()
 
-    def _read_ctrl(self) -> None:
+    def _read_ctrl(self) -> bool:
+        """Read and act on what the worker answered; False when nothing more is there now (or at its end)."""
         try:
             data = os.read(self.ctrl_r, 1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
-            self.agent.loop.remove_reader(self.ctrl_r)
-            self.ctrl_eof = True
-            if self.waiter is not None:
-                self._wake(("eof", None))
-            elif self.current is not None and self.busy is None:
-                self._busy(self._bury(self.current))
-            return
+            self._ctrl_ended()
+            return False
         # Newlines are looked for in the new bytes only: a long answer (a big result) costs one pass.
         buf = self.ctrl_buf
         start = len(buf)
@@ -310,6 +331,16 @@ class Context:
                     extra["exit_code"] = code
                 self.agent.finish(run, extra, RequestError.of_answer(ev))
                 self._next()
+        return True
+
+    def _ctrl_ended(self) -> None:
+        """The worker has ended (its answer pipe's EOF, or its exit): wake an interrupt, or bury its run."""
+        self.agent.loop.remove_reader(self.ctrl_r)
+        self.ctrl_eof = True
+        if self.waiter is not None:
+            self._wake(("eof", None))
+        elif self.current is not None and self.busy is None:
+            self._busy(self._bury(self.current))
 
     def _wake(self, value) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -404,8 +435,14 @@ class Context:
 
     def stop(self) -> None:
         self.writes_stop.set()  # a cell's write to this worker, if one is still going (_write_all)
-        if self.proc is not None and self.proc.returncode is None:
+        if self.exit_watch is not None:
+            self.exit_watch.cancel()
+            self.exit_watch = None
+        # A forked worker whose zygote died has ended with no status (``ended``): its pid may be another's now.
+        if self.proc is not None and self.proc.returncode is None and not getattr(self.proc, "ended", False):
             kill_tree(self.proc.pid, signal.SIGKILL)
+        elif self.proc is not None:  # it ended: what its cells left in its group goes with it (a bash `x &`)
+            kill_group(self.proc.pid, signal.SIGKILL)
         for attr in ("ctrl_w", "ctrl_r"):
             fd = getattr(self, attr)
             if fd is not None:
@@ -448,16 +485,26 @@ class Context:
     async def reset(self) -> None:
         """restart_context: a fresh worker, the state gone. A running cell ends with ``ContextRestarted``;
         queued cells wait and run in the new worker."""
-        if self.busy is not None:
-            await asyncio.wait([self.busy])
-        run = self.current
-        if run is not None:
-            self._flush_output()
-            self._end(run)
-            self.agent.finish(
-                run, self.extra(run), RequestError("ContextRestarted", "the context was restarted under the run")
-            )
-        self._busy(self.restart())
+        # Until its restart begins, the queue waits (a queued cell is not begun, then ended by this restart),
+        # and so does another restart request: each waits for the one before it, or two would attach workers.
+        self.resets += 1
+        try:
+            while self.busy is not None:
+                await asyncio.wait([self.busy])
+            if self.closed is not None:
+                raise self.closed
+            run = self.current
+            if run is not None:
+                self._flush_output()
+                self._end(run)
+                self.agent.finish(
+                    run, self.extra(run), RequestError("ContextRestarted", "the context was restarted under the run")
+                )
+            self._busy(self.restart())
+        finally:
+            self.resets -= 1
+            if self.busy is None:  # no restart begun (closed, or this request cancelled): the queue goes on
+                self._next()
         restarting = self.busy
         await asyncio.wait([restarting])
         if self.closed is not None:

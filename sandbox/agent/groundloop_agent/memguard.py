@@ -81,8 +81,9 @@ def memory_guard(limit: int, report) -> None:
         pass
     while True:
         used = guest_memory_used()
-        if used is None:
-            return
+        if used is None:  # one failed read (out of descriptors, for a moment) must not end the guard for good
+            time.sleep(MEMORY_GUARD_PERIOD[1])
+            continue
         if used > limit:
             sessions: dict[int, int] = {}
             for _, sid, rss in live_processes():

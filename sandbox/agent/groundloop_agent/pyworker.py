@@ -111,6 +111,10 @@ def start(cmd_fd, res_fd):
     except OSError:
         pass
     CMD_FD, RES_FD = cmd_fd, res_fd
+    # The worker's own: a process a cell starts (os.system("server &")) must not hold the answer pipe open
+    # after the worker ends (the agent would see its end late), nor read the next cells.
+    os.set_inheritable(cmd_fd, False)
+    os.set_inheritable(res_fd, False)
     # Copies of the cell's stdio, to give every cell back what an earlier one closed or redirected
     # (os.close(1), os.dup2(x, 1), sys.stdout.close()), as Jupyter's kernels do. Not inherited.
     _STDIO = {fd: os.dup(fd) for fd in (0, 1, 2)}

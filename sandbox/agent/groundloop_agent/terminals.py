@@ -323,10 +323,13 @@ def _child(master: int, slave: int, argv: list[str], cwd: str, env: dict) -> Non
 def _exec(slave: int, argv: list[str], cwd: str, env: dict) -> None:
     for fd in (0, 1, 2):
         os.dup2(slave, fd)
-    if slave > 2:
-        os.close(slave)
     for sig in RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    # The agent's descriptors are not inheritable, but an exec keeps any that is by mistake (recv_fds gives
+    # inheritable ones): none reaches the terminal's program. The wake-up fd first: a signal must not write
+    # to its number once closed.
+    signal.set_wakeup_fd(-1)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     os.chdir(cwd)
     os.execve(argv[0], argv, env)

@@ -239,6 +239,9 @@ class PythonZygote(LaterRefill):
                 proc = self.forked.setdefault(msg["spare"], ForkedProcess(msg["spare"]))
                 spare = socket.socket(fileno=fds[0])
                 spare.setblocking(False)
+                # recv_fds gives inheritable descriptors (3.11 ignores MSG_CMSG_CLOEXEC there): a terminal's
+                # program, which the agent forks and execs, would hold the spare (and could claim it).
+                spare.set_inheritable(False)
                 self.spares.append((proc, spare))
                 self._wake(True)
             elif "exit" in msg:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 
@@ -214,6 +215,57 @@ async def test_a_worker_pipe_closed_at_its_end_is_not_closed_again_under_a_new_o
     assert [line for e in events.events if e.get("ev") == "pout" for line in e["lines"]] == ["late\n"], events.events
     done, ev = await run(sb, "run_code", code="print('fresh')")
     assert done["ok"] and ev.text() == "fresh\n", done
+
+
+async def test_restarts_asked_for_together_leave_one_worker(sb):
+    # Each waits for the one before it: two that ran at once attached two workers, one of them leaked with
+    # its pipes still read (a dead leaked worker then spun the agent's loop).
+    done, _ = await run(sb, "create_context", language="bash", context="b")
+    assert done["ok"], done
+    done, _ = await run(sb, "run_code", context="b", code="true")  # its worker is up: the next run begins at once
+    assert done["ok"], done
+    running = sb.submit("run_code", {"context": "b", "code": "sleep 30"}, None)
+    ev = Events()
+    queued = sb.submit("run_code", {"context": "b", "code": "echo queued"}, ev)
+    restarts = await asyncio.gather(*(run(sb, "restart_context", context="b") for _ in range(3)))
+    assert all(done["ok"] for done, _ in restarts), restarts
+    done = await running
+    assert done["error"]["name"] == "ContextRestarted", done
+    done = await queued  # queued before the restarts: it waits for all three, then runs in the new worker
+    assert done["ok"] and ev.text() == "queued\n", (done, ev.events)
+    done, ev = await run(sb, "exec", command="ps -o args= --ppid $PPID | grep -c -- '--noprofil[e] --norc'")
+    assert done["ok"] and ev.text() == "1\n", (done, ev.text())
+
+
+@pytest.mark.parametrize(
+    "language, code",
+    [
+        ("bash", "sleep 61.25 &\nexit 2"),
+        ("python", "import os\nos.system('sleep 61.25 &')\nos._exit(2)"),
+    ],
+)
+async def test_a_worker_that_ends_while_its_child_lives_on_ends_its_run(sb, language, code):
+    # The child holds the worker's pipes (bash: all of them); the run ends when the worker does, not when the
+    # child does (before: at the run's timeout, or never without one), and the child goes with the worker.
+    done, _ = await run(sb, "create_context", language=language, context="c")
+    assert done["ok"], done
+    done, _ = await run(sb, "run_code", context="c", code=code, timeout_s=30)
+    assert not done["ok"] and done["error"]["name"] == "WorkerDied", done
+    assert "exit code 2" in done["error"]["message"], done
+    done, ev = await run(sb, "exec", command="pgrep -fc 'sleep 61[.]25' || true")
+    assert ev.text() == "0\n", ev.text()
+    done, ev = await run(sb, "run_code", context="c", code="echo back" if language == "bash" else "print('back')")
+    assert done["ok"] and ev.text() == "back\n", done
+
+
+async def test_a_terminal_program_gets_no_descriptor_of_the_agent(sb):
+    done, _ = await run(sb, "run_code", code="1")  # a spare was claimed: the zygote's sockets are in the agent
+    assert done["ok"], done
+    await asyncio.sleep(0.3)
+    done, ev = await run(sb, "open_terminal", terminal="t", command="ls /proc/$$/fd", cols=80, rows=24)
+    assert done["ok"], done
+    listed = b"".join(base64.b64decode(e["data"]) for e in ev.events if e.get("ev") == "tout").decode()
+    assert sorted(int(n) for n in listed.split()) == [0, 1, 2], listed
 
 
 async def test_files_that_are_not_regular_fail_fast_with_a_clear_error(sb):
