@@ -16,7 +16,7 @@ from . import languages
 from .common import INTERRUPT_GRACE, RequestError
 from .pipes import Pipe, Target
 from .procs import Cancel, exit_code_of, kill_group, kill_group_except, kill_tree
-from .workers import discard_worker
+from .workers import ForkedProcess, discard_worker
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -115,12 +115,19 @@ class Context:
         self.ctrl_eof = False
         os.set_blocking(self.ctrl_r, False)
         self.agent.loop.add_reader(self.ctrl_r, self._on_ctrl)
-        self.exit_watch = asyncio.ensure_future(self._watch_exit(self.proc))
+        # The worker's end is its exit, not only its answer pipe's EOF: a process the cell left behind (a bash
+        # ``server &``, or a node child) may hold the pipe open for as long as it lives.
+        proc = self.proc
+        if isinstance(proc, ForkedProcess):  # the zygote reports its end: a callback, no task on the fast path
+            proc.on_end(lambda: self._exited(proc))
+        else:
+            self.exit_watch = asyncio.ensure_future(self._watch_exit(proc))
 
     async def _watch_exit(self, proc) -> None:
-        """The worker's end is its exit, not only its answer pipe's EOF: a process the cell left behind (a
-        bash ``server &``, or a node child) may hold the pipe open for as long as it lives."""
         await proc.wait()
+        self._exited(proc)
+
+    def _exited(self, proc) -> None:
         if proc is not self.proc or self.ctrl_eof or self.ctrl_r is None:
             return  # its pipe's end was seen first, or the worker was stopped
         # What it answered before it ended goes first (a bounded number of reads: such a child may write on).

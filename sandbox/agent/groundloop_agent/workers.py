@@ -75,6 +75,14 @@ class ForkedProcess:
         self.returncode: int | None = None
         self.ended = False
         self._waiters: list[asyncio.Future] = []
+        self._on_end: list = []
+
+    def on_end(self, callback) -> None:
+        """Call ``callback()`` when it ends (no task: a context's watch on its worker, see Context._attach)."""
+        if self.ended:
+            callback()
+        else:
+            self._on_end.append(callback)
 
     def end(self, status: int | None) -> None:
         if self.ended:
@@ -86,6 +94,9 @@ class ForkedProcess:
             if not fut.done():
                 fut.set_result(self.returncode)
         self._waiters.clear()
+        callbacks, self._on_end = self._on_end, []
+        for callback in callbacks:
+            callback()
 
     async def wait(self) -> int | None:
         if self.ended:
