@@ -16,7 +16,7 @@ from . import languages
 from .common import INTERRUPT_GRACE, RequestError
 from .pipes import Pipe, Target
 from .procs import Cancel, exit_code_of, kill_group, kill_group_except, kill_tree
-from .workers import ForkedProcess, discard_worker
+from .workers import ForkedProcess, discard_worker, is_alive
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -128,18 +128,20 @@ class Context:
         self._exited(proc)
 
     def _exited(self, proc) -> None:
-        if proc is not self.proc or self.ctrl_eof or self.ctrl_r is None:
-            return  # its pipe's end was seen first, or the worker was stopped
-        # What it answered before it ended goes first (a bounded number of reads: such a child may write on).
-        with self.agent.out:
-            for _ in range(EXIT_READS):
-                if self.ctrl_eof or not self._read_ctrl():
-                    break
-            if not self.ctrl_eof:
-                self._ctrl_ended()
+        if proc is not self.proc or self.ctrl_r is None:
+            return  # the worker was stopped
+        if not self.ctrl_eof:
+            # What it answered before it ended goes first (a bounded number of reads: such a child may write on).
+            with self.agent.out:
+                for _ in range(EXIT_READS):
+                    if self.ctrl_eof or not self._read_ctrl():
+                        break
+                if not self.ctrl_eof:
+                    self._ctrl_ended()
+        _kill_leftovers(proc)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None and not self.ctrl_eof
+        return self.proc is not None and _running(self.proc) and not self.ctrl_eof
 
     # ---- the queue
 
@@ -420,7 +422,16 @@ class Context:
     async def _bury(self, run: Run) -> None:
         """The worker died under ``run``: say how, and restart it."""
         self._flush_output()
-        rc = await self.proc.wait() if self.proc else None
+        rc = None
+        if self.proc is not None:
+            waiting = asyncio.ensure_future(self.proc.wait())
+            try:
+                await asyncio.wait([waiting], timeout=INTERRUPT_GRACE)
+                if not waiting.done():  # it closed its answer pipe and lives on: it cannot answer again
+                    kill_tree(self.proc.pid, signal.SIGKILL)
+                rc = await waiting
+            finally:
+                waiting.cancel()
         self._end(run)
         how = f"exit code {exit_code_of(rc)}" if rc is not None else "unknown status"
         if rc is not None and rc < 0:
@@ -445,11 +456,10 @@ class Context:
         if self.exit_watch is not None:
             self.exit_watch.cancel()
             self.exit_watch = None
-        # A forked worker whose zygote died has ended with no status (``ended``): its pid may be another's now.
-        if self.proc is not None and self.proc.returncode is None and not getattr(self.proc, "ended", False):
+        if self.proc is not None and _running(self.proc):
             kill_tree(self.proc.pid, signal.SIGKILL)
-        elif self.proc is not None:  # it ended: what its cells left in its group goes with it (a bash `x &`)
-            kill_group(self.proc.pid, signal.SIGKILL)
+        elif self.proc is not None:
+            _kill_leftovers(self.proc)
         for attr in ("ctrl_w", "ctrl_r"):
             fd = getattr(self, attr)
             if fd is not None:
@@ -528,6 +538,19 @@ class Context:
             "restarts": self.restarts,
             "alive": self.alive(),
         }
+
+
+def _running(proc) -> bool:
+    """Whether a worker has not ended (a forked worker whose zygote died ends with no status: ``ended``)."""
+    return proc.returncode is None and not getattr(proc, "ended", False)
+
+
+def _kill_leftovers(proc) -> None:
+    """An ended worker's process group (what its cells started: a bash ``x &``) goes with it. Only while its pid
+    is free: a group keeps its number while it has members, so a free pid means the group, if any, is the
+    worker's; a pid in use may be a new session leader's."""
+    if not is_alive(proc.pid):
+        kill_group(proc.pid, signal.SIGKILL)
 
 
 def _write_all(fd: int, data: bytes, stop: threading.Event) -> None:

@@ -44,7 +44,11 @@ def live_processes() -> list[tuple[int, int, int]]:
     """(pid, session, resident bytes) of every process but zombies."""
     page = os.sysconf("SC_PAGE_SIZE")
     found = []
-    for name in os.listdir("/proc"):
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # out of descriptors for a moment: nothing seen this time
+        return found
+    for name in names:
         if not name.isdigit():
             continue
         try:
@@ -79,11 +83,14 @@ def memory_guard(limit: int, report) -> None:
         spare.add(os.getsid(1))
     except OSError:
         pass
+    failures = 0
     while True:
         used = guest_memory_used()
-        if used is None:  # one failed read (out of descriptors, for a moment) must not end the guard for good
-            time.sleep(MEMORY_GUARD_PERIOD[1])
+        if used is None:  # a failed read (out of descriptors, for a moment) must not end the guard for good
+            failures = min(failures + 1, 8)
+            time.sleep(min(MEMORY_GUARD_PERIOD[1], MEMORY_GUARD_PERIOD[0] * 2**failures))
             continue
+        failures = 0
         if used > limit:
             sessions: dict[int, int] = {}
             for _, sid, rss in live_processes():

@@ -313,8 +313,12 @@ def _child(master: int, slave: int, argv: list[str], cwd: str, env: dict) -> Non
             _relay(slave, argv, cwd, env)
         _exec(slave, argv, cwd, env)
     except BaseException as exc:  # the terminal shows why, then ends with the shell's "not found" code
+        message = f"groundloop: cannot start {argv[0]}: {exc}\r\n".encode("utf-8", "replace")
         try:
-            os.write(slave, f"groundloop: cannot start {argv[0]}: {exc}\r\n".encode("utf-8", "replace"))
+            try:
+                os.write(slave, message)
+            except OSError:  # _exec closed it: the terminal is on 0, 1 and 2 by then
+                os.write(2, message)
         finally:
             os._exit(127)
     os._exit(127)

@@ -96,7 +96,11 @@ class ForkedProcess:
         self._waiters.clear()
         callbacks, self._on_end = self._on_end, []
         for callback in callbacks:
-            callback()
+            try:
+                callback()
+            except Exception as exc:  # one context's failure must not stop the zygote's messages or the orphans' watch
+                loop = asyncio.get_running_loop()
+                loop.call_exception_handler({"message": "a worker's end callback failed", "exception": exc})
 
     async def wait(self) -> int | None:
         if self.ended:
@@ -326,7 +330,7 @@ class PythonZygote(LaterRefill):
     async def _watch_orphans(self) -> None:
         while self.orphans and not self.closed:
             for pid, proc in list(self.orphans.items()):
-                if proc.ended or not _alive(pid):
+                if proc.ended or not is_alive(pid):
                     proc.end(None)
                     del self.orphans[pid]
             await asyncio.sleep(ORPHAN_POLL)
@@ -494,7 +498,7 @@ def discard_worker(got) -> None:
         p.close()
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import secrets
 import shutil
 
 import pytest
@@ -237,24 +238,56 @@ async def test_restarts_asked_for_together_leave_one_worker(sb):
     assert done["ok"] and ev.text() == "1\n", (done, ev.text())
 
 
+def a_sleep() -> str:
+    """A sleep no other process on this machine runs (the local backend has no pid namespace of its own)."""
+    return f"sleep 61.{secrets.randbelow(10**6):06d}"
+
+
+async def count(sb, command: str) -> int:
+    # The bracket keeps the pattern from matching the shell that runs pgrep.
+    pattern = command.replace(".", "[.]", 1)
+    done, ev = await run(sb, "exec", command=f"pgrep -fc '{pattern}' || true")
+    assert done["ok"], done
+    return int(ev.text())
+
+
 @pytest.mark.parametrize(
     "language, code",
-    [
-        ("bash", "sleep 61.25 &\nexit 2"),
-        ("python", "import os\nos.system('sleep 61.25 &')\nos._exit(2)"),
-    ],
+    [("bash", "{sleep} &\nexit 2"), ("python", "import os\nos.system('{sleep} &')\nos._exit(2)")],
 )
 async def test_a_worker_that_ends_while_its_child_lives_on_ends_its_run(sb, language, code):
     # The child holds the worker's pipes (bash: all of them); the run ends when the worker does, not when the
     # child does (before: at the run's timeout, or never without one), and the child goes with the worker.
+    sleep = a_sleep()
     done, _ = await run(sb, "create_context", language=language, context="c")
     assert done["ok"], done
-    done, _ = await run(sb, "run_code", context="c", code=code, timeout_s=30)
+    done, _ = await run(sb, "run_code", context="c", code=code.format(sleep=sleep), timeout_s=30)
     assert not done["ok"] and done["error"]["name"] == "WorkerDied", done
     assert "exit code 2" in done["error"]["message"], done
-    done, ev = await run(sb, "exec", command="pgrep -fc 'sleep 61[.]25' || true")
-    assert ev.text() == "0\n", ev.text()
+    assert await count(sb, sleep) == 0
     done, ev = await run(sb, "run_code", context="c", code="echo back" if language == "bash" else "print('back')")
+    assert done["ok"] and ev.text() == "back\n", done
+
+
+async def test_what_an_idle_worker_leaves_goes_when_it_ends(sb):
+    sleep = a_sleep()
+    code = f"import os, subprocess, threading\nsubprocess.Popen({sleep.split()!r})\nthreading.Timer(0.2, os._exit, (0,)).start()"
+    done, _ = await run(sb, "run_code", code=code)
+    assert done["ok"], done
+    for _ in range(200):  # no run, restart or delete follows: the worker's end alone takes its group
+        if await count(sb, sleep) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await count(sb, sleep) == 0
+
+
+async def test_a_worker_that_closes_its_answer_pipe_and_lives_on_is_ended(sb):
+    # It can never answer again: its run ends (it waited forever for the worker's exit, past its timeout).
+    done, _ = await run(sb, "create_context", language="bash", context="b")
+    assert done["ok"], done
+    done, _ = await run(sb, "run_code", context="b", code="exec {__gl_res}>&-\nsleep 600", timeout_s=30)
+    assert not done["ok"] and done["error"]["name"] == "WorkerDied", done
+    done, ev = await run(sb, "run_code", context="b", code="echo back")
     assert done["ok"] and ev.text() == "back\n", done
 
 
