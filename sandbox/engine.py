@@ -37,7 +37,9 @@ class EngineHooks:
 
 
 SERVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
-CLOSE_REMOVALS_S = 30.0  # how long close waits for removals in flight (a runsc removal takes ~0.2 s)
+CLOSE_REMOVALS_S = (
+    30.0  # how long close waits for starts and removals in flight (runsc: a start ~1 s, a removal ~0.2 s)
+)
 
 
 def new_session_id(server_id: str = "") -> str:
@@ -144,11 +146,12 @@ class Engine:
         live = list(self._live)
         self._ready.clear()
         await asyncio.gather(*(sb.close() for sb in live), return_exceptions=True)
-        # Removals that sessions started (a release, a replace) finish before the backend closes under them.
+        # Starts and removals that sessions began (a cold acquire, a release, a replace) finish before the backend
+        # closes under them: a start that ends after close removes its sandbox (_start_one), a cancelled one undoes.
         try:
-            await asyncio.wait_for(self._until(lambda: not self._removing), CLOSE_REMOVALS_S)
+            await asyncio.wait_for(self._until(lambda: not self._removing and not self._starting), CLOSE_REMOVALS_S)
         except TimeoutError:
-            log.warning("%d sandbox removals still running at close", self._removing)
+            log.warning("%d sandbox starts, %d removals still running at close", self._starting, self._removing)
         await self.backend.close()
 
     async def ready(self) -> bool:

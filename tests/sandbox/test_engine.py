@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import pytest_asyncio
-from groundloop.sandbox.base import SandboxLost
+from groundloop.sandbox.base import SandboxLost, SandboxUnavailable
 from groundloop.sandbox.docker_backend import DockerBackend
 from groundloop.sandbox.engine import Engine
 from support.env import sandbox_settings
@@ -401,3 +401,25 @@ async def test_close_waits_for_a_removal_in_flight():
 
     with contextlib.closing(docker.from_env()) as client:
         assert client.api.containers(all=True, filters={"id": [sb.id]}) == []
+
+
+async def test_close_waits_for_a_cold_start_in_flight():
+    """A session's cold start still running when the server shuts down: close waits for it, the start ends with
+    SandboxUnavailable and its container is removed before the backend closes."""
+    settings = sandbox_settings(pool_size=0)
+    backend = DockerBackend(settings)
+    eng = Engine(backend, settings)
+    await eng.start()
+    acquire = asyncio.create_task(eng.acquire())
+    while eng.status()["starting"] == 0:
+        await asyncio.sleep(0)
+    await eng.close()
+    assert acquire.done()
+    with pytest.raises(SandboxUnavailable):
+        acquire.result()
+    assert eng.status()["starting"] == 0 and eng.counts()["removing"] == 0
+    import docker
+
+    with contextlib.closing(docker.from_env()) as client:
+        left = client.api.containers(all=True, filters={"label": f"groundloop.instance={backend.instance}"})
+        assert left == [], left
