@@ -249,6 +249,7 @@ class Engine:
         finally:
             self._starting -= 1
             self._warming -= warm
+            self._changed()  # a close may be waiting for the starts in flight (a failed or cancelled one too)
         self.last_error = None
         sb.warm = warm
         sb.workspace = workspace

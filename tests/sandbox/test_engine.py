@@ -423,3 +423,27 @@ async def test_close_waits_for_a_cold_start_in_flight():
     with contextlib.closing(docker.from_env()) as client:
         left = client.api.containers(all=True, filters={"label": f"groundloop.instance={backend.instance}"})
         assert left == [], left
+
+
+async def test_close_is_not_held_by_a_start_cancelled_while_it_waits(caplog):
+    """A cold start cancelled (its session gone) while close waits for it: close goes on when the start has undone
+    itself, not at its deadline."""
+    settings = sandbox_settings(pool_size=0)
+    backend = DockerBackend(settings)
+    eng = Engine(backend, settings)
+    await eng.start()
+    acquire = asyncio.create_task(eng.acquire())
+    while eng.status()["starting"] == 0:
+        await asyncio.sleep(0)
+    closing = asyncio.create_task(eng.close())
+    await asyncio.sleep(0)
+    acquire.cancel()
+    with caplog.at_level("WARNING", logger="groundloop.sandbox"):
+        await closing
+    assert "still running at close" not in caplog.text
+    assert acquire.cancelled() or isinstance(acquire.exception(), SandboxUnavailable)
+    import docker
+
+    with contextlib.closing(docker.from_env()) as client:
+        left = client.api.containers(all=True, filters={"label": f"groundloop.instance={backend.instance}"})
+        assert left == [], left

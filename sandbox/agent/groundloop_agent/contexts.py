@@ -85,6 +85,7 @@ class Context:
         self.busy: asyncio.Future | None = None  # a start, restart, interrupt or burial in progress
         self.resets = 0  # restart_context requests waiting for their turn: the queue waits for them
         self.exit_watch: asyncio.Future | None = None  # the worker's exit (_watch_exit)
+        self.swept = False  # the ended worker's group was killed (_exited): once, its pid may be reused after
         self.waiter: asyncio.Future | None = None  # set while an interrupt waits for the worker
         self.closed: RequestError | None = None  # what ended the context, once it has ended
         self.runs = 0
@@ -115,6 +116,7 @@ class Context:
         self.ctrl_eof = False
         os.set_blocking(self.ctrl_r, False)
         self.agent.loop.add_reader(self.ctrl_r, self._on_ctrl)
+        self.swept = False
         # The worker's end is its exit, not only its answer pipe's EOF: a process the cell left behind (a bash
         # ``server &``, or a node child) may hold the pipe open for as long as it lives.
         proc = self.proc
@@ -139,6 +141,7 @@ class Context:
                 if not self.ctrl_eof:
                     self._ctrl_ended()
         _kill_leftovers(proc)
+        self.swept = True
 
     def alive(self) -> bool:
         return self.proc is not None and _running(self.proc) and not self.ctrl_eof
@@ -458,7 +461,7 @@ class Context:
             self.exit_watch = None
         if self.proc is not None and _running(self.proc):
             kill_tree(self.proc.pid, signal.SIGKILL)
-        elif self.proc is not None:
+        elif self.proc is not None and not self.swept:  # its end was not seen yet (its watch was cancelled)
             _kill_leftovers(self.proc)
         for attr in ("ctrl_w", "ctrl_r"):
             fd = getattr(self, attr)

@@ -271,7 +271,7 @@ async def test_a_worker_that_ends_while_its_child_lives_on_ends_its_run(sb, lang
 
 async def test_what_an_idle_worker_leaves_goes_when_it_ends(sb):
     sleep = a_sleep()
-    code = f"import os, subprocess, threading\nsubprocess.Popen({sleep.split()!r})\nthreading.Timer(0.2, os._exit, (0,)).start()"
+    code = f"import os, subprocess, threading\nsubprocess.Popen({sleep.split()!r})\nthreading.Timer(1.0, os._exit, (0,)).start()"
     done, _ = await run(sb, "run_code", code=code)
     assert done["ok"], done
     for _ in range(200):  # no run, restart or delete follows: the worker's end alone takes its group
