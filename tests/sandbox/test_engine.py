@@ -384,12 +384,34 @@ async def test_a_sandbox_being_removed_is_counted_until_its_container_is_gone(en
     assert engine.status()["states"]["removing"] == 0
 
 
+async def lone_engine() -> tuple[Engine, DockerBackend]:
+    """An engine of its own with no pool (a test that closes it)."""
+    settings = sandbox_settings(pool_size=0)
+    backend = DockerBackend(settings)
+    eng = Engine(backend, settings)
+    await eng.start()
+    return eng, backend
+
+
+def containers_of(backend: DockerBackend) -> list:
+    """The containers, running or not, that this backend started and are still there."""
+    import docker
+
+    with contextlib.closing(docker.from_env()) as client:
+        return client.api.containers(all=True, filters={"label": f"groundloop.instance={backend.instance}"})
+
+
+async def cold_start_in_flight(eng: Engine) -> asyncio.Task:
+    acquire = asyncio.create_task(eng.acquire())
+    while eng.status()["starting"] == 0:
+        await asyncio.sleep(0)
+    return acquire
+
+
 async def test_close_waits_for_a_removal_in_flight():
     """A session's release still removing its container when the server shuts down: close waits for it, so the
     backend is not closed under it and no container is left."""
-    settings = sandbox_settings(pool_size=0)
-    eng = Engine(DockerBackend(settings), settings)
-    await eng.start()
+    eng, backend = await lone_engine()
     sb = await eng.acquire()
     release = asyncio.create_task(eng.release(sb))
     while eng.counts()["removing"] == 0:
@@ -397,44 +419,27 @@ async def test_close_waits_for_a_removal_in_flight():
     await eng.close()
     assert eng.counts()["removing"] == 0
     assert release.done() and release.exception() is None
-    import docker
-
-    with contextlib.closing(docker.from_env()) as client:
-        assert client.api.containers(all=True, filters={"id": [sb.id]}) == []
+    assert containers_of(backend) == []
 
 
 async def test_close_waits_for_a_cold_start_in_flight():
     """A session's cold start still running when the server shuts down: close waits for it, the start ends with
     SandboxUnavailable and its container is removed before the backend closes."""
-    settings = sandbox_settings(pool_size=0)
-    backend = DockerBackend(settings)
-    eng = Engine(backend, settings)
-    await eng.start()
-    acquire = asyncio.create_task(eng.acquire())
-    while eng.status()["starting"] == 0:
-        await asyncio.sleep(0)
+    eng, backend = await lone_engine()
+    acquire = await cold_start_in_flight(eng)
     await eng.close()
     assert acquire.done()
     with pytest.raises(SandboxUnavailable):
         acquire.result()
     assert eng.status()["starting"] == 0 and eng.counts()["removing"] == 0
-    import docker
-
-    with contextlib.closing(docker.from_env()) as client:
-        left = client.api.containers(all=True, filters={"label": f"groundloop.instance={backend.instance}"})
-        assert left == [], left
+    assert containers_of(backend) == []
 
 
 async def test_close_is_not_held_by_a_start_cancelled_while_it_waits(caplog):
     """A cold start cancelled (its session gone) while close waits for it: close goes on when the start has undone
     itself, not at its deadline."""
-    settings = sandbox_settings(pool_size=0)
-    backend = DockerBackend(settings)
-    eng = Engine(backend, settings)
-    await eng.start()
-    acquire = asyncio.create_task(eng.acquire())
-    while eng.status()["starting"] == 0:
-        await asyncio.sleep(0)
+    eng, backend = await lone_engine()
+    acquire = await cold_start_in_flight(eng)
     closing = asyncio.create_task(eng.close())
     await asyncio.sleep(0)
     acquire.cancel()
@@ -442,8 +447,4 @@ async def test_close_is_not_held_by_a_start_cancelled_while_it_waits(caplog):
         await closing
     assert "still running at close" not in caplog.text
     assert acquire.cancelled() or isinstance(acquire.exception(), SandboxUnavailable)
-    import docker
-
-    with contextlib.closing(docker.from_env()) as client:
-        left = client.api.containers(all=True, filters={"label": f"groundloop.instance={backend.instance}"})
-        assert left == [], left
+    assert containers_of(backend) == []
