@@ -37,9 +37,8 @@ class EngineHooks:
 
 
 SERVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
-CLOSE_REMOVALS_S = (
-    30.0  # how long close waits for starts and removals in flight (runsc: a start ~1 s, a removal ~0.2 s)
-)
+# How long close waits for starts and removals in flight (runsc: a start ~1 s, a removal ~0.2 s).
+CLOSE_REMOVALS_S = 30.0
 
 
 def new_session_id(server_id: str = "") -> str:

@@ -98,7 +98,7 @@ class ForkedProcess:
         for callback in callbacks:
             try:
                 callback()
-            except Exception as exc:  # one context's failure must not stop the zygote's messages or the orphans' watch
+            except Exception as exc:  # one context's failure must not stop the zygote's messages or the orphan watch
                 loop = asyncio.get_running_loop()
                 loop.call_exception_handler({"message": "a worker's end callback failed", "exception": exc})
 
