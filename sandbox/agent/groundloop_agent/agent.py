@@ -252,25 +252,21 @@ class Agent(FileOps, TransferOps, WatchOps, TerminalOps):
         timeout = req.get("timeout_s")
         run = Run(rid, code, target, cancel, float(timeout) if timeout else None, t0, req.get("env") or None)
         try:
-            if req.get("fresh"):  # a context of its own, made now and deleted when the run ends
-                if req.get("context") is not None:
-                    raise RequestError("BadRequest", "fresh takes no context")
-                language = req.get("language") or "python"
-                refused = languages.refuse(language, code)
-                if refused is not None:
-                    raise refused
+            fresh = bool(req.get("fresh"))
+            if fresh and req.get("context") is not None:
+                raise RequestError("BadRequest", "fresh takes no context")
+            ctx = None if fresh else self.find_context(req)
+            language = ctx.language if ctx is not None else req.get("language") or "python"
+            refused = languages.refuse(language, code)
+            if refused is not None:
+                raise refused  # before a context is made for it
+            if fresh:  # a context of its own, made now and deleted when the run ends
                 cid = self.next_id("fresh-")
                 while cid in self.contexts:  # a client may have named one so
                     cid = self.next_id("fresh-")
                 ctx = run.fresh = self.make_context(cid, language, None, run.env, ephemeral=True)
-            else:
-                ctx = self.find_context(req)
-            if ctx is None:  # a default context on its first use: created now, so runs keep their order
-                language = req.get("language") or "python"
+            elif ctx is None:  # a default context on its first use: created now, so runs keep their order
                 ctx = self.make_context(f"default-{language}", language, None, None)
-            refused = languages.refuse(ctx.language, code)
-            if refused is not None:
-                raise refused
         except Exception as exc:
             self.finish(run, None, exc if isinstance(exc, RequestError) else RequestError(type(exc).__name__, str(exc)))
             return
