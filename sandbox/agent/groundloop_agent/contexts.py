@@ -16,7 +16,7 @@ from . import languages
 from .common import INTERRUPT_GRACE, RequestError
 from .pipes import Pipe, Target
 from .procs import Cancel, exit_code_of, kill_group, kill_group_except, kill_tree
-from .workers import ForkedProcess, discard_worker, is_alive
+from .workers import ForkedProcess, discard_worker, is_alive, running
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -144,7 +144,7 @@ class Context:
         self.swept = True
 
     def alive(self) -> bool:
-        return self.proc is not None and _running(self.proc) and not self.ctrl_eof
+        return self.proc is not None and running(self.proc) and not self.ctrl_eof
 
     # ---- the queue
 
@@ -459,7 +459,7 @@ class Context:
         if self.exit_watch is not None:
             self.exit_watch.cancel()
             self.exit_watch = None
-        if self.proc is not None and _running(self.proc):
+        if self.proc is not None and running(self.proc):
             kill_tree(self.proc.pid, signal.SIGKILL)
         elif self.proc is not None and not self.swept:  # its end was not seen yet (its watch was cancelled)
             _kill_leftovers(self.proc)
@@ -541,11 +541,6 @@ class Context:
             "restarts": self.restarts,
             "alive": self.alive(),
         }
-
-
-def _running(proc) -> bool:
-    """Whether a worker has not ended (a forked worker whose zygote died ends with no status: ``ended``)."""
-    return proc.returncode is None and not getattr(proc, "ended", False)
 
 
 def _kill_leftovers(proc) -> None:

@@ -487,10 +487,16 @@ async def spawn_worker(agent: Agent, language: str, cwd: str, env: dict):
     return proc, pipes, cmd_w, res_r
 
 
+def running(proc) -> bool:
+    """Whether a worker has not ended (a forked worker whose zygote died ends with no status: ``ended``, and its
+    pid may be another process's since)."""
+    return proc.returncode is None and not getattr(proc, "ended", False)
+
+
 def discard_worker(got) -> None:
     """Kill a worker no context will have, and close its pipes."""
     proc, pipes, cmd_w, res_r = got
-    if proc.returncode is None:
+    if running(proc):
         kill_tree(proc.pid, signal.SIGKILL)
     for fd in (cmd_w, res_r):
         os.close(fd)
